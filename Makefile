@@ -1,0 +1,50 @@
+# mtdiff: `make run` sets everything up and runs the pipeline on the default profile;
+# `make test` sets up and runs the test suite. Both are safe to re-run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mtdiff-installed
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+# Telemetry off; Prefect, MLflow and DVC state stay inside the repo, nothing lands in $HOME.
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+export GIT_PYTHON_REFRESH := quiet
+export PYTHONUNBUFFERED := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install data-package run test bench clean
+
+install: $(STAMP)
+
+# torch first and pinned: these wheels lie on this machine's disk (a plain `torch` pulls several GB).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# Debian's real Fashion-MNIST, the embedded default data set.
+data-package:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+run: install data-package
+	$(PY) -m flows.pipeline
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: install
+	$(VENV)/bin/mtdiff bench train --quick
+
+clean:
+	rm -rf data checkpoints samples metrics plots sweeps .prefect mlflow.db mlartifacts

@@ -1,0 +1,32 @@
+"""Small shared helpers: logging, seeding, device choice."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def get_logger(name: str) -> logging.Logger:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=os.environ.get("MTDIFF_LOG_LEVEL", "INFO"), format=LOG_FORMAT)
+    return logging.getLogger(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU. ``cuda`` without a GPU is an error, not a silent fallback."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: 'cuda' asked for but no CUDA device is visible; use 'auto' or 'cpu'")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
