@@ -9,10 +9,12 @@ tracking server is down the stage warns and goes on, and what it could not send 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +24,7 @@ from mtdiff.utils import get_logger
 log = get_logger(__name__)
 PARENT_ENV_VARS = ("MTDIFF_PARENT_RUN_ID", "MLFLOW_PARENT_RUN_ID")
 PENDING_FILE = "mlflow_pending.jsonl"
+PENDING_IMAGES = "mlflow_pending_images"
 
 
 def tracking_uri(params: Params | None = None) -> str:
@@ -40,56 +43,174 @@ def git_commit() -> str | None:
 
 
 class StageRun:
-    """Thin, failure-tolerant wrapper around the active MLflow run (or none)."""
+    """Thin, failure-tolerant wrapper around the active MLflow run (or none).
 
-    def __init__(self, run_id: str | None, pending_dir: Path):
+    What cannot be sent is appended to ``pending_dir/mlflow_pending.jsonl``, one JSON record a line:
+    ``{what, args, kwargs, time, key, stage, run_id}``; ``key`` groups the records of one run so
+    :func:`replay_pending` can rebuild it.
+    """
+
+    def __init__(self, run_id: str | None, pending_dir: Path | None, *, key: str | None = None,
+                 stage: str | None = None):
         self.run_id = run_id
-        self.pending_path = pending_dir / PENDING_FILE
+        self.pending_path = None if pending_dir is None else Path(pending_dir) / PENDING_FILE
+        self.key = key or uuid.uuid4().hex
+        self.stage = stage
 
-    def _call(self, what: str, fn, *args, **kwargs) -> None:
+    # the callable that does ``what`` on this run; StageRun uses MLflow's fluent (active-run) API
+    def _op(self, what: str):
+        import mlflow
+
+        return {"log_metrics": mlflow.log_metrics, "log_params": mlflow.log_params,
+                "set_tags": mlflow.set_tags, "log_artifact": mlflow.log_artifact,
+                "log_image": mlflow.log_image}[what]
+
+    def _call(self, what: str, *args, **kwargs) -> None:
         if self.run_id is not None:
             try:
-                fn(*args, **kwargs)
+                self._op(what)(*args, **kwargs)
                 return
             except Exception as exc:  # tracking must never kill a stage
                 log.warning("MLflow %s failed (%s); kept in %s", what, exc, self.pending_path)
         self._keep(what, args, kwargs)
 
     def _keep(self, what: str, args, kwargs) -> None:
-        self.pending_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.pending_path is None:
+            return
         record = {"what": what, "args": [str(a) if isinstance(a, Path) else a for a in args],
-                  "kwargs": kwargs, "time": time.time()}
-        with open(self.pending_path, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+                  "kwargs": kwargs, "time": time.time(), "key": self.key, "stage": self.stage,
+                  "run_id": self.run_id}
+        try:
+            self.pending_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.pending_path, "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+        except OSError as exc:
+            log.warning("could not keep MLflow %s in %s: %s", what, self.pending_path, exc)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import mlflow
-
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self._call("log_metrics", mlflow.log_metrics, clean, step=step)
+        self._call("log_metrics", clean, step=step)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        import mlflow
-
-        self._call("log_params", mlflow.log_params, {k: str(v)[:6000] for k, v in params.items()})
+        self._call("log_params", {k: str(v)[:6000] for k, v in params.items()})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        import mlflow
-
-        self._call("set_tags", mlflow.set_tags, {k: str(v) for k, v in tags.items()})
+        self._call("set_tags", {k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        import mlflow
-
-        self._call("log_artifact", mlflow.log_artifact, str(path), artifact_path=artifact_path)
+        self._call("log_artifact", str(path), artifact_path=artifact_path)
 
     def log_image(self, image, artifact_file: str) -> None:
-        """``image``: a PIL image or HWC uint8 array."""
-        import mlflow
+        """``image``: a PIL image or HWC uint8 array. Kept as a PNG beside the pending file when unsent."""
+        if self.run_id is not None:
+            try:
+                self._op("log_image")(image, artifact_file=artifact_file)
+                return
+            except Exception as exc:
+                log.warning("MLflow log_image failed (%s); kept in %s", exc, self.pending_path)
+        self._keep("log_image", (artifact_file,), {"image_path": self._save_image(image, artifact_file)})
 
-        if self.run_id is None:
-            return self._keep("log_image", (artifact_file,), {})
-        self._call("log_image", mlflow.log_image, image, artifact_file=artifact_file)
+    def _save_image(self, image, artifact_file: str) -> str | None:
+        if self.pending_path is None or os.environ.get("MTDIFF_MLFLOW", "1") == "0":
+            return None  # MLflow switched off on purpose: keep the record, skip the PNG
+        try:
+            import numpy as np
+            from PIL import Image
+
+            target = self.pending_path.parent / PENDING_IMAGES / self.key / artifact_file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+            pil.save(target)
+            return str(target)
+        except Exception as exc:  # a kept image is a nicety; never fail the stage for it
+            log.warning("could not keep image %s: %s", artifact_file, exc)
+            return None
+
+
+def _client_ops(client, run_id: str) -> dict[str, Any]:
+    """The StageRun operations (same signatures) done through ``MlflowClient`` on ``run_id``."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    def log_metrics(metrics: dict, step: int | None = None, timestamp: float | None = None) -> None:
+        ts = int((timestamp or time.time()) * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()])
+
+    def log_params(params: dict) -> None:
+        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def set_tags(tags: dict) -> None:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(path: str, artifact_path: str | None = None) -> None:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+    def log_image(image, artifact_file: str) -> None:
+        client.log_image(run_id, image, artifact_file=artifact_file)
+
+    return {"log_metrics": log_metrics, "log_params": log_params, "set_tags": set_tags,
+            "log_artifact": log_artifact, "log_image": log_image}
+
+
+class ClientRun(StageRun):
+    """A run driven through ``MlflowClient`` (no process-global active run): the flows' parent and
+    sweep-point runs. Same failure-tolerant ``log_*`` API as :class:`StageRun`, plus :meth:`end`."""
+
+    def __init__(self, client, run_id: str | None, pending_dir: Path | None = None, *,
+                 key: str | None = None, stage: str | None = None):
+        super().__init__(run_id, pending_dir, key=key, stage=stage)
+        self.client = client
+        self._ops = _client_ops(client, run_id) if (client is not None and run_id) else {}
+
+    def _op(self, what: str):
+        return self._ops[what]
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is None or self.client is None:
+            self._keep("end_run", (), {"status": status})
+            return
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as exc:
+            log.warning("MLflow set_terminated failed: %s", exc)
+
+
+def start_client_run(name: str, *, tags: dict[str, Any] | None = None, parent_run_id: str | None = None,
+                     params: Params | None = None, uri: str | None = None, experiment: str | None = None,
+                     pending_dir: str | os.PathLike | None = None) -> ClientRun:
+    """Create a run (nested under ``parent_run_id`` if given); a down server gives a run-less ClientRun."""
+    uri = uri or tracking_uri(params)
+    experiment = experiment or (params.mlflow.experiment if params is not None else "mtdiff")
+    all_tags = {"git_commit": git_commit() or "unknown", **{k: str(v) for k, v in (tags or {}).items()}}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    pending = None if pending_dir is None else Path(pending_dir)
+    if os.environ.get("MTDIFF_MLFLOW", "1") == "0":
+        return ClientRun(None, None, pending, stage=name)
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        run = client.create_run(exp_id, tags=all_tags, run_name=name)
+        return ClientRun(client, run.info.run_id, pending, stage=name)
+    except Exception as exc:
+        log.warning("MLflow unavailable at %s (%s); run '%s' is not tracked", uri, exc, name)
+        out = ClientRun(None, None, pending, stage=name)
+        out._keep("start_run", (), {"run_name": name, "tags": all_tags, "experiment": experiment})
+        return out
+
+
+@contextlib.contextmanager
+def client_run(name: str, **kwargs) -> Iterator[ClientRun]:
+    """``start_client_run`` as a context: the run ends FINISHED, or FAILED when the body raises."""
+    run = start_client_run(name, **kwargs)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    finally:
+        run.end(status)
 
 
 def parent_run_id() -> str | None:
@@ -99,31 +220,49 @@ def parent_run_id() -> str | None:
     return None
 
 
+def env_tags() -> dict[str, str]:
+    """Tags the orchestrator passes down: ``dvc.stage`` ($MTDIFF_DVC_STAGE) and $MTDIFF_MLFLOW_TAGS (JSON)."""
+    tags: dict[str, str] = {}
+    if os.environ.get("MTDIFF_DVC_STAGE"):
+        tags["dvc.stage"] = os.environ["MTDIFF_DVC_STAGE"]
+    raw = os.environ.get("MTDIFF_MLFLOW_TAGS")
+    if raw:
+        try:
+            tags.update({str(k): str(v) for k, v in json.loads(raw).items()})
+        except (ValueError, AttributeError) as exc:
+            log.warning("ignoring MTDIFF_MLFLOW_TAGS (not a JSON object): %s", exc)
+    return tags
+
+
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, out_dir: str | os.PathLike = ".",
               extra_tags: dict[str, Any] | None = None) -> Iterator[StageRun]:
     """One MLflow run for ``stage``; yields a StageRun that logs, or keeps locally when it cannot."""
     out_dir = Path(out_dir)
     if os.environ.get("MTDIFF_MLFLOW", "1") == "0":
-        yield StageRun(None, out_dir)
+        yield StageRun(None, out_dir, stage=stage)
         return
     run_id = None
+    tags = {"mtdiff.stage": stage, "dvc.stage": stage, "git_commit": git_commit() or "unknown",
+            "prefect.flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", ""), **env_tags(),
+            **(extra_tags or {})}
+    parent = parent_run_id()
+    if parent:
+        tags["mlflow.parentRunId"] = parent
     try:
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri(params))
         mlflow.set_experiment(params.mlflow.experiment)
-        tags = {"mtdiff.stage": stage, "git_commit": git_commit() or "unknown",
-                "prefect.flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", ""), **(extra_tags or {})}
-        parent = parent_run_id()
-        if parent:
-            tags["mlflow.parentRunId"] = parent
         active = mlflow.start_run(run_name=stage, tags=tags)
         run_id = active.info.run_id
     except Exception as exc:
         log.warning("MLflow unavailable at %s (%s); stage '%s' goes on and keeps its logs in %s",
                     tracking_uri(params), exc, stage, out_dir / PENDING_FILE)
-    run = StageRun(run_id, out_dir)
+    run = StageRun(run_id, out_dir, stage=stage)
+    if run_id is None:
+        run._keep("start_run", (), {"run_name": stage, "tags": {k: str(v) for k, v in tags.items()},
+                                    "experiment": params.mlflow.experiment})
     run.log_params(params.flat())
     status = "FAILED"
     try:
@@ -137,3 +276,130 @@ def stage_run(params: Params, stage: str, out_dir: str | os.PathLike = ".",
                 mlflow.end_run(status=status)
             except Exception as exc:
                 log.warning("MLflow end_run failed: %s", exc)
+        else:
+            run._keep("end_run", (), {"status": status})
+
+
+# -- replay ------------------------------------------------------------------------------------
+def read_pending(path: str | os.PathLike) -> list[dict]:
+    """The records of a pending file (unreadable lines are skipped with a warning)."""
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                log.warning("%s:%d: not JSON, skipped", path, n)
+                continue
+            if isinstance(rec, dict) and "what" in rec:
+                rec["_line"] = line.strip()
+                records.append(rec)
+    return records
+
+
+def replay_pending(path: str | os.PathLike, uri: str | None = None,
+                   experiment: str | None = None) -> dict[str, Any]:
+    """Send the records kept in a pending file to the tracking store at ``uri`` (default: tracking_uri()).
+
+    Records of a run that never started become a new run (its kept name, tags and parent); records
+    of a run that existed go to that run. Idempotent: a replayed group is marked (tag
+    ``mtdiff.pending_key`` on new runs, ``mtdiff.replayed.<key>`` on existing ones) and skipped next
+    time, so the file can stay where it is (inside a DVC output, deleting it would change the output).
+    Returns ``{"runs": [run ids], "replayed": n_records, "skipped_groups": n, "failed": n}``.
+    Raises when the store cannot be reached (nothing is marked then).
+    """
+    from mlflow import MlflowClient
+
+    path = Path(path)
+    uri = uri or tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    groups: dict[str, list[dict]] = {}
+    for rec in read_pending(path):
+        groups.setdefault(rec.get("key") or rec.get("run_id") or f"legacy:{path}", []).append(rec)
+    summary: dict[str, Any] = {"runs": [], "replayed": 0, "skipped_groups": 0, "failed": 0}
+    for key, recs in groups.items():
+        mark = "mtdiff.replayed." + hashlib.sha1(key.encode()).hexdigest()[:12]
+        run_id = next((r["run_id"] for r in recs if r.get("run_id")), None)
+        if run_id is not None:
+            try:
+                existing_tags = client.get_run(run_id).data.tags
+            except Exception as exc:  # e.g. replaying into another store: the run is not there
+                raise RuntimeError(f"{path}: run {run_id} of kept records not found at {uri}: {exc}") from exc
+            if mark in existing_tags:
+                summary["skipped_groups"] += 1
+                continue
+        else:
+            start = next((r for r in recs if r["what"] == "start_run"), None)
+            kw = start["kwargs"] if start else {}
+            exp_name = experiment or kw.get("experiment") or "mtdiff"
+            exp = client.get_experiment_by_name(exp_name)
+            exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
+            found = client.search_runs([exp_id], filter_string=f"tags.`mtdiff.pending_key` = '{key}'",
+                                       max_results=1)
+            if found:
+                summary["skipped_groups"] += 1
+                continue
+            tags = {**kw.get("tags", {}), "mtdiff.pending_key": key, "mtdiff.replayed_from": str(path)}
+            name = kw.get("run_name") or recs[0].get("stage") or "replayed"
+            run_id = client.create_run(exp_id, start_time=int(recs[0]["time"] * 1000), tags=tags,
+                                       run_name=name).info.run_id
+        ops = _client_ops(client, run_id)
+        end_status = None
+        for rec in recs:
+            what, args, kwargs = rec["what"], rec.get("args", []), dict(rec.get("kwargs") or {})
+            try:
+                if what == "start_run":
+                    continue
+                if what == "end_run":
+                    end_status = kwargs.get("status", "FINISHED")
+                    continue
+                if what == "log_metrics":
+                    ops["log_metrics"](*args, step=kwargs.get("step"), timestamp=rec.get("time"))
+                elif what == "log_image":
+                    image_path = kwargs.get("image_path")
+                    if not image_path or not Path(image_path).exists():
+                        raise FileNotFoundError(f"kept image {image_path!r} for {args[0]!r} is gone")
+                    folder = os.path.dirname(args[0]) or None
+                    ops["log_artifact"](image_path, artifact_path=folder)
+                elif what == "log_artifact":
+                    if not Path(args[0]).exists():
+                        raise FileNotFoundError(f"artifact {args[0]} is gone")
+                    ops["log_artifact"](*args, **kwargs)
+                elif what in ops:
+                    ops[what](*args, **kwargs)
+                else:
+                    raise ValueError(f"unknown record kind {what!r}")
+                summary["replayed"] += 1
+            except Exception as exc:  # one bad record must not lose the others
+                summary["failed"] += 1
+                log.warning("replay of %s into run %s failed: %s", what, run_id, exc)
+        if end_status:
+            client.set_terminated(run_id, status=end_status,
+                                  end_time=int(max(r["time"] for r in recs) * 1000))
+        client.set_tag(run_id, mark, "1")
+        summary["runs"].append(run_id)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mtdiff.tracking replay FILE... [--uri URI]``: send kept records to MLflow."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mtdiff.tracking")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rp = sub.add_parser("replay", help="send mlflow_pending.jsonl records to the tracking store")
+    rp.add_argument("files", nargs="+", type=Path)
+    rp.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or repo sqlite)")
+    args = parser.parse_args(argv)
+    for file in args.files:
+        if not file.exists():
+            print(f"error: {file}: no such pending file")
+            return 2
+        print(file, json.dumps(replay_pending(file, uri=args.uri)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""MLflow tracking: nesting tags, tracking-server-down behaviour and replay of the kept records."""
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+
+from fixtures.mlflow_store import sqlite_store
+from mtdiff.config import DEFAULT_PARAMS, load_params
+from mtdiff.tracking import PENDING_FILE, client_run, read_pending, replay_pending, stage_run
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_down(tmp_path, monkeypatch):
+    """Tracking URI at a closed local port, with no retries and a short timeout."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MTDIFF_MLFLOW", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    for var in ("MTDIFF_PARENT_RUN_ID", "MLFLOW_PARENT_RUN_ID", "MTDIFF_DVC_STAGE", "MTDIFF_MLFLOW_TAGS"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+def _store(tmp_path) -> str:
+    return sqlite_store(tmp_path / "store")
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_mlflow_stage_continues_when_server_down_and_replay_sends_records(mlflow_down, monkeypatch):
+    params = load_params(DEFAULT_PARAMS, overrides={"mlflow.experiment": "down", "train.steps": 7})
+    out = mlflow_down / "out"
+    artifact = mlflow_down / "summary.json"
+    artifact.write_text('{"ok": true}')
+    monkeypatch.setenv("MTDIFF_DVC_STAGE", "train")
+    reached_end = False
+    with stage_run(params, "train", out) as run:
+        assert run.run_id is None
+        run.log_metrics({"loss": 1.5, "skip": None}, step=3)
+        run.set_tags({"note": "offline"})
+        run.log_image(np.full((4, 4, 3), 200, np.uint8), "grid.png")
+        run.log_artifact(artifact)
+        reached_end = True
+    assert reached_end
+    records = read_pending(out / PENDING_FILE)
+    kinds = [r["what"] for r in records]
+    assert kinds == ["start_run", "log_params", "log_metrics", "set_tags", "log_image", "log_artifact", "end_run"]
+    assert len({r["key"] for r in records}) == 1
+    assert records[0]["kwargs"]["tags"]["dvc.stage"] == "train"
+    assert records[2]["args"][0] == {"loss": 1.5} and records[2]["kwargs"]["step"] == 3
+
+    uri = _store(mlflow_down)
+    summary = replay_pending(out / PENDING_FILE, uri=uri)
+    assert summary["failed"] == 0 and summary["replayed"] == 5 and len(summary["runs"]) == 1
+    client = _client(uri)
+    run = client.get_run(summary["runs"][0])
+    assert run.info.run_name == "train" and run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "7"
+    assert run.data.tags["mtdiff.stage"] == "train" and run.data.tags["note"] == "offline"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(3, 1.5)]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"grid.png", "summary.json"}
+    assert client.get_experiment(run.info.experiment_id).name == "down"
+
+    again = replay_pending(out / PENDING_FILE, uri=uri)  # idempotent: the group is already there
+    assert again["runs"] == [] and again["skipped_groups"] == 1
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_mlflow_replay_into_existing_run_and_failed_status(mlflow_down):
+    uri = _store(mlflow_down)
+    client = _client(uri)
+    exp_id = client.create_experiment("existing")
+    run_id = client.create_run(exp_id, run_name="sample").info.run_id
+    pending = mlflow_down / PENDING_FILE
+    pending.write_text("\n".join([
+        json.dumps({"what": "log_metrics", "args": [{"fid": 12.5}], "kwargs": {"step": None}, "time": 1e9,
+                    "key": "k1", "stage": "sample", "run_id": run_id}),
+        "not json",
+        json.dumps({"what": "log_artifact", "args": [str(mlflow_down / "gone.png")], "kwargs": {},
+                    "time": 1e9, "key": "k1", "stage": "sample", "run_id": run_id}),
+    ]) + "\n")
+    summary = replay_pending(pending, uri=uri)
+    assert summary == {"runs": [run_id], "replayed": 1, "skipped_groups": 0, "failed": 1}
+    assert client.get_run(run_id).data.metrics == {"fid": 12.5}
+    assert replay_pending(pending, uri=uri)["skipped_groups"] == 1
+    assert len(client.get_metric_history(run_id, "fid")) == 1
+
+    # a stage that raises while the server is down: its run is replayed as FAILED
+    params = load_params(DEFAULT_PARAMS, overrides={"mlflow.experiment": "existing"})
+    with pytest.raises(RuntimeError):
+        with stage_run(params, "evaluate", mlflow_down / "ev"):
+            raise RuntimeError("boom")
+    replayed = replay_pending(mlflow_down / "ev" / PENDING_FILE, uri=uri)
+    assert client.get_run(replayed["runs"][0]).info.status == "FAILED"
+
+
+def test_mlflow_stage_run_nests_under_parent_with_tags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = sqlite_store(tmp_path)
+    monkeypatch.setenv("MTDIFF_MLFLOW", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = load_params(DEFAULT_PARAMS, overrides={"mlflow.experiment": "nest"})
+    with client_run("pipeline", params=params, tags={"kind": "parent"}) as parent:
+        assert parent.run_id
+        monkeypatch.setenv("MTDIFF_PARENT_RUN_ID", parent.run_id)
+        monkeypatch.setenv("MTDIFF_DVC_STAGE", "prepare")
+        monkeypatch.setenv("MTDIFF_MLFLOW_TAGS", json.dumps({"mtdiff.sweep_point": "p1"}))
+        with stage_run(params, "prepare", tmp_path / "out") as run:
+            run.log_metrics({"n": 3})
+        parent.log_metrics({"total": 1.0})
+    client = _client(uri)
+    children = client.search_runs([client.get_experiment_by_name("nest").experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    assert [c.info.run_name for c in children] == ["prepare"]
+    tags = children[0].data.tags
+    assert tags["dvc.stage"] == "prepare" and tags["mtdiff.sweep_point"] == "p1"
+    top = client.get_run(parent.run_id)
+    assert top.info.status == "FINISHED" and top.data.metrics == {"total": 1.0}
+    assert not (tmp_path / "out" / PENDING_FILE).exists()
+
+
+def test_mlflow_client_run_tolerates_down_server(mlflow_down):
+    with client_run("sweep", uri=None, experiment="x", pending_dir=mlflow_down / "keep") as run:
+        assert run.run_id is None
+        run.log_metrics({"a": 1.0})
+    kinds = [r["what"] for r in read_pending(mlflow_down / "keep" / PENDING_FILE)]
+    assert kinds == ["start_run", "log_metrics", "end_run"]
