@@ -1,0 +1,396 @@
+"""MT-Diffusion's forward process (M1, M3), posterior (M4), loss (M5) and samplers.
+
+Key identity used throughout (and tested): with ``y_t = z_t - c_t A`` the (M1) chain becomes
+``y_t = sqrt(alpha_t) y_{t-1} + sqrt(1 - alpha_t) noise`` with ``y_0 = z_0``, i.e. plain DDPM in
+y. Hence (M4) is DDPM's posterior in y shifted by ``c_{t-1} A``, and the strided sampler is
+DDIM in y-space:
+
+    z_s = sqrt(abar_s) z0_hat + c_s A_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma noise,
+    sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s),
+
+which with ``eta = 1`` and ``s = t - 1`` is exactly the (M4) ancestral step.
+
+Task inputs (``targets`` in training, ``given`` in sampling) are the ``x_i`` of (M2), keyed by
+task name: ``label`` int64 (B,) (or probabilities (B, K)), ``representation`` (B, D),
+``masked`` the masked image ``z0 * mask`` (B, C, H, W), ``transition`` the paired image that
+conditions the generation (B, C, H, W).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtdiff.config import DiffusionConfig, MaskedTask, TasksConfig
+from mtdiff.diffusion.schedules import Schedule, build_schedule
+
+TASK_ORDER = ("label", "representation", "masked", "transition")
+_IMAGE_TASKS = ("masked", "transition")
+
+
+def _randn(shape: Iterable[int], generator: Optional[torch.Generator], device: torch.device,
+           dtype: torch.dtype) -> Tensor:
+    """Gaussian noise drawn on the generator's device (so CPU generators drive CUDA runs too)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+class MTDiffusion:
+    """The MT-Diffusion process for one :class:`DiffusionConfig`; t is 1-based int64 in [1, T]."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        self.cfg = cfg
+        self.schedule: Schedule = build_schedule(cfg)
+        self.T: int = self.schedule.T
+        self.prediction: str = cfg.prediction
+        self._tables: dict[tuple[str, str], Tensor] = {}
+
+    # ------------------------------------------------------------------ coefficient gathering
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        """A float64 table cached per device (float32 where the device lacks float64, e.g. MPS)."""
+        key = (name, str(device))
+        tbl = self._tables.get(key)
+        if tbl is None:
+            src = getattr(self.schedule, name)
+            tbl = src.to(device, torch.float32 if device.type == "mps" else torch.float64)
+            self._tables[key] = tbl
+        return tbl
+
+    def _coef(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        """``table[t]`` in float64, cast to ``like``'s dtype, shaped (B, 1, ..., 1) to broadcast."""
+        vals = self._table(name, like.device)[t.to(like.device)]
+        return vals.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    def _check_t(self, t: Tensor | int, batch: int, device: torch.device) -> Tensor:
+        """Normalise ``t`` to an int64 (B,) tensor and check it lies in [1, T]."""
+        if isinstance(t, int):
+            t = torch.full((batch,), t, dtype=torch.long, device=device)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"t must be an int or an int64 tensor, got {type(t).__name__}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"t must be an integer tensor (1-based timesteps), got dtype {t.dtype}")
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 1 or hi > self.T:
+            raise ValueError(f"t must lie in [1, {self.T}] (1-based timesteps), got values in [{lo}, {hi}]")
+        return t.long().to(device)
+
+    @staticmethod
+    def _A(A: Optional[Tensor], like: Tensor) -> Tensor:
+        if A is None:
+            return torch.zeros_like(like)
+        if A.shape != like.shape:
+            raise ValueError(f"aggregated task input A has shape {tuple(A.shape)}, expected {tuple(like.shape)}")
+        return A.to(like.dtype)
+
+    # ------------------------------------------------------------------ forward process
+    def q_step(self, z_prev: Tensor, A: Optional[Tensor], t: Tensor | int, noise: Optional[Tensor] = None,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+        """One (M1) step: ``z_t = sqrt(alpha_t) (z_{t-1} + w_t A) + sqrt(1 - alpha_t) noise``."""
+        t = self._check_t(t, z_prev.shape[0], z_prev.device)
+        A = self._A(A, z_prev)
+        if noise is None:
+            noise = _randn(z_prev.shape, generator, z_prev.device, z_prev.dtype)
+        sa = self._coef("alphas", t, z_prev).sqrt()
+        return sa * (z_prev + self._coef("w", t, z_prev) * A) + self._coef("betas", t, z_prev).sqrt() * noise
+
+    def q_mean_variance(self, z0: Tensor, A: Optional[Tensor], t: Tensor | int) -> tuple[Tensor, Tensor]:
+        """(M3) moments: mean ``sqrt(abar_t) z0 + c_t A`` and variance ``(1 - abar_t)`` (broadcastable)."""
+        t = self._check_t(t, z0.shape[0], z0.device)
+        mean = self._coef("sqrt_abar", t, z0) * z0 + self._coef("c", t, z0) * self._A(A, z0)
+        return mean, 1 - self._coef("abar", t, z0)
+
+    def q_sample(self, z0: Tensor, A: Optional[Tensor], t: Tensor | int, noise: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """(M3) closed form: ``z_t = sqrt(abar_t) z0 + c_t A + sqrt(1 - abar_t) noise``."""
+        t = self._check_t(t, z0.shape[0], z0.device)
+        if noise is None:
+            noise = _randn(z0.shape, generator, z0.device, z0.dtype)
+        return (self._coef("sqrt_abar", t, z0) * z0 + self._coef("c", t, z0) * self._A(A, z0)
+                + self._coef("sqrt_one_minus_abar", t, z0) * noise)
+
+    def posterior(self, z_t: Tensor, z0: Tensor, A: Optional[Tensor], t: Tensor | int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """(M4) ``q(z_{t-1} | z_t, z0, X)``: (mean, variance, log-variance clipped as in DDPM).
+
+        mean = sqrt(alpha_t)(1-abar_{t-1})/(1-abar_t) (z_t - sqrt(alpha_t) w_t A)
+               + (1-alpha_t)/(1-abar_t) (sqrt(abar_{t-1}) z0 + c_{t-1} A).
+        """
+        t = self._check_t(t, z_t.shape[0], z_t.device)
+        A = self._A(A, z_t)
+        mean = (self._coef("posterior_coef_zt", t, z_t) * z_t + self._coef("posterior_coef_z0", t, z_t) * z0
+                + self._coef("posterior_coef_A", t, z_t) * A)
+        return (mean, self._coef("posterior_variance", t, z_t),
+                self._coef("posterior_log_variance_clipped", t, z_t))
+
+    # ------------------------------------------------------------------ parameterisations
+    def predict_z0(self, z_t: Tensor, model_out: Tensor | Mapping[str, Tensor], A: Optional[Tensor],
+                   t: Tensor | int) -> Tensor:
+        """``z0_hat`` from the noise head: eps mode ``(z_t - c_t A - sqrt(1-abar_t) eps)/sqrt(abar_t)``."""
+        out = model_out["eps"] if isinstance(model_out, Mapping) else model_out
+        if self.prediction == "z0":
+            return out
+        t = self._check_t(t, z_t.shape[0], z_t.device)
+        y_t = z_t - self._coef("c", t, z_t) * self._A(A, z_t)
+        return (y_t - self._coef("sqrt_one_minus_abar", t, z_t) * out) / self._coef("sqrt_abar", t, z_t)
+
+    def predict_eps(self, z_t: Tensor, z0: Tensor, A: Optional[Tensor], t: Tensor | int) -> Tensor:
+        """The noise consistent with ``z0`` under (M3): ``(z_t - c_t A - sqrt(abar_t) z0)/sqrt(1-abar_t)``."""
+        t = self._check_t(t, z_t.shape[0], z_t.device)
+        y_t = z_t - self._coef("c", t, z_t) * self._A(A, z_t)
+        return (y_t - self._coef("sqrt_abar", t, z_t) * z0) / self._coef("sqrt_one_minus_abar", t, z_t)
+
+    # ------------------------------------------------------------------ training (M5)
+    def training_losses(self, model: Any, z0: Tensor, targets: Mapping[str, Tensor], tasks_cfg: TasksConfig,
+                        t: Tensor | int | None = None, generator: Optional[torch.Generator] = None,
+                        noise: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """(M5) ``||eps - eps_theta(z_t, t)||^2 + sum_i lambda_i l_i(D_i(h_t), x_i)`` on one batch.
+
+        ``targets`` holds the task inputs ``x_i`` of every enabled task (others are ignored):
+        ``A = model.aggregate(x)``, ``z_t = q_sample(z0, A, t)``, ``out = model(z_t, t)``.
+        Per-task losses: label cross-entropy; representation MSE or ``1 - cosine``
+        (``tasks.representation.loss``); masked head MSE to the FULL image ``z0`` (the head restores
+        what the mask hid, so the target is the clean image, not ``z0 * mask``); transition head
+        MSE to ``targets["transition"]``. Returns ``loss`` (scalar with grad) plus each unweighted
+        term, detached, under ``eps`` and the task names.
+        """
+        B = z0.shape[0]
+        device = z0.device
+        enabled = list(tasks_cfg.enabled)
+        missing = [n for n in enabled if n not in targets]
+        if missing:
+            raise KeyError(f"training_losses: targets lack the enabled task input(s) {missing}; "
+                           f"got keys {sorted(targets)}")
+        if t is None:
+            gen_device = generator.device if generator is not None else device
+            t = torch.randint(1, self.T + 1, (B,), generator=generator, device=gen_device).to(device)
+        t = self._check_t(t, B, device)
+        if noise is None:
+            noise = _randn(z0.shape, generator, device, z0.dtype)
+        inputs = {n: targets[n] for n in enabled}
+        A = model.aggregate(inputs) if inputs else torch.zeros_like(z0)
+        z_t = self.q_sample(z0, A, t, noise=noise)
+        out = model(z_t, t)
+        for n in ["eps", *enabled]:
+            if n not in out:
+                raise KeyError(f"training_losses: model output lacks head {n!r} (has {sorted(out)})")
+        # losses in float32 so bf16/fp16 autocast outputs do not lose the small MSE values
+        primary_target = noise if self.prediction == "eps" else z0
+        terms: dict[str, Tensor] = {"eps": F.mse_loss(out["eps"].float(), primary_target.float())}
+        for n in enabled:
+            pred = out[n].float()
+            if n == "label":
+                lbl = targets["label"]
+                terms[n] = (F.cross_entropy(pred, lbl.long()) if not lbl.is_floating_point()
+                            else -(lbl.float() * F.log_softmax(pred, dim=-1)).sum(-1).mean())
+            elif n == "representation":
+                tgt = targets[n].float()
+                if tasks_cfg.representation.loss == "cosine":
+                    terms[n] = (1 - F.cosine_similarity(pred, tgt, dim=-1)).mean()
+                else:
+                    terms[n] = F.mse_loss(pred, tgt)
+            elif n == "masked":
+                terms[n] = F.mse_loss(pred, z0.float())
+            elif n == "transition":
+                terms[n] = F.mse_loss(pred, targets[n].float())
+            else:  # pragma: no cover - TasksConfig only knows the four tasks
+                raise ValueError(f"unknown task {n!r}")
+        total = terms["eps"]
+        for n in enabled:
+            total = total + float(getattr(tasks_cfg, n).weight) * terms[n]
+        result = {"loss": total}
+        result.update({k: v.detach() for k, v in terms.items()})
+        return result
+
+    # ------------------------------------------------------------------ sampling
+    def timestep_sequence(self, steps: Optional[int] = None) -> list[int]:
+        """Descending, evenly spaced timesteps ``T, ..., 1`` (both ends included), ``steps`` of them."""
+        steps = self.T if steps is None else int(steps)
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"sampling steps must lie in [1, {self.T}], got {steps}")
+        if steps == 1:
+            return [self.T]
+        # spacing (T-1)/(steps-1) >= 1, so rounding keeps the values distinct
+        seq = [int((1 + i * (self.T - 1) / (steps - 1)) + 0.5) for i in range(steps)]
+        return seq[::-1]
+
+    @staticmethod
+    def _enabled(model: Any, tasks_cfg: Optional[TasksConfig]) -> list[str]:
+        if tasks_cfg is not None:
+            return list(tasks_cfg.enabled)
+        names = list(getattr(model, "task_names", []))
+        return [n for n in TASK_ORDER if n in names]
+
+    def _aggregate(self, model: Any, inputs: Mapping[str, Tensor], like: Tensor) -> Tensor:
+        if not inputs:
+            return torch.zeros_like(like)
+        return model.aggregate(dict(inputs)).to(like.dtype)
+
+    @staticmethod
+    def _prediction_input(name: str, pred: Tensor, mask_ratio: float) -> Tensor:
+        """The expected task input ``x_i`` given the head's prediction (what ``E_i`` gets when not given)."""
+        if name == "label":
+            return torch.softmax(pred.float(), dim=-1)  # soft labels: expected embedding under the softmax
+        if name == "masked":
+            # The head predicts the full image; the task input during training was z0 * mask with
+            # a fraction (1 - mask_ratio) kept, so its expectation over masks is (1 - r) z0_hat
+            # (E_i is linear: identity / 1x1 conv), the analogue of soft labels.
+            return (1.0 - mask_ratio) * pred.float()
+        return pred.float()
+
+    @torch.no_grad()
+    def sample(self, model: Any, shape: Iterable[int], given: Optional[Mapping[str, Tensor]] = None,
+               steps: Optional[int] = None, sampler: str = "ddpm", eta: float = 1.0,
+               generator: Optional[torch.Generator] = None, progress: bool = False,
+               tasks_cfg: Optional[TasksConfig] = None, clip_denoised: Optional[bool] = None,
+               z_T: Optional[Tensor] = None, start: str = "predict", device: Optional[torch.device | str] = None,
+               dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Generate ``z0`` (and every enabled task's prediction) with the MT-Diffusion reverse process.
+
+        ``given``: the conditioning task inputs (``{}`` unconditional, ``{"label": y}``,
+        ``{"masked": z0 * mask}``, ``{"transition": src}``); a given modality enters ``A_hat``
+        as is, every other enabled one through its head's prediction at the current step
+        (labels as softmax probabilities, "soft labels").
+
+        ``z_T`` defaults to ``c_T A_hat + noise`` (the prior of (M3) is ~ N(c_T A, I)). ``start``
+        picks ``A_hat`` there: ``"zero"`` uses the given modalities only (not-given ones count 0
+        until the first prediction); ``"predict"`` (default) adds the heads' predictions at
+        ``z = noise + c_T A_given`` (one extra forward pass), so that ``z_T - c_T A_hat`` is
+        centred as the y-space DDPM prior requires; with ``start="zero"`` a deterministic
+        sampler carries the c_T (A - A_given) offset to the end.
+
+        ``sampler="ddpm"``: (M4) ancestral steps (when ``steps < T``, the respaced DDPM, which is
+        y-space DDIM with eta = 1); ``"ddim"``: the y-space DDIM update with ``eta``.
+        ``clip_denoised`` (default: on in pixel mode) clips ``z0_hat`` to [-1, 1]. Noise order:
+        ``z_T``'s noise first (drawn even when ``z_T`` is passed), then one draw per step for both
+        samplers, so ddim(eta=1, steps=T) reproduces ddpm with the same generator. The chain
+        state is kept in float64 (the model sees ``dtype``).
+
+        Returns ``z0`` (``dtype``) plus ``label`` (the given label, or argmax of the last step's
+        logits) and ``label_probs``, and the last step's ``representation`` / ``masked`` /
+        ``transition`` head outputs for the enabled tasks.
+        """
+        given = dict(given or {})
+        shape = tuple(int(s) for s in shape)
+        B = shape[0]
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if start not in ("predict", "zero"):
+            raise ValueError(f"start must be 'predict' or 'zero', got {start!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        enabled = self._enabled(model, tasks_cfg)
+        unknown = [k for k in given if k not in enabled]
+        if unknown:
+            raise ValueError(f"given modalities {unknown} are not enabled tasks (enabled: {enabled})")
+        if device is None:
+            p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+            device = p.device if p is not None else torch.device("cpu")
+        device = torch.device(device)
+        for k, v in given.items():
+            if v.shape[0] != B:
+                raise ValueError(f"given[{k!r}] has batch size {v.shape[0]}, expected {B}")
+            given[k] = v.to(device)
+        clip = (self.cfg.mode == "pixel") if clip_denoised is None else bool(clip_denoised)
+        mask_ratio = (tasks_cfg.masked if tasks_cfg is not None else MaskedTask()).mask_ratio
+        seq = self.timestep_sequence(steps)
+        if sampler == "ddpm" and len(seq) < self.T:
+            eta = 1.0  # respaced ancestral DDPM == y-space DDIM with eta = 1
+        # float64 chain state: keeps ddpm and ddim(eta=1) equal to rounding and long chains exact
+        work = torch.float32 if device.type == "mps" else torch.float64
+
+        def run_model(z: Tensor, t_int: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+            t = torch.full((B,), t_int, dtype=torch.long, device=device)
+            out = dict(model(z.to(dtype), t))
+            missing = [n for n in ("eps", *enabled) if n not in given and n not in out]
+            if missing:
+                raise KeyError(f"sample: model output lacks head(s) {missing} (has {sorted(out)})")
+            inputs = {n: given[n] if n in given else self._prediction_input(n, out[n], mask_ratio)
+                      for n in enabled}
+            return t, out, self._aggregate(model, inputs, z)
+
+        noise_T = _randn(shape, generator, device, dtype).to(work)
+        if z_T is not None:
+            if tuple(z_T.shape) != shape:
+                raise ValueError(f"z_T has shape {tuple(z_T.shape)}, expected {shape}")
+            z = z_T.to(device, work)
+        else:
+            c_T = float(self.schedule.c[self.T])
+            A0 = self._aggregate(model, {k: given[k] for k in enabled if k in given}, noise_T)
+            z = noise_T + c_T * A0
+            if start == "predict" and any(n not in given for n in enabled):
+                _, _, A0 = run_model(z, self.T)
+                z = noise_T + c_T * A0
+
+        out: dict[str, Tensor] = {}
+        it = seq
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(seq, desc=f"{sampler} sampling", leave=False)
+        for i, t_int in enumerate(it):
+            s_int = seq[i + 1] if i + 1 < len(seq) else 0
+            t, out, A_hat = run_model(z, t_int)
+            z0_hat = self.predict_z0(z, out["eps"].to(work), A_hat, t)
+            if clip:
+                z0_hat = z0_hat.clamp(-1, 1)
+            noise = _randn(shape, generator, device, dtype).to(work)
+            if sampler == "ddpm" and s_int == t_int - 1:
+                mean, _, log_var = self.posterior(z, z0_hat, A_hat, t)
+                z = mean + (0.5 * log_var).exp() * noise if t_int > 1 else mean
+            else:
+                z = self._ddim_step(z, z0_hat, A_hat, t_int, s_int, eta, noise)
+
+        result: dict[str, Tensor] = {"z0": z.to(dtype)}
+        if "label" in enabled:
+            if "label" in out:
+                result["label_probs"] = torch.softmax(out["label"].float(), dim=-1)
+            lbl = given.get("label")
+            if lbl is None:
+                result["label"] = result["label_probs"].argmax(-1)
+            else:
+                result["label"] = lbl.argmax(-1) if lbl.is_floating_point() else lbl.long()
+        for n in ("representation", *_IMAGE_TASKS):
+            if n in enabled and n in out:
+                result[n] = out[n]
+        return result
+
+    def _ddim_step(self, z_t: Tensor, z0_hat: Tensor, A: Tensor, t: int, s: int, eta: float,
+                   noise: Tensor) -> Tensor:
+        """DDIM in y-space from t to s < t (s = 0 returns ``z0_hat``), in float64 coefficients."""
+        sch = self.schedule
+        ab_t, ab_s = float(sch.abar[t]), float(sch.abar[s])
+        c_t, c_s = float(sch.c[t]), float(sch.c[s])
+        eps_hat = (z_t - c_t * A - ab_t ** 0.5 * z0_hat) / (1 - ab_t) ** 0.5
+        sigma = eta * ((1 - ab_s) / (1 - ab_t)) ** 0.5 * max(0.0, 1 - ab_t / ab_s) ** 0.5
+        dir_coef = max(0.0, 1 - ab_s - sigma ** 2) ** 0.5
+        return ab_s ** 0.5 * z0_hat + c_s * A + dir_coef * eps_hat + sigma * noise
+
+    # ------------------------------------------------------------------ classifier
+    @torch.no_grad()
+    def classify(self, model: Any, z0: Tensor, t_list: Iterable[int], given: Optional[Mapping[str, Tensor]] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """Label-head classifier: log of the mean softmax over ``t in t_list`` of ``model(q_sample(z0, A, t), t)``.
+
+        ``A`` aggregates the ``given`` modalities except the label (0 when none), so the label is
+        inferred from the image alone. Returns (B, K) log-probabilities (usable as logits).
+        """
+        t_list = [int(t) for t in t_list]
+        if not t_list:
+            raise ValueError("classify: t_list is empty")
+        B = z0.shape[0]
+        inputs = {k: v.to(z0.device) for k, v in (given or {}).items() if k != "label"}
+        A = self._aggregate(model, inputs, z0)
+        probs = None
+        for t_int in t_list:
+            t = self._check_t(t_int, B, z0.device)
+            out = model(self.q_sample(z0, A, t, generator=generator), t)
+            if "label" not in out:
+                raise KeyError("classify: the model has no label head (tasks.label.enabled is false)")
+            p = torch.softmax(out["label"].float(), dim=-1)
+            probs = p if probs is None else probs + p
+        return torch.log(probs / len(t_list) + 1e-12)
