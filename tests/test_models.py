@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -213,22 +214,28 @@ def test_channels_last_and_batch_independence():
 
 
 def test_tiny_model_learns_labels_from_conditioned_inputs():
-    """A (M3-style) label signal in z_t is learnable: the label head fits a fixed batch."""
+    """The label code aggregated into z_t (M3-style) is readable by the label head.
+
+    Every step draws fresh z0 noise, so the label is only recoverable from A: held-out accuracy
+    far above chance shows encoder -> z_t -> backbone -> head is a working path.
+    """
     model = _tiny(("label",), seed=1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    z0 = torch.randn(16, 1, 28, 28, generator=g)
-    y = torch.arange(16) % NUM_CLASSES
-    t = torch.full((16,), 10)
-    losses = []
-    for _ in range(25):
-        out = model(z0 + model.aggregate({"label": y}), t)
-        loss = torch.nn.functional.cross_entropy(out["label"], y) + out["eps"].square().mean()
+    t = torch.full((20,), 10)
+    for _ in range(50):
+        y = torch.randint(0, NUM_CLASSES, (20,), generator=g)
+        z_t = torch.randn(20, 1, 28, 28, generator=g) + model.aggregate({"label": y})
+        loss = torch.nn.functional.cross_entropy(model(z_t, t)["label"], y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    y = torch.arange(40) % NUM_CLASSES
+    with torch.no_grad():
+        logits = model(torch.randn(40, 1, 28, 28, generator=g) + model.aggregate({"label": y}),
+                       torch.full((40,), 10))["label"]
+    acc = (logits.argmax(1) == y).float().mean().item()
+    assert acc > 0.6, acc
 
 
 def test_sincos_pos_embed_matches_dit_reference():
@@ -284,3 +291,33 @@ def test_dit_b2_latent_size_matches_dit(make_params):
     # DiT reports 23.01 GFLOPs (multiply-adds) for DiT-B/2; ours counts 2 per multiply-add.
     backbone_macs = (flops_per_image(model) - 2 * (768 * 256 + 256 * 1000)) / 2
     assert abs(backbone_macs - 23.01e9) / 23.01e9 < 0.01, backbone_macs
+
+
+@pytest.mark.skipif(os.environ.get("MTDIFF_SLOW_TESTS") != "1",
+                    reason="torch.compile takes ~1 min on CPU; set MTDIFF_SLOW_TESTS=1")
+def test_compile_fullgraph_matches_eager():
+    model = _tiny()
+    _randomize_zero_inits(model)
+    z, t = torch.randn(3, 1, 28, 28), torch.tensor([1, 5, 999])
+    ref = model(z, t)
+    out = torch.compile(model, fullgraph=True)(z, t)
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_autocast_and_fused_attention_flops():
+    model = _tiny().cuda()
+    _randomize_zero_inits(model)
+    z, t = torch.randn(4, 1, 28, 28, device="cuda"), torch.randint(1, 1001, (4,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(z, t)
+        probs = torch.softmax(out["label"], dim=1)  # bf16 soft labels feed back into M2
+        a = model.aggregate({"label": probs, "masked": z}, like=z)
+    assert all(torch.isfinite(v.float()).all() for v in out.values())
+    assert a.shape == z.shape and a.dtype == torch.float32
+    with FlopCounterMode(display=False) as counter:  # CUDA's fused SDPA kernels are counted
+        model(z, t)
+    counted = counter.get_total_flops() / 4
+    assert abs(flops_per_image(model) - counted) / counted < 0.01
