@@ -1,0 +1,212 @@
+"""Stage ``sample``: generate images with the EMA weights (MT-Diffusion reverse process, M4).
+
+``sample.condition``:
+- ``uncond``: nothing given; every task enters through its head's prediction. The label head's
+  prediction is saved as ``labels``.
+- ``label``: labels cycle ``0..K-1`` (sample i gets ``i % K``), so classes are balanced.
+- ``masked``: inpainting of test-split images (sample i uses test image ``i % N``) with a random
+  patch mask (``tasks.masked.mask_ratio``, patch = ``model.patch_size`` in the diffusion space);
+  saves ``reference`` (uint8 NHWC originals) and ``mask`` (uint8 (N, H, W) in pixel space,
+  1 = visible to the model, 0 = hidden).
+- ``transition``: paired translation on the test split. As trained (``mtdiff.data``), the task
+  input is the paired image ``pair_images(x)`` (rot90 / edges) and ``z0`` the image ``x``, so the
+  sampler is given ``pair_mean`` and generates ``x``; saves ``source`` (uint8 NHWC
+  ``pair_images(x)``, the condition) and ``reference`` (uint8 NHWC ``x``, the true target).
+
+Writes ``params.samples_dir`` atomically as one folder: ``samples.npz`` (``arr_0`` uint8 NHWC,
+ADM's format, plus ``labels`` and the per-condition arrays), ``grid.png``, ``png/000000.png ...``
+and ``meta.json``. Noise comes from one generator seeded with ``params.seed``: same seed and
+params, same images.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtdiff.checkpoint import load_for_inference
+from mtdiff.config import Params
+from mtdiff.data import pair_images, random_patch_mask
+from mtdiff.io import atomic_dir, save_npz, write_json
+from mtdiff.sampling_io import (gather_with_blanks, image_grid, interleave_rows, label_grid_indices,
+                                save_png, to_pil, to_uint8_nhwc)
+from mtdiff.stages import stage_main
+from mtdiff.training import autocast, autocast_dtype
+from mtdiff.utils import get_logger
+
+log = get_logger("mtdiff.sample")
+GRID_SIDE = 10
+
+
+class _TestSplit:
+    """The held-out split as the sampler needs it: diffusion-space arrays and uint8 images."""
+
+    def __init__(self, params: Params, need_pair: bool):
+        lat = params.latents_dir / "test"
+        if not (lat / "mean.npy").exists():
+            raise FileNotFoundError(f"{lat / 'mean.npy'} is missing: sample.condition "
+                                    f"'{params.sample.condition}' needs the test split; run the latents stage")
+        self.z = np.load(lat / "mean.npy", mmap_mode="r")
+        self.images = np.load(params.prepared_dir / "test_images.npy", mmap_mode="r")
+        if len(self.images) != len(self.z):
+            raise ValueError(f"prepared test images ({len(self.images)}) and test latents ({len(self.z)}) "
+                             "differ in count; re-run the latents stage")
+        self.pair = None
+        if need_pair:
+            if not (lat / "pair_mean.npy").exists():
+                raise FileNotFoundError(f"{lat / 'pair_mean.npy'} is missing: tasks.transition needs paired "
+                                        "latents; re-run the latents stage with tasks.transition.enabled")
+            self.pair = np.load(lat / "pair_mean.npy", mmap_mode="r")
+        self.n = len(self.z)
+
+    def indices(self, start: int, count: int) -> np.ndarray:
+        return (np.arange(start, start + count) % self.n).astype(np.int64)
+
+
+def _decoder(params: Params, device: torch.device):
+    """diffusion-space z0 -> uint8 NHWC images: [-1, 1] pixels (pixel mode) or the SD-VAE decoder
+    applied to ``z0 / latents.scale`` (latent mode; grayscale data gets the RGB mean)."""
+    if params.diffusion.mode == "pixel":
+        return to_uint8_nhwc
+    from mtdiff.encoders import decode_latents_vae, load_vae
+
+    vae = load_vae(params.latents.vae, device=device)
+    return lambda z: decode_latents_vae(vae, z, params.latents.scale, channels=params.data.channels)
+
+
+def _pixel_mask(mask: torch.Tensor, image_hw: tuple[int, int]) -> np.ndarray:
+    """(B, 1|C, h, w) diffusion-space mask -> uint8 (B, H, W) pixel-space mask (nearest upsampling)."""
+    m = mask[:, :1].float()
+    if tuple(m.shape[-2:]) != image_hw:
+        m = torch.nn.functional.interpolate(m, size=image_hw, mode="nearest")
+    return (m[:, 0] > 0.5).to(torch.uint8).cpu().numpy()
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Generate ``sample.num_samples`` images; returns a summary with the output paths."""
+    from mtdiff.tracking import stage_run
+
+    sc = params.sample
+    t0 = time.time()
+    model, diffusion, meta = load_for_inference(params)
+    device = next(model.parameters()).device
+    amp = autocast_dtype(device, params.train.precision)
+    shape = tuple(int(s) for s in meta["shape"])
+    K = int(meta["num_classes"])
+    n = sc.num_samples
+    cond = sc.condition
+    decode = _decoder(params, device)
+    test = _TestSplit(params, need_pair=cond == "transition") if cond in ("masked", "transition") else None
+    gen = torch.Generator(device=device).manual_seed(params.seed)
+    mask_gen = torch.Generator().manual_seed(params.seed + 1)  # masks independent of the batch split
+
+    samples: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    given_labels = cond == "label"
+    extras: dict[str, list[np.ndarray]] = {}
+    agree = []
+    log.info("sampling %d images (%s, %s, %d steps, eta %s) from %s step %s on %s", n, cond, sc.sampler,
+             sc.steps, sc.eta, meta.get("path"), meta.get("step"), device)
+    from tqdm.auto import tqdm
+
+    t_sample = time.perf_counter()
+    for start in tqdm(range(0, n, sc.batch_size), desc="sample", unit="batch", disable=None):
+        b = min(sc.batch_size, n - start)
+        given: dict[str, torch.Tensor] = {}
+        if cond == "label":
+            given["label"] = torch.arange(start, start + b, device=device, dtype=torch.long) % K
+        elif cond == "masked":
+            idx = test.indices(start, b)
+            z_test = torch.from_numpy(np.asarray(test.z[idx], dtype=np.float32)).to(device)
+            mask = random_patch_mask(b, shape, params.tasks.masked.mask_ratio, params.model.patch_size,
+                                     generator=mask_gen, device=device).to(z_test.dtype)
+            given["masked"] = z_test * mask
+            ref = np.asarray(test.images[idx])
+            extras.setdefault("reference", []).append(ref)
+            extras.setdefault("mask", []).append(_pixel_mask(mask, ref.shape[1:3]))
+        elif cond == "transition":
+            # Training pairs (mtdiff.data.TrainDataset): z0 = the image, task input "transition" =
+            # its paired image (pair_images: rot90 / edges). So the paired image is the source that
+            # conditions, and the test image is the target the sample should match.
+            idx = test.indices(start, b)
+            given["transition"] = torch.from_numpy(np.asarray(test.pair[idx], dtype=np.float32)).to(device)
+            ref = np.asarray(test.images[idx])
+            extras.setdefault("source", []).append(pair_images(ref, params.tasks.transition.pairing))
+            extras.setdefault("reference", []).append(ref)
+        with autocast(device, amp):
+            out = diffusion.sample(model, (b, *shape), given=given, steps=sc.steps, sampler=sc.sampler,
+                                   eta=sc.eta, generator=gen, tasks_cfg=params.tasks, device=device)
+        samples.append(decode(out["z0"]))
+        if "label" in out:
+            labels.append(out["label"].long().cpu().numpy())
+            if given_labels and "label_probs" in out:
+                agree.append((out["label_probs"].argmax(-1) == given["label"]).float().cpu().numpy())
+    sample_time = time.perf_counter() - t_sample
+
+    arr = np.concatenate(samples)
+    npz: dict[str, np.ndarray] = {"arr_0": arr}
+    if labels:
+        npz["labels"] = np.concatenate(labels).astype(np.int64)
+    for k, v in extras.items():
+        npz[k] = np.concatenate(v)
+
+    grid = _make_grid(arr, npz, cond, K)
+    out_dir = params.samples_dir
+    summary: dict[str, Any] = {
+        "num_samples": int(len(arr)), "shape": list(arr.shape), "condition": cond, "sampler": sc.sampler,
+        "steps": sc.steps, "eta": sc.eta, "seed": params.seed, "mode": params.diffusion.mode,
+        "checkpoint": meta.get("path"), "checkpoint_step": meta.get("step"), "params_hash": meta.get("params_hash"),
+        "labels": ("given" if given_labels else "predicted") if labels else None,
+        "label_head_agreement": float(np.concatenate(agree).mean()) if agree else None,
+        "sample_time_s": sample_time, "img_per_s": len(arr) / max(sample_time, 1e-9),
+        "wall_time_s": None, "device": str(device),
+        "samples_npz": str(out_dir / "samples.npz"), "grid": str(out_dir / "grid.png"),
+        "png_dir": str(out_dir / "png"),
+    }
+    with atomic_dir(out_dir) as tmp:
+        save_npz(tmp / "samples.npz", **npz)
+        to_pil(grid).save(tmp / "grid.png", format="PNG")
+        (tmp / "png").mkdir()
+        for i, img in enumerate(arr):
+            save_png(tmp / "png" / f"{i:06d}.png", img)
+        summary["wall_time_s"] = time.time() - t0
+        write_json(tmp / "meta.json", summary)
+    # MLflow after the folder swap, so a pending-log file (tracking down) lands in the new folder
+    with stage_run(params, "sample", out_dir) as mlrun:
+        mlrun.log_metrics({"sample/img_per_s": summary["img_per_s"], "sample/wall_time_s": summary["wall_time_s"],
+                           **({"sample/label_head_agreement": summary["label_head_agreement"]}
+                              if summary["label_head_agreement"] is not None else {})})
+        mlrun.set_tags({"samples_dir": str(out_dir), "checkpoint": str(meta.get("path"))})
+        mlrun.log_image(to_pil(grid), "grid.png")
+    log.info("wrote %d samples to %s (%.1f img/s, wall %.1f s)", len(arr), out_dir, summary["img_per_s"],
+             summary["wall_time_s"])
+    return summary
+
+
+def _make_grid(arr: np.ndarray, npz: dict[str, np.ndarray], cond: str, num_classes: int) -> np.ndarray:
+    """10x10 overview: rows = classes (label), or input/sample/reference row triplets (masked, transition)."""
+    if cond == "label":
+        cells = gather_with_blanks(arr, label_grid_indices(npz["labels"], num_classes, GRID_SIDE, GRID_SIDE))
+    elif cond == "masked":
+        ref = npz["reference"]
+        masked = (ref.astype(np.float32) * npz["mask"][..., None] + 127.5 * (1 - npz["mask"][..., None]))
+        cells = interleave_rows([np.round(masked).astype(np.uint8), arr, ref], GRID_SIDE)
+    elif cond == "transition":
+        cells = interleave_rows([npz["source"], arr, npz["reference"]], GRID_SIDE)
+    else:
+        cells = arr[:GRID_SIDE * GRID_SIDE]
+    grid = image_grid(cells, nrow=GRID_SIDE)
+    scale = max(1, 64 // arr.shape[1])  # small images (Fashion-MNIST 28 px) enlarged for viewing
+    if scale > 1:
+        grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+    return grid
+
+
+def main(argv: list[str] | None = None) -> Any:
+    return stage_main(run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Training helpers: DDP setup, optimizer, LR schedule, EMA, mixed precision, resumable batches.
+
+Choices (documented here, used by ``mtdiff.stages.train``):
+- LR: linear warmup over ``train.warmup_steps`` then **constant** (as DiT and ADM train). A
+  cosine decay would depend on ``train.steps``, which is deliberately outside the params hash so
+  that raising it extends a finished run by resuming; a constant tail keeps that exact.
+- AdamW, betas (0.9, 0.999), weight decay only on matrices (not norms, biases, embeddings' 1-d
+  params); ``fused=True`` on CUDA, ``foreach`` elsewhere.
+- EMA: fp32 shadow of the full ``state_dict``; decay ``min(ema_decay, (1+n)/(10+n))`` after n
+  updates (the usual warmup, so a short run's EMA is not dominated by the random init).
+- ``train.batch_size`` is the **global** batch; each of W ranks takes ``batch_size / W``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DistributedSampler, Sampler
+
+from mtdiff.utils import get_logger, pick_device
+
+log = get_logger(__name__)
+
+
+# -- distributed -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank / world size / device; ``distributed`` when a group is up."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_choice: str = "auto") -> DistInfo:
+    """Join the torchrun group when ``WORLD_SIZE > 1`` (NCCL on GPU, gloo on CPU), else single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_choice)
+    if world <= 1:
+        return DistInfo(0, 1, 0, device, False)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+    log.info("DDP rank %d/%d on %s (%s)", rank, world, device, backend)
+    return DistInfo(rank, world, local_rank, device, True)
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean over ranks (a copy; identity when single-process)."""
+    t = t.detach().clone()
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= info.world_size
+    return t
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def weights_checksum(module_state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A float64 fingerprint of a state dict (sum and weighted sum per tensor), to compare ranks."""
+    parts = []
+    for i, (_, v) in enumerate(sorted(module_state.items())):
+        if torch.is_tensor(v) and v.numel():
+            v = v.detach().double().flatten()
+            parts.append(torch.stack([v.sum(), (v * torch.linspace(1, 2, v.numel(), dtype=torch.float64,
+                                                                   device=v.device)).sum() * (i + 1)]))
+    return torch.cat(parts).cpu() if parts else torch.zeros(1, dtype=torch.float64)
+
+
+def ranks_in_sync(state: Mapping[str, torch.Tensor], info: DistInfo) -> bool:
+    """True when every rank holds the same weights (bitwise-equal fingerprints)."""
+    if not info.distributed:
+        return True
+    local = weights_checksum(state)
+    if info.device.type == "cuda":
+        local = local.to(info.device)
+    gathered = [torch.empty_like(local) for _ in range(info.world_size)]
+    dist.all_gather(gathered, local)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+# -- numerics ---------------------------------------------------------------------------------
+
+def configure_backends(device: torch.device, tf32: bool) -> None:
+    """TF32 matmuls/convs on Ampere+ when asked (no effect on CPU)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16/fp16 autocast on CUDA only; CPU always trains in fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        log.warning("train.precision bf16 unsupported on this GPU; using fp16 with a GradScaler")
+        return torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Enabled only for fp16 (bf16 has fp32's range and needs no loss scaling)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# -- optimizer / schedule ---------------------------------------------------------------------
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices/conv kernels; never norms, biases or 1-d params."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and not name.endswith("embedding.weight") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused kernels on CUDA, multi-tensor (foreach) elsewhere."""
+    kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8, **kwargs)
+
+
+class WarmupConstant:
+    """LR multiplier: linear from 1/(warmup+1) to 1 over ``warmup`` steps, then 1 (picklable, stateless)."""
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / (self.warmup_steps + 1))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, WarmupConstant(warmup_steps))
+
+
+# -- EMA --------------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of a module's weights, kept in fp32 (on the module's device)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.num_updates = 0
+        self.shadow: dict[str, torch.Tensor] = {
+            k: (v.detach().float().clone() if v.is_floating_point() else v.detach().clone())
+            for k, v in model.state_dict().items()}
+        self._param_names = [n for n, _ in model.named_parameters()]
+
+    def current_decay(self) -> float:
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        self.num_updates += 1
+        params = dict(model.named_parameters())
+        shadows = [self.shadow[n] for n in self._param_names]
+        currents = [params[n].detach().float() for n in self._param_names]
+        # shadow += (1 - d) * (param - shadow), one multi-tensor kernel
+        torch._foreach_lerp_(shadows, currents, 1.0 - d)
+        for k, v in model.state_dict().items():  # buffers follow the model (none are learned)
+            if k not in params:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = set(self.shadow) - set(state["shadow"])
+        if missing:
+            raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+        self.num_updates = int(state["num_updates"])
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the EMA weights into ``model`` (cast to its dtypes)."""
+        model.load_state_dict({k: v for k, v in self.shadow.items()})
+
+
+# -- data order -------------------------------------------------------------------------------
+
+def make_sampler(num_items: int, info: DistInfo, seed: int) -> DistributedSampler:
+    """Per-epoch permutation from ``(seed, epoch)`` split across ranks (also with one rank).
+
+    The order depends only on (seed, epoch), so a resumed run replays it exactly; ``drop_last``
+    keeps every rank's epoch the same length.
+    """
+    return DistributedSampler(range(num_items), num_replicas=info.world_size, rank=info.rank,
+                              shuffle=True, seed=seed, drop_last=True)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Full batches of ``sampler``'s indices, starting at batch ``start`` (for mid-epoch resume)."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, start: int = 0):
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.start = start
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size - self.start  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = list(iter(self.sampler))
+        for b in range(self.start, len(idx) // self.batch_size):
+            yield idx[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def per_rank_batch(global_batch: int, info: DistInfo) -> int:
+    if global_batch % info.world_size:
+        raise ValueError(f"train.batch_size {global_batch} must be divisible by the number of "
+                         f"processes ({info.world_size})")
+    return global_batch // info.world_size
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move tensors of a (nested) batch to ``device``; non-blocking from pinned memory."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not isinstance(batch, str):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def stack_losses(losses: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """Per-task losses as one fp32 vector in ``names`` order (for one all-reduce and one sync)."""
+    return torch.stack([losses[n].detach().float().reshape(()) for n in names])
