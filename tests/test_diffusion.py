@@ -494,6 +494,54 @@ def test_sample_with_exact_denoiser_recovers_the_data_distribution(prediction, s
         assert (out["label"] == 0).all()
 
 
+class SpyModel(ToyModel):
+    """Records what the sampler feeds to ``forward`` and ``aggregate``."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls: list[tuple[str, object]] = []
+
+    def forward(self, z_t, t):
+        out = super().forward(z_t, t)
+        self.calls.append(("forward", (z_t.clone(), {k: v.clone() for k, v in out.items()})))
+        return out
+
+    def aggregate(self, inputs):
+        self.calls.append(("aggregate", {k: v.clone() for k, v in inputs.items()}))
+        return super().aggregate(inputs)
+
+
+@pytest.mark.parametrize("start", ["zero", "predict"])
+def test_sample_feeds_given_or_predicted_task_inputs_to_aggregate(start):
+    torch.manual_seed(6)
+    model = SpyModel(("label", "masked")).eval()
+    diff = MTDiffusion(cfg(w_max=1.0))
+    tc = tasks("label", "masked")  # mask_ratio 0.5
+    B = 4
+    noise_T = torch.randn(B, *SHAPE, generator=torch.Generator().manual_seed(8))
+    diff.sample(model, (B, *SHAPE), steps=3, sampler="ddim", generator=torch.Generator().manual_seed(8),
+                tasks_cfg=tc, start=start)
+    fwd = [c[1] for c in model.calls if c[0] == "forward"]
+    agg = [c[1] for c in model.calls if c[0] == "aggregate"]
+    assert len(fwd) == (4 if start == "predict" else 3) and len(agg) == len(fwd)
+    for (z_in, out), inputs in zip(fwd, agg):
+        # not given: soft labels (softmax) and the expected masked input (1 - mask_ratio) * restored image
+        assert torch.allclose(inputs["label"], torch.softmax(out["label"], -1))
+        assert torch.allclose(inputs["masked"], 0.5 * out["masked"])
+    c_T = float(diff.schedule.c[50])
+    assert torch.allclose(fwd[0][0], noise_T)  # nothing given: z_T starts as pure noise ...
+    if start == "predict":  # ... then is shifted by c_T A(predictions at the noise)
+        assert torch.allclose(fwd[1][0], noise_T + c_T * model.aggregate(agg[0]), atol=1e-5)
+
+    model.calls.clear()
+    lbl = torch.tensor([2, 0, 1, 1])
+    diff.sample(model, (B, *SHAPE), given={"label": lbl}, steps=2, sampler="ddpm",
+                generator=torch.Generator().manual_seed(8), tasks_cfg=tc, start=start)
+    agg = [c[1] for c in model.calls if c[0] == "aggregate"]
+    assert torch.equal(agg[0]["label"], lbl) and set(agg[0]) == {"label"}  # z_T = c_T A(given) + noise
+    assert all(torch.equal(a["label"], lbl) for a in agg)
+
+
 def test_sample_conditioning_modes_and_errors():
     torch.manual_seed(3)
     names = ("label", "representation", "masked", "transition")
@@ -542,3 +590,28 @@ def test_classify_shape_and_ignores_given_label():
         diff.classify(ToyModel(()), z0, [1])
     with pytest.raises(ValueError, match=r"\[1, 50\]"):
         diff.classify(model, z0, [0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_losses_and_samplers_with_cpu_generator():
+    dev = torch.device("cuda")
+    torch.manual_seed(7)
+    names = ("label", "masked")
+    model = ToyModel(names).to(dev)
+    diff = MTDiffusion(cfg(w_max=1.0))
+    tc = tasks(*names)
+    g = torch.Generator().manual_seed(0)  # CPU generator driving CUDA tensors
+    z0 = torch.randn(16, *SHAPE, device=dev)
+    targets = {"label": torch.randint(0, K, (16,), device=dev), "masked": z0 * (torch.rand_like(z0) > 0.5)}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        res = diff.training_losses(model, z0, targets, tc, generator=g)
+    res["loss"].backward()
+    assert res["loss"].device.type == "cuda" and torch.isfinite(res["loss"])
+    model.eval()
+    a = diff.sample(model, (16, *SHAPE), sampler="ddpm", generator=torch.Generator().manual_seed(1), tasks_cfg=tc)
+    b = diff.sample(model, (16, *SHAPE), sampler="ddim", eta=1.0, steps=50,
+                    generator=torch.Generator().manual_seed(1), tasks_cfg=tc)
+    assert a["z0"].device.type == "cuda" and torch.allclose(a["z0"], b["z0"], atol=1e-5)
+    logp = diff.classify(model, z0, [1, 10], generator=g)
+    assert logp.shape == (16, K) and logp.device.type == "cuda"

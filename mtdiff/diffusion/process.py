@@ -111,6 +111,10 @@ class MTDiffusion:
         t = self._check_t(t, z0.shape[0], z0.device)
         if noise is None:
             noise = _randn(z0.shape, generator, z0.device, z0.dtype)
+        return self._q_sample(z0, A, t, noise)
+
+    def _q_sample(self, z0: Tensor, A: Optional[Tensor], t: Tensor, noise: Tensor) -> Tensor:
+        """(M3) for an already validated ``t`` (no host sync, so training steps stay asynchronous)."""
         return (self._coef("sqrt_abar", t, z0) * z0 + self._coef("c", t, z0) * self._A(A, z0)
                 + self._coef("sqrt_one_minus_abar", t, z0) * noise)
 
@@ -166,15 +170,18 @@ class MTDiffusion:
         if missing:
             raise KeyError(f"training_losses: targets lack the enabled task input(s) {missing}; "
                            f"got keys {sorted(targets)}")
-        if t is None:
+        if t is None:  # uniform over 1..T; generated here, so no range check (and no host sync)
             gen_device = generator.device if generator is not None else device
             t = torch.randint(1, self.T + 1, (B,), generator=generator, device=gen_device).to(device)
-        t = self._check_t(t, B, device)
+        else:
+            t = self._check_t(t, B, device)
         if noise is None:
             noise = _randn(z0.shape, generator, device, z0.dtype)
+        elif noise.shape != z0.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(z0.shape)}")
         inputs = {n: targets[n] for n in enabled}
-        A = model.aggregate(inputs) if inputs else torch.zeros_like(z0)
-        z_t = self.q_sample(z0, A, t, noise=noise)
+        A = model.aggregate(inputs).to(z0.dtype) if inputs else torch.zeros_like(z0)
+        z_t = self._q_sample(z0, A, t, noise)
         out = model(z_t, t)
         for n in ["eps", *enabled]:
             if n not in out:
