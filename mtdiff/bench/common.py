@@ -51,6 +51,21 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def keeps_threads(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Restore torch's thread count after ``fn`` (benchmarks also run in-process, e.g. from tests)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
 def resolve_device(choice: str) -> torch.device:
     """``auto`` -> CUDA when visible else CPU; ``cuda`` without a GPU is an error (never a silent fallback)."""
     from mtdiff.utils import pick_device
@@ -101,6 +116,16 @@ def bench_params(config: str = "default", params_path: str | None = None,
 
     over.update(parse_overrides(overrides))
     return load_params(params_path, overrides=over)
+
+
+def derive(params: Params, overrides: dict[str, Any]) -> Params:
+    """A validated copy of ``params`` with dotted-key ``overrides`` applied."""
+    from mtdiff.config import _set_dotted, params_from_dict
+
+    raw = params.model_dump()
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value)
+    return params_from_dict(raw, "bench")
 
 
 def num_classes(params: Params) -> int:

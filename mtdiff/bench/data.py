@@ -61,8 +61,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 # -- 1. prepare decoding --------------------------------------------------------------------------
-def bench_fmnist_decode(params, reps: int = 2) -> dict[str, Any]:
-    """IDX decode of the Fashion-MNIST training images, and the prepare stage's whole split writer."""
+def bench_fmnist_decode(params, reps: int = 2, max_per_split: int | None = None) -> dict[str, Any]:
+    """IDX decode of the Fashion-MNIST training images, and the prepare stage's split writer (on
+    ``max_per_split`` images when given, else on all 60000)."""
     from mtdiff import sources
 
     try:
@@ -78,6 +79,8 @@ def bench_fmnist_decode(params, reps: int = 2) -> dict[str, Any]:
         arr = sources.read_idx(path)
         best = min(best, time.perf_counter() - t0)
         n = len(arr)
+    if max_per_split is not None:
+        params = C.derive(params, {"data.max_per_split": max_per_split})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = sources.write_fashion_mnist_split(params, "train", Path(tmp) / "train_images.npy")
@@ -133,14 +136,11 @@ def training_data(params, max_per_split: int) -> Iterator[tuple[Any, str]]:
     if (params.latents_dir / "train" / "meta.json").is_file():
         yield params, f"existing {params.latents_dir}"
         return
-    from mtdiff.config import load_params
     from mtdiff.stages import latents as latents_stage
     from mtdiff.stages import prepare as prepare_stage
 
     with tempfile.TemporaryDirectory(prefix="mtdiff-bench-") as tmp:
-        over = {**params.flat(), "data.out_dir": str(Path(tmp) / "data"), "data.max_per_split": max_per_split}
-        over = {k: v for k, v in over.items() if k != "profile"}
-        slice_params = load_params(overrides=over)
+        slice_params = C.derive(params, {"data.out_dir": str(Path(tmp) / "data"), "data.max_per_split": max_per_split})
         old = os.environ.get("MTDIFF_MLFLOW")
         os.environ["MTDIFF_MLFLOW"] = "0"  # a benchmark's scratch data is no experiment
         try:
@@ -318,6 +318,7 @@ def bench_latents_vs_vae(params, *, vae_kind: str, batch_size: int, steps: int, 
 
 
 # -- the command ----------------------------------------------------------------------------------
+@C.keeps_threads
 def run_data_bench(*, quick: bool = False, device: str = "auto", dtype: str = "auto", config: str = "default",
                    batch_size: int | None = None, steps: int | None = None, jpegs: int | None = None,
                    max_per_split: int | None = None, vae: str = "auto", threads: int | None = None,
@@ -337,7 +338,8 @@ def run_data_bench(*, quick: bool = False, device: str = "auto", dtype: str = "a
     t_all = time.perf_counter()
     out: dict[str, Any] = {"bench": "data", "device": dev.type, "device_name": device_name(dev), "dtype": dt,
                            "threads": n_threads, "quick": quick}
-    out["fmnist_decode"] = bench_fmnist_decode(params, reps=1 if quick else 3)
+    out["fmnist_decode"] = bench_fmnist_decode(params, reps=1 if quick else 3,
+                                               max_per_split=max_per_split if quick else None)
     out["jpeg_decode"] = bench_jpeg_decode(jpegs, resolution=256)
 
     from mtdiff.data import TrainDataset

@@ -68,6 +68,7 @@ class _Autocast(torch.nn.Module):
         return self.model.task_names
 
 
+@C.keeps_threads
 def run_sample_bench(*, config: str = "default", steps: int | None = None, num: int | None = None,
                      sampler: str | None = None, device: str = "auto", dtype: str = "auto",
                      threads: int | None = None, quick: bool = False, checkpoint: str | None = None,

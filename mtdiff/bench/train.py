@@ -54,6 +54,7 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+@C.keeps_threads
 def run_train_bench(*, config: str = "default", device: str = "auto", dtype: str = "auto",
                     compile_model: bool = False, batch_size: int | None = None, steps: int | None = None,
                     warmup: int | None = None, threads: int | None = None, quick: bool = False,
