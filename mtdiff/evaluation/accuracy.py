@@ -1,0 +1,200 @@
+"""Task metrics: the label head as a classifier, class-conditional sample accuracy, the
+representation head, inpainting (masked) and image-transition errors.
+
+- :func:`label_head_accuracy`: ``MTDiffusion.classify`` (the label head on ``q_sample(z0, t)``, M3
+  with A = 0 since nothing but the image is given) on the real test split, top-1 (and top-5) per
+  t, an ensemble over several t (mean softmax) and per-class accuracy.
+- :func:`classifier_accuracy`: a domain classifier (Fashion-MNIST CNN) on generated images vs the
+  labels they were asked for (class-conditional sampling) or predicted with (joint sampling).
+- :func:`representation_similarity`: cosine between the representation head's prediction and the
+  encoder's features of the same test images.
+- :func:`masked_region_mse` / :func:`image_mse`: errors in [0, 1] pixel units (and PSNR).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtdiff.evaluation.fidelity import as_nhwc_uint8
+
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def _to_tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    return t.to(device=device, dtype=torch.float32)
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool (B,): is the true label among the ``k`` largest logits."""
+    k = min(k, logits.shape[-1])
+    return (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1)
+
+
+def per_class_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K,) accuracy per true class; NaN for classes absent from ``labels``."""
+    correct = np.asarray(correct, dtype=np.float64)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    hits = np.bincount(labels, weights=correct, minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
+
+
+@dataclass
+class LabelAccuracy:
+    """Label-head accuracy: ``per_t[t][k]`` top-k accuracy at timestep t; ``ensemble[k]`` over ``ensemble_t``."""
+
+    n: int
+    num_classes: int
+    per_t: dict[int, dict[int, float]]
+    ensemble_t: list[int]
+    ensemble: dict[int, float]
+    per_class_t: int
+    per_class: np.ndarray = field(repr=False)
+
+
+@torch.no_grad()
+def label_head_accuracy(model: Any, diffusion: Any, z0: np.ndarray | torch.Tensor, labels: np.ndarray,
+                        t_values: Sequence[int], *, ensemble_t: Optional[Sequence[int]] = None,
+                        topk: Sequence[int] = (1,), batch_size: int = 256, device: torch.device | str = "cpu",
+                        seed: int = 0) -> LabelAccuracy:
+    """Classify clean test images ``z0`` (N,C,H,W) with the label head at each t in ``t_values``.
+
+    ``ensemble_t`` (default: ``t_values``) are also combined by averaging the softmax, as
+    ``MTDiffusion.classify(model, z0, ensemble_t)`` does (the same forward passes are reused).
+    Per-class accuracy is reported at the smallest t. Noise is seeded: same inputs, same numbers.
+    """
+    device = torch.device(device)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    if len(z0) != n:
+        raise ValueError(f"label_head_accuracy: {len(z0)} images but {n} labels")
+    t_values = sorted({int(t) for t in t_values})
+    ensemble_t = sorted({int(t) for t in (ensemble_t if ensemble_t is not None else t_values)})
+    T = int(diffusion.T)
+    bad = [t for t in {*t_values, *ensemble_t} if not 1 <= t <= T]
+    if bad:
+        raise ValueError(f"evaluate.classify_t: timesteps {sorted(bad)} are outside [1, {T}]")
+    all_t = sorted({*t_values, *ensemble_t})
+    gen = torch.Generator().manual_seed(seed)
+    hits = {t: {k: [] for k in topk} for t in t_values}
+    ens_hits: dict[int, list[torch.Tensor]] = {k: [] for k in topk}
+    t_pc = t_values[0]
+    pc_correct: list[np.ndarray] = []
+    K = None
+    for sl in _batches(n, batch_size):
+        z = _to_tensor(z0[sl], device)
+        y = torch.as_tensor(labels[sl], device=device)
+        probs_sum = None
+        for t in all_t:
+            logp = diffusion.classify(model, z, [t], generator=gen).float()
+            K = logp.shape[-1]
+            if t in hits:
+                for k in topk:
+                    hits[t][k].append(topk_hits(logp, y, k).cpu())
+            if t == t_pc:
+                pc_correct.append(topk_hits(logp, y, 1).cpu().numpy())
+            if t in ensemble_t:
+                p = logp.exp()
+                probs_sum = p if probs_sum is None else probs_sum + p
+        ens = torch.log(probs_sum / len(ensemble_t) + 1e-12)
+        for k in topk:
+            ens_hits[k].append(topk_hits(ens, y, k).cpu())
+    if K is not None and labels.max(initial=0) >= K:
+        raise ValueError(f"label_head_accuracy: labels go up to {labels.max()} but the label head has {K} classes")
+    mean = lambda xs: float(torch.cat(xs).float().mean())  # noqa: E731
+    return LabelAccuracy(
+        n=n, num_classes=int(K or 0),
+        per_t={t: {k: mean(v) for k, v in hits[t].items()} for t in t_values},
+        ensemble_t=ensemble_t, ensemble={k: mean(v) for k, v in ens_hits.items()},
+        per_class_t=t_pc, per_class=per_class_accuracy(np.concatenate(pc_correct), labels, int(K or 0)))
+
+
+@torch.no_grad()
+def classifier_accuracy(classifier: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *,
+                        batch_size: int = 256, device: torch.device | str = "cpu") -> tuple[float, np.ndarray]:
+    """Top-1 accuracy of ``classifier`` (logits from float (B,C,H,W) in [-1,1]) on uint8 images vs ``labels``.
+
+    Returns ``(accuracy, per_class_accuracy)``.
+    """
+    device = torch.device(device)
+    images = as_nhwc_uint8(images, "images")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"classifier_accuracy: {len(images)} images but {len(labels)} labels")
+    was_training = classifier.training
+    classifier.eval()
+    preds = []
+    try:
+        for sl in _batches(len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[sl])).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            preds.append(classifier(x).argmax(-1).cpu().numpy())
+    finally:
+        classifier.train(was_training)
+    pred = np.concatenate(preds)
+    correct = pred == labels
+    K = int(max(labels.max(initial=0), pred.max(initial=0)) + 1)
+    return float(correct.mean()), per_class_accuracy(correct, labels, K)
+
+
+@torch.no_grad()
+def representation_similarity(model: Any, diffusion: Any, z0: np.ndarray | torch.Tensor, features: np.ndarray,
+                              t_values: Sequence[int], *, batch_size: int = 256,
+                              device: torch.device | str = "cpu", seed: int = 0) -> dict[int, float]:
+    """Mean cosine similarity between the representation head on ``q_sample(z0, t)`` and the encoder's features."""
+    device = torch.device(device)
+    if len(z0) != len(features):
+        raise ValueError(f"representation_similarity: {len(z0)} images but {len(features)} feature rows")
+    gen = torch.Generator().manual_seed(seed)
+    sums = {int(t): 0.0 for t in t_values}
+    for sl in _batches(len(z0), batch_size):
+        z = _to_tensor(z0[sl], device)
+        f = _to_tensor(features[sl], device)
+        for t in sums:
+            tt = torch.full((len(z),), t, dtype=torch.long, device=device)
+            out = model(diffusion.q_sample(z, None, tt, generator=gen), tt)
+            if "representation" not in out:
+                raise KeyError("representation_similarity: the model has no representation head")
+            pred = out["representation"].float()
+            if pred.shape != f.shape:
+                raise ValueError(f"representation head gives {tuple(pred.shape)}, features are {tuple(f.shape)}")
+            sums[t] += float(F.cosine_similarity(pred, f, dim=-1).sum())
+    return {t: s / len(z0) for t, s in sums.items()}
+
+
+def _unit(images: np.ndarray, what: str) -> np.ndarray:
+    return as_nhwc_uint8(images, what).astype(np.float64) / 255.0
+
+
+def psnr(mse: float) -> float:
+    """PSNR in dB for an MSE in [0, 1] pixel units (inf for a perfect match)."""
+    return float("inf") if mse <= 0 else float(10.0 * np.log10(1.0 / mse))
+
+
+def masked_region_mse(samples: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:
+    """MSE over the hidden pixels (``mask == 0``; mask (N,H,W) with 1 = visible to the model), [0,1] units."""
+    s, r = _unit(samples, "samples"), _unit(reference, "reference")
+    if s.shape != r.shape:
+        raise ValueError(f"samples {s.shape} and reference {r.shape} differ")
+    mask = np.asarray(mask)
+    if mask.shape != s.shape[:3]:
+        raise ValueError(f"mask {mask.shape} does not match images {s.shape[:3]} (want (N,H,W))")
+    hidden = (mask == 0)[..., None] * np.ones(s.shape[-1], dtype=bool)
+    if not hidden.any():
+        raise ValueError("masked_region_mse: the mask hides no pixel")
+    return float(((s - r) ** 2)[hidden].mean())
+
+
+def image_mse(samples: np.ndarray, reference: np.ndarray) -> float:
+    """MSE over all pixels, [0,1] units."""
+    s, r = _unit(samples, "samples"), _unit(reference, "reference")
+    if s.shape != r.shape:
+        raise ValueError(f"samples {s.shape} and reference {r.shape} differ")
+    return float(((s - r) ** 2).mean())

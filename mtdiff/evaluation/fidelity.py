@@ -1,0 +1,343 @@
+"""Generative metrics (FID, KID, precision/recall, IS) through torch-fidelity.
+
+Two feature spaces:
+
+- **Inception** (``inception-v3-compat``, torch-fidelity's port of the TF Inception that the ADM
+  evaluator uses). Offline clusters pass a local weights file (``evaluate.feature_extractor_weights_path``);
+  without one the file from torch's hub cache is used, and failing that one download is tried.
+  When none of that works the Inception metrics are skipped and the reason is returned.
+- **Domain** features: any module with ``features(x)`` / ``forward(x) -> logits`` on float
+  ``(B, 1, H, W)`` in ``[-1, 1]`` (the project's Fashion-MNIST encoder) is registered as a
+  torch-fidelity feature extractor with :func:`register_module_extractor`, so the same
+  ``calculate_metrics`` computes FID/KID/PR in its feature space.
+
+Reference features/statistics are cached under ``cache_root`` with names holding a SHA-1 of the
+reference pixels and of the extractor weights, so a changed test split or encoder never reuses
+stale statistics. ADM reference batches (``.npz`` with ``mu``, ``sigma``) are compared with
+torch-fidelity's ``fid_statistics_to_metric``.
+
+Every metric name carries the number of generated samples: ``fid_1k``, ``kid_fmnist_cnn_500`` ...
+(:func:`count_tag`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+from torch_fidelity import (KEY_METRIC_F_SCORE, KEY_METRIC_FID, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD,
+                            KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
+                            FeatureExtractorBase, calculate_metrics, register_feature_extractor)
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.metric_fid import fid_input_id_to_statistics_cached, fid_statistics_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor, resolve_feature_layer_for_metric
+
+from mtdiff.io import save_npz
+from mtdiff.utils import get_logger
+
+log = get_logger(__name__)
+
+INCEPTION = "inception-v3-compat"
+INCEPTION_FID_LAYER = "2048"
+_WEIGHTS_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+# -- names ---------------------------------------------------------------------------------------
+def count_tag(n: int) -> str:
+    """Sample count as used in metric names: 10000 -> '10k', 1000 -> '1k', 500 -> '500', 1500 -> '1500'."""
+    n = int(n)
+    if n <= 0:
+        raise ValueError(f"count_tag: sample count must be positive, got {n}")
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def metric_name(metric: str, n: int, space: str = "") -> str:
+    """``metric_name('fid', 1000)`` -> 'fid_1k'; ``metric_name('fid', 1000, 'fmnist_cnn')`` -> 'fid_fmnist_cnn_1k'."""
+    return "_".join(p for p in (metric, space, count_tag(n)) if p)
+
+
+# -- inputs --------------------------------------------------------------------------------------
+def as_nhwc_uint8(images: np.ndarray, what: str = "images") -> np.ndarray:
+    """Validate an image set: uint8 (N,H,W) or (N,H,W,C) with C in {1,3}; returns (N,H,W,C)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"{what}: expected uint8 pixels, got dtype {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{what}: expected shape (N,H,W) or (N,H,W,C) with C in 1|3, got {images.shape}")
+    if len(images) == 0:
+        raise ValueError(f"{what}: empty image set")
+    return images
+
+
+class UInt8Images(Dataset):
+    """An in-memory image set as torch-fidelity wants it: uint8 (3,H,W) tensors; grayscale repeated to RGB."""
+
+    def __init__(self, images: np.ndarray):
+        images = as_nhwc_uint8(images)
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = self.images[i]
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+
+def images_sha1(images: np.ndarray) -> str:
+    """SHA-1 over shape and pixels: the identity of a reference set in cache names."""
+    images = np.ascontiguousarray(images)
+    h = hashlib.sha1(str(images.shape).encode())
+    h.update(images.tobytes())
+    return h.hexdigest()
+
+
+def module_sha1(module: nn.Module) -> str:
+    """SHA-1 over the class name and every state-dict tensor (names, shapes, bytes)."""
+    h = hashlib.sha1(type(module).__qualname__.encode())
+    for key, value in module.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _file_sha1(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _WEIGHTS_SHA_MEMO:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        _WEIGHTS_SHA_MEMO[key] = h.hexdigest()
+    return _WEIGHTS_SHA_MEMO[key]
+
+
+# -- domain feature extractor -------------------------------------------------------------------
+class ModuleFeatureExtractor(FeatureExtractorBase):
+    """Wraps ``source_module`` (set on the registered subclass) for torch-fidelity.
+
+    Input: uint8 (B,3,H,W) (grayscale repeated) -> channel 0 scaled to [-1,1] -> module.
+    Features: 'features' (``module.features``: FID/KID/PR) and 'logits' (``module.forward``: IS).
+    """
+
+    source_module: nn.Module
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        # A private copy: torch-fidelity moves it to CUDA and freezes it; the caller's module stays as it was.
+        self.net = copy.deepcopy(type(self).source_module).float().eval()
+
+    def forward(self, x):
+        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4):
+            raise ValueError(f"expected uint8 (B,3,H,W) images, got {getattr(x, 'shape', x)}")
+        z = x[:, :1].float() / 127.5 - 1.0
+        out = {}
+        if "features" in self.features_list:
+            out["features"] = self.net.features(z).float().flatten(1)
+        if "logits" in self.features_list:
+            out["logits"] = self.net(z).float()
+        return tuple(out[k] for k in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "features", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
+
+
+def register_module_extractor(module: nn.Module, prefix: str = "fmnist_cnn") -> str:
+    """Register ``module`` as a torch-fidelity feature extractor; returns the registry name.
+
+    The name embeds a hash of the module's weights, so torch-fidelity's feature cache (keyed by the
+    extractor name) never mixes two encoders; registering the same weights twice is a no-op.
+    """
+    if not (callable(getattr(module, "features", None)) and callable(module)):
+        raise TypeError(f"{type(module).__name__}: a domain extractor needs .features(x) and forward(x)")
+    name = f"mtdiff-{prefix}-{module_sha1(module)[:12]}"
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        cls = type(f"FeatureExtractor_{prefix}", (ModuleFeatureExtractor,), {"source_module": module})
+        register_feature_extractor(name, cls)
+    return name
+
+
+# -- Inception weights --------------------------------------------------------------------------
+def inception_weights(path: Optional[str], allow_download: bool = True,
+                      timeout_s: float = 20.0) -> tuple[Optional[Path], Optional[str]]:
+    """Find the Inception weights: ``(path, None)``, or ``(None, reason)`` when they are unavailable.
+
+    Order: the explicit ``path`` (missing file -> FileNotFoundError: an explicit setting that is wrong
+    must not pass silently), torch hub's cache, one download attempt (``allow_download`` and not
+    ``MTDIFF_OFFLINE=1``).
+    """
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"evaluate.feature_extractor_weights_path: no such file {p}")
+        return p, None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
+    if cached.is_file():
+        return cached, None
+    if not allow_download or os.environ.get("MTDIFF_OFFLINE") == "1":
+        return None, (f"Inception weights unavailable: evaluate.feature_extractor_weights_path is null, "
+                      f"{cached} does not exist and downloads are off")
+    old = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(timeout_s)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        log.info("downloading Inception weights %s -> %s", URL_INCEPTION_V3, cached)
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=False)
+        return cached, None
+    except Exception as exc:  # no network: record why and go on without Inception
+        return None, (f"Inception weights unavailable: evaluate.feature_extractor_weights_path is null, "
+                      f"{cached} does not exist and the download failed ({type(exc).__name__}: {exc})")
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def load_ref_stats(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """ADM reference batch: ``mu`` (D,), ``sigma`` (D,D) as float64."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluate.ref_stats_npz: no such file {path}")
+    with np.load(path) as z:
+        missing = {"mu", "sigma"} - set(z.files)
+        if missing:
+            raise ValueError(f"evaluate.ref_stats_npz {path}: missing keys {sorted(missing)} (has {z.files})")
+        mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"evaluate.ref_stats_npz {path}: mu {mu.shape} / sigma {sigma.shape} are not (D,) / (D,D)")
+    return {"mu": mu, "sigma": sigma}
+
+
+def _tf_kwargs(extractor: str, weights_path: Optional[Path], cache_root: Path, device: torch.device,
+               batch_size: int) -> dict:
+    kw = dict(feature_extractor=extractor, cuda=device.type == "cuda", batch_size=batch_size,
+              cache_root=str(cache_root), cache=True, verbose=False,
+              # in-memory sets: no DataLoader workers; PR in memory-bounded chunks
+              save_cpu_ram=True)
+    if weights_path is not None:
+        kw["feature_extractor_weights_path"] = str(weights_path)
+    return kw
+
+
+def _extractor_fingerprint(extractor: str, weights_path: Optional[Path]) -> str:
+    # Registered module extractors carry their weight hash in the name; Inception's name does not.
+    return f"w{_file_sha1(weights_path)[:8]}" if weights_path is not None else "default"
+
+
+def _fid_layer(extractor: str) -> str:
+    return resolve_feature_layer_for_metric("fid", feature_extractor=extractor)
+
+
+def reference_stats(reference: np.ndarray, extractor: str = INCEPTION, *,
+                    weights_path: Optional[str | os.PathLike] = None,
+                    cache_root: str | os.PathLike, device: torch.device = torch.device("cpu"),
+                    batch_size: int = 64) -> dict[str, np.ndarray]:
+    """FID statistics (mu, sigma) of an image set in ``extractor``'s space, through the reference cache."""
+    reference = as_nhwc_uint8(reference, "reference")
+    weights_path = Path(weights_path) if weights_path is not None else None
+    kw = _tf_kwargs(extractor, weights_path, Path(cache_root), device, batch_size)
+    layer = _fid_layer(extractor)
+    fe = create_feature_extractor(extractor, [layer], **kw)
+    name = f"ref-{images_sha1(reference)[:12]}-{_extractor_fingerprint(extractor, weights_path)}"
+    stats = fid_input_id_to_statistics_cached(1, fe, layer, input1=UInt8Images(reference), input1_cache_name=name, **kw)
+    return {"mu": np.asarray(stats["mu"], np.float64), "sigma": np.asarray(stats["sigma"], np.float64)}
+
+
+def write_ref_stats_npz(path: str | os.PathLike, reference: np.ndarray, extractor: str = INCEPTION,
+                        **kwargs) -> Path:
+    """Write an ADM-style reference ``.npz`` (mu, sigma) for ``reference``; kwargs as :func:`reference_stats`."""
+    stats = reference_stats(reference, extractor, **kwargs)
+    return save_npz(path, mu=stats["mu"], sigma=stats["sigma"])
+
+
+def fidelity_metrics(samples: np.ndarray, reference: Optional[np.ndarray], *, extractor: str = INCEPTION,
+                     space: str = "", weights_path: Optional[str | os.PathLike] = None,
+                     cache_root: str | os.PathLike, device: torch.device = torch.device("cpu"),
+                     batch_size: int = 64, isc: bool = False, ref_stats_npz: Optional[str | os.PathLike] = None,
+                     kid_subsets: int = 100, seed: int = 2020) -> dict[str, float]:
+    """FID / KID / precision / recall (vs ``reference``), IS (``isc``) and FID vs an ADM ``ref_stats_npz``.
+
+    ``samples`` and ``reference`` are uint8 (N,H,W[,C]) sets. Names: ``{metric}[_{space}]_{count_tag(n)}``
+    with n the number of samples, e.g. ``fid_1k``, ``kid_std_fmnist_cnn_1k``, ``fid_adm_ref_1k``.
+    """
+    samples = as_nhwc_uint8(samples, "samples")
+    n = len(samples)
+    weights_path = Path(weights_path) if weights_path is not None else None
+    cache_root = Path(cache_root)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    kw = _tf_kwargs(extractor, weights_path, cache_root, device, batch_size)
+    kw["rng_seed"] = seed
+    fp = _extractor_fingerprint(extractor, weights_path)
+    ds_samples = UInt8Images(samples)
+    # Samples are cached only when the ADM path needs their FID statistics a second time; the
+    # entries are removed afterwards (they are per-run, and large for 50k ImageNet samples).
+    samples_cache = f"samples-{images_sha1(samples)[:12]}-{fp}" if ref_stats_npz else None
+    out: dict[str, float] = {}
+    name = lambda m: metric_name(m, n, space)  # noqa: E731
+
+    try:
+        tf_args = dict(kw, input1=ds_samples, input1_cache_name=samples_cache)
+        if reference is not None:
+            reference = as_nhwc_uint8(reference, "reference")
+            if reference.shape[1:3] != samples.shape[1:3]:
+                raise ValueError(f"samples {samples.shape[1:3]} and reference {reference.shape[1:3]} differ in size")
+            m = len(reference)
+            tf_args.update(input2=UInt8Images(reference), input2_cache_name=f"ref-{images_sha1(reference)[:12]}-{fp}",
+                           fid=True, kid=True, prc=True, kid_subsets=kid_subsets,
+                           kid_subset_size=min(1000, n, m), prc_neighborhood=min(3, n - 1, m - 1))
+        if isc:
+            tf_args.update(isc=True, isc_splits=min(10, n))
+        if reference is not None or isc:
+            res = calculate_metrics(**tf_args)
+            if reference is not None:
+                out[name("fid")] = float(res[KEY_METRIC_FID])
+                out[name("kid")] = float(res[KEY_METRIC_KID_MEAN])
+                out[name("kid_std")] = float(res[KEY_METRIC_KID_STD])
+                out[name("precision")] = float(res[KEY_METRIC_PRECISION])
+                out[name("recall")] = float(res[KEY_METRIC_RECALL])
+                out[name("f_score")] = float(res[KEY_METRIC_F_SCORE])
+            if isc:
+                out[name("isc")] = float(res[KEY_METRIC_ISC_MEAN])
+                out[name("isc_std")] = float(res[KEY_METRIC_ISC_STD])
+        if ref_stats_npz:
+            ref = load_ref_stats(ref_stats_npz)
+            layer = _fid_layer(extractor)
+            fe = create_feature_extractor(extractor, [layer], **kw)
+            stats = fid_input_id_to_statistics_cached(1, fe, layer, input1=ds_samples,
+                                                      input1_cache_name=samples_cache, **kw)
+            mine = {"mu": np.asarray(stats["mu"], np.float64), "sigma": np.asarray(stats["sigma"], np.float64)}
+            if mine["mu"].shape != ref["mu"].shape:
+                raise ValueError(f"evaluate.ref_stats_npz {ref_stats_npz}: dimension {ref['mu'].shape[0]} does not "
+                                 f"match the {extractor} feature layer {layer} ({mine['mu'].shape[0]})")
+            out[name("fid_adm_ref")] = float(fid_statistics_to_metric(mine, ref, False)[KEY_METRIC_FID])
+    finally:
+        if samples_cache:
+            for f in cache_root.glob(f"{samples_cache}-*.pt"):
+                f.unlink(missing_ok=True)
+    for k, v in out.items():
+        log.info("%s = %.6g", k, v)
+    return out

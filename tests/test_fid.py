@@ -1,0 +1,234 @@
+"""Generative metrics (mtdiff.evaluation.fidelity): torch-fidelity with a random-weight Inception
+written to a temp file, the Fashion-MNIST-style domain extractor, the ADM reference-npz path and
+the hashed reference cache. Small sets keep the Inception part to a few seconds."""
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from mtdiff.evaluation import fidelity as fid
+
+
+# -- inputs --------------------------------------------------------------------------------------
+def structured_images(n: int, size: int = 28, seed: int = 0) -> np.ndarray:
+    """Smooth stripe patterns (uint8 N,H,W,1): a 'data set' whose statistics differ from noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    out = []
+    for _ in range(n):
+        fx, fy, ph = rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.5), rng.uniform(0, 6.28)
+        img = 127.5 + 110 * np.sin(fx * xx + ph) * np.cos(fy * yy)
+        out.append(img)
+    return np.clip(np.stack(out), 0, 255).astype(np.uint8)[..., None]
+
+
+def noise_images(n: int, size: int = 28, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+
+
+class TinyCNN(nn.Module):
+    """Shaped like the project's FashionCNN: features(x) (B, D) and forward(x) -> logits (B, 10)."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.proj = nn.Linear(64, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def features(self, x):
+        return self.proj(self.body(x))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.fixture
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture(scope="module")
+def inception_weights_file(tmp_path_factory):
+    """A randomly initialised state dict of the right shapes for torch-fidelity's FeatureExtractorInceptionV3.
+
+    The constructor always loads weights, so build it with loading stubbed out, re-init the convs
+    (He init keeps the 2048-d features O(1) through ~90 layers; the default init makes them ~1e-8)
+    and save the state dict the way ``feature_extractor_weights_path`` expects (torch.load -> load_state_dict).
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+
+    torch.manual_seed(0)
+    with mock.patch.object(fi, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
+        net = fi.FeatureExtractorInceptionV3(fid.INCEPTION, ["2048"])
+    for mod in net.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "inception_random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+_NP_EIGVALS = np.linalg.eigvals
+
+
+def lowrank_eigvals(m: np.ndarray) -> np.ndarray:
+    """``np.linalg.eigvals`` for large matrices of low rank, exactly: with Q an orthonormal basis holding
+    range(M) (checked), span(Q) is M-invariant, so eig(M) = eig(Q^T M Q) plus zeros. FID of n-image sets
+    gives S1 S2 of rank < n; numpy's general eigvals on the 2048x2048 product takes 10-30 s on 2 CPU cores."""
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 256:
+        return _NP_EIGVALS(m)
+    q, _ = np.linalg.qr(m @ np.random.default_rng(0).standard_normal((m.shape[0], 32)))
+    if np.linalg.norm(m - q @ (q.T @ m)) > 1e-9 * max(np.linalg.norm(m), 1e-300):
+        return _NP_EIGVALS(m)  # not low rank: the real thing
+    small = _NP_EIGVALS(q.T @ m @ q).astype(np.complex128)
+    return np.concatenate([small, np.zeros(m.shape[0] - len(small), np.complex128)])
+
+
+@pytest.fixture
+def fast_fid_eigvals(monkeypatch):
+    monkeypatch.setattr(np.linalg, "eigvals", lowrank_eigvals)
+
+
+def test_fid_lowrank_eigvals_helper_is_exact():
+    rng = np.random.default_rng(0)
+    s1, s2 = (np.cov(rng.standard_normal((6, 300)), rowvar=False) for _ in range(2))
+    m = s1 @ s2
+    tr_sqrt = lambda ev: np.sqrt(ev.astype(np.complex128)).real.sum()  # noqa: E731  (torch-fidelity's use)
+    # agree up to the sqrt of the ~1e-17 round-off eigenvalues the full solver returns for the null space
+    assert tr_sqrt(lowrank_eigvals(m)) == pytest.approx(tr_sqrt(_NP_EIGVALS(m)), rel=1e-5)
+    full = rng.standard_normal((300, 300))
+    assert np.allclose(np.sort_complex(lowrank_eigvals(full)), np.sort_complex(_NP_EIGVALS(full)))
+
+
+# -- names and inputs ----------------------------------------------------------------------------
+def test_fid_count_tag_and_names():
+    assert [fid.count_tag(n) for n in (10000, 50000, 1000, 500, 1500, 16)] == ["10k", "50k", "1k", "500", "1500", "16"]
+    assert fid.metric_name("fid", 1000) == "fid_1k"
+    assert fid.metric_name("kid_std", 500, "fmnist_cnn") == "kid_std_fmnist_cnn_500"
+    with pytest.raises(ValueError, match="positive"):
+        fid.count_tag(0)
+
+
+def test_fid_dataset_wraps_uint8_as_rgb_chw():
+    gray = structured_images(3)
+    ds = fid.UInt8Images(gray)
+    x = ds[1]
+    assert len(ds) == 3 and x.dtype == torch.uint8 and x.shape == (3, 28, 28)
+    assert torch.equal(x[0], x[2]) and torch.equal(x[0], torch.from_numpy(gray[1, ..., 0]))
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    assert torch.equal(fid.UInt8Images(rgb)[0], torch.from_numpy(rgb[0]).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="uint8"):
+        fid.UInt8Images(gray.astype(np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        fid.UInt8Images(np.zeros((2, 8, 8, 2), np.uint8))
+
+
+# -- domain extractor ----------------------------------------------------------------------------
+def test_fid_domain_extractor_self_zero_noise_large(tiny_cnn, tmp_path):
+    name = fid.register_module_extractor(tiny_cnn, "fmnist_cnn")
+    assert name.startswith("mtdiff-fmnist_cnn-")
+    assert fid.register_module_extractor(tiny_cnn, "fmnist_cnn") == name  # same weights: same registration
+    other = TinyCNN()
+    assert fid.register_module_extractor(other, "fmnist_cnn") != name  # other weights: other cache identity
+
+    data, noise = structured_images(96), noise_images(96)
+    kw = dict(extractor=name, space="fmnist_cnn", cache_root=tmp_path / "cache", batch_size=64)
+    same = fid.fidelity_metrics(data, data, **kw)
+    far = fid.fidelity_metrics(noise, data, **kw)
+    keys = {f"{m}_fmnist_cnn_96" for m in ("fid", "kid", "kid_std", "precision", "recall", "f_score")}
+    assert set(same) == keys and set(far) == keys
+    assert far["fid_fmnist_cnn_96"] > 1e-3
+    assert abs(same["fid_fmnist_cnn_96"]) < 1e-6 * far["fid_fmnist_cnn_96"] + 1e-9
+    assert same["precision_fmnist_cnn_96"] == 1.0 and same["recall_fmnist_cnn_96"] == 1.0
+    assert far["kid_fmnist_cnn_96"] > same["kid_fmnist_cnn_96"]
+    assert far["precision_fmnist_cnn_96"] < 0.5
+    # the caller's module is untouched (the extractor works on a frozen copy)
+    assert all(p.requires_grad for p in tiny_cnn.parameters())
+
+
+def test_fid_reference_cache_is_keyed_by_data_hash(tiny_cnn, tmp_path):
+    name = fid.register_module_extractor(tiny_cnn, "fmnist_cnn")
+    cache = tmp_path / "cache"
+    samples = noise_images(32)
+    a, b = structured_images(32, seed=0), structured_images(32, seed=5)
+    fid.fidelity_metrics(samples, a, extractor=name, cache_root=cache)
+    first = sorted(p.name for p in cache.iterdir())
+    assert first and all(p.startswith(f"ref-{fid.images_sha1(a)[:12]}") for p in first)
+    r1 = fid.fidelity_metrics(samples, a, extractor=name, cache_root=cache)
+    assert sorted(p.name for p in cache.iterdir()) == first  # second run: cache hit, nothing new
+    r2 = fid.fidelity_metrics(samples, b, extractor=name, cache_root=cache)
+    assert len(list(cache.iterdir())) == 2 * len(first)  # changed reference: new entries, no stale reuse
+    assert r1["fid_32"] != r2["fid_32"]
+
+
+def test_fid_adm_reference_npz_path(tiny_cnn, tmp_path):
+    name = fid.register_module_extractor(tiny_cnn, "fmnist_cnn")
+    data, noise = structured_images(64), noise_images(64)
+    kw = dict(extractor=name, cache_root=tmp_path / "cache")
+    npz = fid.write_ref_stats_npz(tmp_path / "ref.npz", data, **kw)
+    with np.load(npz) as z:
+        assert z["mu"].shape == (16,) and z["sigma"].shape == (16, 16)
+    self_fid = fid.fidelity_metrics(data, None, ref_stats_npz=npz, **kw)
+    noise_fid = fid.fidelity_metrics(noise, None, ref_stats_npz=npz, **kw)
+    assert set(self_fid) == {"fid_adm_ref_64"}
+    assert noise_fid["fid_adm_ref_64"] > 1e-3
+    assert abs(self_fid["fid_adm_ref_64"]) < 1e-6 * noise_fid["fid_adm_ref_64"] + 1e-9
+    # the same statistics through both paths give the same FID
+    both = fid.fidelity_metrics(noise, data, ref_stats_npz=npz, **kw)
+    assert both["fid_adm_ref_64"] == pytest.approx(both["fid_64"], rel=1e-6)
+    # per-run sample cache entries are cleaned up; only the reference's remain
+    assert all(p.name.startswith("ref-") for p in (tmp_path / "cache").iterdir())
+
+    np.savez(tmp_path / "bad_dim.npz", mu=np.zeros(7), sigma=np.eye(7))
+    with pytest.raises(ValueError, match="dimension 7"):
+        fid.fidelity_metrics(data, None, ref_stats_npz=tmp_path / "bad_dim.npz", **kw)
+    np.savez(tmp_path / "no_sigma.npz", mu=np.zeros(16))
+    with pytest.raises(ValueError, match="missing keys"):
+        fid.load_ref_stats(tmp_path / "no_sigma.npz")
+    with pytest.raises(FileNotFoundError, match="ref_stats_npz"):
+        fid.load_ref_stats(tmp_path / "absent.npz")
+
+
+# -- Inception -----------------------------------------------------------------------------------
+def test_fid_inception_weights_resolution(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="feature_extractor_weights_path"):
+        fid.inception_weights(str(tmp_path / "nope.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("MTDIFF_OFFLINE", "1")
+    path, reason = fid.inception_weights(None)
+    assert path is None and "unavailable" in reason
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert fid.inception_weights(None) == (cached, None)
+
+
+def test_fid_inception_random_weights(inception_weights_file, tmp_path, monkeypatch, fast_fid_eigvals):
+    """Inception path end to end on 6-image sets: FID vs noise clearly > 0, FID of a set vs its own
+    ADM-style stats ~ 0. Speed: the network resizes to 299x299 (~1 s per image on 2 busy CPU cores);
+    the test lets it resize to 139 instead (any size >= 75 fits the architecture), ~4x faster, same
+    code path; and the 2048-d FID eigenvalues go through the exact low-rank shortcut above."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+
+    monkeypatch.setattr(fi.FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 139)
+    data, noise = structured_images(6), noise_images(6)
+    kw = dict(weights_path=inception_weights_file, cache_root=tmp_path / "cache", batch_size=6)
+    far = fid.fidelity_metrics(noise, data, **kw)
+    assert {"fid_6", "kid_6", "precision_6", "recall_6"} <= set(far)
+    assert far["fid_6"] > 1.0
+    # the reference statistics come from the cache the first call filled (no new entries)
+    before = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert before and all("inception-v3-compat" in p for p in before)
+    npz = fid.write_ref_stats_npz(tmp_path / "ref.npz", data, **kw)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == before
+    with np.load(npz) as z:
+        assert z["mu"].shape == (2048,)
+    same = fid.fidelity_metrics(data, None, ref_stats_npz=npz, **kw)
+    assert abs(same["fid_adm_ref_6"]) < 1e-4 * far["fid_6"]
