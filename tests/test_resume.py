@@ -1,0 +1,120 @@
+"""Resume: an interrupted or extended run ends bitwise where an uninterrupted one does; a changed
+param starts fresh; a NaN loss stops with a clear error and keeps the last good checkpoint."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_train import data_root, fmnist_path, link_data, single_thread, tiny_params  # noqa: F401
+
+# masked + label: the mask draws and the label embedding both have to replay exactly;
+# 64 images / batch 16 = 4 steps per epoch, so 10 steps cross two epoch boundaries.
+TASKS = {"tasks.masked.enabled": True}
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory):
+    return data_root(tmp_path_factory, fmnist_path(), tasks=("masked",))
+
+
+@pytest.fixture
+def root(shared_data, workdir):
+    link_data(shared_data, workdir)
+    return workdir
+
+
+def _params(root, ckpt: str, steps: int = STEPS, **over):
+    return tiny_params(root, **{"train.out_dir": str(root / ckpt), "evaluate.out_dir": str(root / f"m_{ckpt}"),
+                                "train.steps": steps, **TASKS, **over})
+
+
+def _assert_same(a, b):
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"model weight {k} differs"
+    for k in a.ema.shadow:
+        assert torch.equal(a.ema.shadow[k], b.ema.shadow[k]), f"EMA weight {k} differs"
+    assert a.ema.num_updates == b.ema.num_updates
+
+
+def test_train_resume_matches_uninterrupted(root):
+    from mtdiff.checkpoint import load_checkpoint
+    from mtdiff.stages.train import train
+
+    full = train(_params(root, "full"))
+
+    # (1) a run with fewer steps, then extended: train.steps is outside the params hash
+    train(_params(root, "ext", steps=5))
+    extended = train(_params(root, "ext"))
+    assert extended.summary["resumed_from_step"] == 5
+    _assert_same(full, extended)
+
+    # (2) a hard interruption after step 7: the checkpoint of step 4 (ckpt_every 4) is resumed,
+    #     steps 5..7 are redone and must come out the same
+    def interrupt(step: int) -> None:
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_params(root, "int"), on_step=interrupt)
+    assert load_checkpoint(root / "int" / "last.pt")["step"] == 4
+    resumed = train(_params(root, "int"))
+    assert resumed.summary["resumed_from_step"] == 4
+    _assert_same(full, resumed)
+
+    # the final checkpoints agree too, and load with weights_only=True
+    a = torch.load(root / "full" / "last.pt", weights_only=True)
+    b = torch.load(root / "int" / "last.pt", weights_only=True)
+    assert (a["step"], a["epoch"], a["batch_in_epoch"]) == (b["step"], b["epoch"], b["batch_in_epoch"]) == (10, 2, 2)
+    assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])
+    assert torch.equal(a["rng"][0]["noise"], b["rng"][0]["noise"])
+
+
+def test_finished_run_is_not_retrained(root):
+    from mtdiff.stages.train import train
+
+    train(_params(root, "done", steps=3))
+    again = train(_params(root, "done", steps=3))
+    assert again.summary["resumed_from_step"] == 3 and again.summary["steps"] == 3
+    assert again.summary["final_loss"] is not None  # restored from the checkpoint's stats
+
+
+def test_changed_param_starts_fresh(root, caplog):
+    from mtdiff.checkpoint import load_checkpoint, params_hash
+    from mtdiff.stages.train import train
+
+    train(_params(root, "chg", steps=3))
+    changed = _params(root, "chg", steps=3, **{"train.lr": 1e-3})
+    with caplog.at_level("WARNING", logger="mtdiff.train"):
+        result = train(changed)
+    assert result.summary["resumed_from_step"] is None
+    assert "starting fresh" in caplog.text
+    assert (root / "chg" / "last.pt.stale").exists()
+    assert load_checkpoint(root / "chg" / "last.pt")["params_hash"] == params_hash(changed)
+
+
+def test_nan_loss_raises_and_keeps_last_good_checkpoint(root, monkeypatch):
+    from mtdiff.checkpoint import load_checkpoint
+    from mtdiff.diffusion import MTDiffusion
+    from mtdiff.stages.train import NonFiniteLossError, train
+
+    calls = {"n": 0}
+    real = MTDiffusion.training_losses
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 6:  # from step 6 on the loss is NaN
+            out = dict(out, loss=out["loss"] * float("nan"), eps=out["eps"] * float("nan"))
+        return out
+
+    monkeypatch.setattr(MTDiffusion, "training_losses", poisoned)
+    params = _params(root, "nan", **{"train.log_every": 3})  # checks at 3, 4 (ckpt), 6: first bad = 6
+    with pytest.raises(NonFiniteLossError, match=r"step 6: per-task losses \{'loss': nan, 'eps': nan"):
+        train(params)
+    state = load_checkpoint(root / "nan" / "last.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert load_checkpoint(root / "nan" / "ema.pt")["step"] == 4
