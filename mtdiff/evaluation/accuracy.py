@@ -28,8 +28,10 @@ def _batches(n: int, batch_size: int):
 
 
 def _to_tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
-    return t.to(device=device, dtype=torch.float32)
+    if not isinstance(x, torch.Tensor):
+        # float32 copy (float16 latents, read-only mmap slices) before torch sees it
+        x = torch.from_numpy(np.array(x, dtype=np.float32))
+    return x.to(device=device, dtype=torch.float32)
 
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -83,8 +83,10 @@ class UInt8Images(Dataset):
     """An in-memory image set as torch-fidelity wants it: uint8 (3,H,W) tensors; grayscale repeated to RGB."""
 
     def __init__(self, images: np.ndarray):
-        images = as_nhwc_uint8(images)
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        images = np.ascontiguousarray(as_nhwc_uint8(images))
+        if not images.flags.writeable:  # np.load(mmap_mode="r") slices: torch wants writable memory
+            images = images.copy()
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -106,7 +108,7 @@ def module_sha1(module: nn.Module) -> str:
     """SHA-1 over the class name and every state-dict tensor (names, shapes, bytes)."""
     h = hashlib.sha1(type(module).__qualname__.encode())
     for key, value in module.state_dict().items():
-        t = value.detach().cpu().contiguous()
+        t = value.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (BN counters) too
         h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

@@ -1,0 +1,264 @@
+"""Evaluate stage and task metrics: label-head accuracy through MTDiffusion.classify, the domain
+classifier on samples, representation cosine, masked/transition errors, and the evaluate.json /
+plot-CSV schema on tiny inputs (tiny random model, tiny random Fashion-MNIST CNN, no Inception)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from mtdiff.diffusion import MTDiffusion
+from mtdiff.evaluation import accuracy as acc
+from mtdiff.io import save_npy, save_npz, write_json
+from mtdiff.stages import evaluate
+
+K = 10
+LEVELS = np.linspace(-0.9, 0.9, K)  # class k <-> constant image at LEVELS[k] in [-1, 1]
+
+
+class LevelModel(nn.Module):
+    """Stub MT-DiT: the label head reads the image's mean level; the representation head returns mean * u."""
+
+    def __init__(self, dim: int = 4):
+        super().__init__()
+        self.register_buffer("u", torch.linspace(1, 2, dim))
+        self.task_names = ["label", "representation"]
+
+    def forward(self, z_t, t):
+        mean = z_t.mean(dim=(1, 2, 3))
+        logits = -200.0 * (mean[:, None] - torch.as_tensor(LEVELS, dtype=z_t.dtype)[None]) ** 2
+        return {"eps": torch.zeros_like(z_t), "label": logits, "representation": mean[:, None] * self.u}
+
+    def aggregate(self, task_inputs):
+        raise AssertionError("nothing is given when classifying")
+
+
+def level_images(labels: np.ndarray, size: int = 8) -> np.ndarray:
+    return np.broadcast_to(LEVELS[labels][:, None, None, None], (len(labels), 1, size, size)).astype(np.float32)
+
+
+@pytest.fixture
+def diffusion(make_params):
+    return MTDiffusion(make_params().diffusion)  # T = 1000: z_T is noise (abar_T ~ 4e-5)
+
+
+# -- accuracy ------------------------------------------------------------------------------------
+def test_evaluate_topk_and_per_class():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [1.0, 3.0, 2.0]])
+    y = torch.tensor([0, 1, 2])
+    assert acc.topk_hits(logits, y, 1).tolist() == [True, False, False]
+    assert acc.topk_hits(logits, y, 2).tolist() == [True, True, True]
+    pc = acc.per_class_accuracy(np.array([1, 0, 1, 1]), np.array([0, 0, 2, 2]), 4)
+    assert pc[0] == 0.5 and pc[2] == 1.0 and np.isnan(pc[1]) and np.isnan(pc[3])
+
+
+def test_evaluate_label_head_accuracy_vs_t(diffusion):
+    labels = np.arange(60) % K
+    z0 = level_images(labels)
+    model = LevelModel()
+    res = acc.label_head_accuracy(model, diffusion, z0, labels, [1, 1000], ensemble_t=[1, 2], topk=(1, 5),
+                                  batch_size=16, seed=3)
+    assert res.n == 60 and res.num_classes == K and res.per_class_t == 1
+    assert res.per_t[1][1] == 1.0 and res.ensemble[1] == 1.0  # clean images: the head reads the level exactly
+    assert res.per_t[1000][1] < 0.5  # pure noise at t = T: near chance
+    assert res.per_t[1000][5] >= res.per_t[1000][1]
+    assert np.array_equal(res.per_class, np.ones(K))
+    again = acc.label_head_accuracy(model, diffusion, z0, labels, [1, 1000], ensemble_t=[1, 2], topk=(1, 5),
+                                    batch_size=7, seed=3)
+    assert again.per_t[1] == res.per_t[1]
+    with pytest.raises(ValueError, match=r"outside \[1, 1000\]"):
+        acc.label_head_accuracy(model, diffusion, z0, labels, [0, 5])
+    with pytest.raises(ValueError, match="labels"):
+        acc.label_head_accuracy(model, diffusion, z0, labels[:5], [1])
+
+
+def test_evaluate_representation_similarity(diffusion):
+    labels = np.arange(30) % K
+    z0 = level_images(labels)
+    model = LevelModel(dim=4)
+    feats = LEVELS[labels][:, None] * np.linspace(1, 2, 4)[None]  # the "encoder's" features: level * u
+    cos = acc.representation_similarity(model, diffusion, z0, feats, [1, 1000], batch_size=8)
+    assert cos[1] == pytest.approx(1.0, abs=1e-5)
+    assert abs(cos[1000]) < 0.6  # the sign of the noise's mean: +-1 at random
+    with pytest.raises(ValueError, match="representation head gives"):
+        acc.representation_similarity(model, diffusion, z0, feats[:, :3], [1])
+
+
+def test_evaluate_classifier_accuracy_and_image_errors():
+    class Brightness(nn.Module):
+        def forward(self, x):  # x in [-1, 1]: class = nearest level
+            m = x.mean(dim=(1, 2, 3))
+            return -((m[:, None] - torch.as_tensor(LEVELS, dtype=x.dtype)[None]) ** 2)
+
+    labels = np.arange(20) % K
+    imgs = np.round((level_images(labels, 28).transpose(0, 2, 3, 1) + 1) * 127.5).astype(np.uint8)
+    a, per_class = acc.classifier_accuracy(Brightness(), imgs, labels, batch_size=6)
+    assert a == 1.0 and per_class.shape == (K,)
+    wrong = (labels + 1) % K
+    assert acc.classifier_accuracy(Brightness(), imgs, wrong)[0] == 0.0
+
+    ref = np.full((2, 4, 4, 1), 255, np.uint8)
+    out = ref.copy()
+    mask = np.ones((2, 4, 4), np.uint8)
+    mask[:, :2] = 0                          # top half hidden
+    out[:, :2] = 0                           # hidden part entirely wrong (error 1 per pixel)
+    out[:, 3] = 0                            # a visible row wrong too: must not count
+    assert acc.masked_region_mse(out, ref, mask) == pytest.approx(1.0)
+    assert acc.image_mse(out, ref) == pytest.approx(0.75)
+    assert acc.psnr(0.01) == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="hides no pixel"):
+        acc.masked_region_mse(out, ref, np.ones_like(mask))
+    with pytest.raises(ValueError, match="mask"):
+        acc.masked_region_mse(out, ref, mask[:, :3])
+
+
+# -- the stage -----------------------------------------------------------------------------------
+CLASSES = [f"class{k}" for k in range(K)]
+
+
+def write_prepared(params, n_test: int = 48, latents: bool = True) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    labels = np.arange(n_test) % K
+    base = (level_images(labels, 28).transpose(0, 2, 3, 1) + 1) * 127.5
+    images = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    d = params.prepared_dir
+    save_npy(d / "test_images.npy", images)
+    save_npy(d / "test_labels.npy", labels.astype(np.int64))
+    (d / "classes.json").write_text(json.dumps(CLASSES))
+    if latents:
+        z = params.latents_dir / "test"
+        save_npy(z / "mean.npy", (images.transpose(0, 3, 1, 2) / 127.5 - 1).astype(np.float16))
+        save_npy(z / "labels.npy", labels.astype(np.int64))
+    return images
+
+
+def write_samples(params, images: np.ndarray, condition: str, **extra) -> None:
+    save_npz(params.samples_dir / "samples.npz", arr_0=images, **extra)
+    write_json(params.samples_dir / "meta.json", {"condition": condition, "num_samples": len(images)})
+
+
+def write_encoder(params) -> None:
+    from mtdiff.encoders import FashionCNN, save_fmnist_encoder
+
+    torch.manual_seed(0)
+    save_fmnist_encoder(FashionCNN(dim=16, width=4).eval(), params.representations_dir / "encoder.pt")
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.reader(f))
+
+
+TINY = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 1, "model.head_hidden": 16,
+        "diffusion.timesteps": 100, "sample.steps": 10, "evaluate.num_samples": 32, "evaluate.batch_size": 16}
+
+
+def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir):
+    from mtdiff.models import build_model
+
+    params = make_params({**TINY, "evaluate.inception": False})
+    images = write_prepared(params)
+    labels = np.arange(40) % K
+    write_samples(params, images[:40], "label", labels=labels.astype(np.int64))
+    write_encoder(params)
+    torch.manual_seed(0)
+    model = build_model(params, repr_dim=None, num_classes=K).eval()
+    calls = []
+
+    def fake_load(p, device):
+        calls.append(device)
+        return model, MTDiffusion(p.diffusion), {"num_classes": K}
+
+    monkeypatch.setattr(evaluate, "load_model", fake_load)
+
+    out = evaluate.run(params)
+    m = json.loads((params.metrics_dir / "evaluate.json").read_text())
+    assert out["metrics_path"] == str(params.metrics_dir / "evaluate.json") and calls
+    domain = {f"{k}_fmnist_cnn_32" for k in ("fid", "kid", "kid_std", "precision", "recall", "f_score", "cond_acc")}
+    label = {"label_acc_t1_32", "label_acc_t10_32", "label_acc_t50_32", "label_acc_ens_32"}
+    always = {"num_samples", "num_reference", "num_test_eval", "condition", "data_source",
+              "inception_skipped_reason", "domain_skipped_reason", "label_head_skipped_reason"}
+    assert set(m) == always | domain | label
+    assert m["num_samples"] == 32.0 and m["num_reference"] == 32.0 and m["num_test_eval"] == 32.0
+    assert m["condition"] == "label" and m["data_source"] == "fashion_mnist"
+    assert m["inception_skipped_reason"] == "evaluate.inception is false"
+    assert m["domain_skipped_reason"] == "" and m["label_head_skipped_reason"] == ""
+    for k in domain | label:
+        assert isinstance(m[k], float) and math.isfinite(m[k]), k
+    for k in label | {"cond_acc_fmnist_cnn_32"}:
+        assert 0.0 <= m[k] <= 1.0
+
+    plots = params.metrics_dir / "plots"
+    vs_t = read_csv(plots / "label_accuracy_vs_t.csv")
+    assert vs_t[0] == ["t", "accuracy"] and [int(r[0]) for r in vs_t[1:]] == [1, 10, 50, 100]
+    assert float(vs_t[1][1]) == m["label_acc_t1_32"]
+    per_class = read_csv(plots / "per_class_accuracy.csv")
+    assert per_class[0] == ["class", "class_index", "accuracy"] and len(per_class) == 1 + K
+    assert per_class[1][:2] == ["class0", "0"]
+    assert len(read_csv(plots / "per_class_sample_accuracy.csv")) == 1 + K
+
+    # MLflow off: what would have been logged is kept beside the metrics
+    pending = [json.loads(line) for line in (params.metrics_dir / "mlflow_pending.jsonl").read_text().splitlines()]
+    logged = [r for r in pending if r["what"] == "log_metrics"]
+    assert logged and "eval/fid_fmnist_cnn_32" in logged[0]["args"][0]
+
+    # same params and inputs: the same numbers (seeded noise, KID subsets)
+    evaluate.run(params)
+    assert json.loads((params.metrics_dir / "evaluate.json").read_text()) == m
+
+
+@pytest.mark.parametrize("condition", ["masked", "transition"])
+def test_evaluate_stage_image_conditions_via_cli(make_params, monkeypatch, workdir, condition):
+    overrides = {**TINY, "tasks.label.enabled": False, f"tasks.{condition}.enabled": True,
+                 "sample.condition": condition, "evaluate.num_samples": 16}
+    params = make_params(overrides)
+    monkeypatch.setenv("TORCH_HOME", str(workdir / "torch_home"))  # no Inception weights there
+    monkeypatch.setenv("MTDIFF_OFFLINE", "1")
+    images = write_prepared(params, latents=False)
+    ref = images[:20]
+    samples = np.clip(ref.astype(int) + 30, 0, 255).astype(np.uint8)
+    if condition == "masked":
+        mask = np.ones((20, 28, 28), np.uint8)
+        mask[:, 10:20] = 0
+        write_samples(params, samples, condition, reference=ref, mask=mask)
+        expect = acc.masked_region_mse(samples[:16], ref[:16], mask[:16])
+    else:
+        write_samples(params, samples, condition, reference=ref, source=images[20:40])
+        expect = acc.image_mse(samples[:16], ref[:16])
+
+    # through the CLI entry point, as DVC runs it
+    argv = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in
+            {**overrides, "data.out_dir": params.data.out_dir, "sample.out_dir": params.sample.out_dir,
+             "evaluate.out_dir": params.evaluate.out_dir, "train.out_dir": params.train.out_dir}.items()]
+    evaluate.main(argv)
+    m = json.loads((params.metrics_dir / "evaluate.json").read_text())
+    assert set(m) == {"num_samples", "num_reference", "num_test_eval", "condition", "data_source",
+                      "inception_skipped_reason", "domain_skipped_reason", "label_head_skipped_reason",
+                      f"{condition}_mse_16", f"{condition}_psnr_16"}
+    assert m[f"{condition}_mse_16"] == pytest.approx(expect)
+    assert m[f"{condition}_psnr_16"] == pytest.approx(10 * np.log10(1 / expect))
+    assert "Inception weights unavailable" in m["inception_skipped_reason"]
+    assert "encoder.pt missing" in m["domain_skipped_reason"]
+    assert m["label_head_skipped_reason"] == "tasks.label.enabled is false"
+    for name in ("label_accuracy_vs_t.csv", "per_class_accuracy.csv", "per_class_sample_accuracy.csv"):
+        rows = read_csv(params.metrics_dir / "plots" / name)
+        assert len(rows) == 1  # header only: the outputs exist for DVC, with nothing to plot
+
+
+def test_evaluate_stage_errors(make_params, workdir):
+    params = make_params(TINY)
+    with pytest.raises(FileNotFoundError, match="run the sample stage"):
+        evaluate.run(params)
+    images = write_prepared(params)
+    write_samples(params, images[:8].astype(np.float32), "label")
+    with pytest.raises(ValueError, match="uint8"):
+        evaluate.run(params)
+    params = make_params({**TINY, "tasks.masked.enabled": True, "sample.condition": "masked"})
+    write_samples(params, images[:8], "masked")
+    with pytest.raises(ValueError, match="'reference' and 'mask'"):
+        evaluate.run(params)
