@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -19,9 +21,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mtdiff.config import REPO_ROOT, Params
-from mtdiff.utils import get_logger
 
-log = get_logger(__name__)
+# plain logging (not mtdiff.utils) so importing tracking does not pull in torch
+log = logging.getLogger(__name__)
 PARENT_ENV_VARS = ("MTDIFF_PARENT_RUN_ID", "MLFLOW_PARENT_RUN_ID")
 PENDING_FILE = "mlflow_pending.jsonl"
 PENDING_IMAGES = "mlflow_pending_images"
@@ -34,9 +36,52 @@ def tracking_uri(params: Params | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
-def git_commit() -> str | None:
+def absolute_tracking_uri(uri: str, base: str | os.PathLike) -> str:
+    """Make a relative local store (``sqlite:///mlflow.db``, ``mlruns``, ``file:mlruns``) absolute from
+    ``base``, so subprocesses running elsewhere (``dvc exp run --temp`` dirs) share the same store."""
+    base = Path(base)
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path and not path.startswith("/") and not path.startswith(":memory:"):
+            return f"sqlite:///{(base / path).resolve()}"
+        return uri
+    if uri.startswith("file:") and not uri.startswith("file://"):
+        path = uri[len("file:"):]
+        return uri if path.startswith("/") else f"file:{(base / path).resolve()}"
+    if "://" not in uri and not uri.startswith("file:"):
+        return str((base / uri).resolve())
+    return uri
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a local sqlite store live beside it (``<db dir>/mlartifacts/<experiment>``); MLflow's
+    default, ``./mlruns`` of whatever directory first creates the experiment, would land inside a
+    ``dvc exp run --temp`` copy and vanish with it."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if db.is_absolute():
+            return str(db.parent / "mlartifacts" / re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment))
+    return None
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """Id of experiment ``name``, created (with :func:`artifact_location`) when missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    except Exception:  # another process created it meanwhile
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    """HEAD of the git repo at ``cwd`` (default: the mtdiff checkout), or None."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or REPO_ROOT, capture_output=True,
                               text=True, check=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -190,8 +235,7 @@ def start_client_run(name: str, *, tags: dict[str, Any] | None = None, parent_ru
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        exp_id = experiment_id(client, experiment, uri)
         run = client.create_run(exp_id, tags=all_tags, run_name=name)
         return ClientRun(client, run.info.run_id, pending, stage=name)
     except Exception as exc:
@@ -252,8 +296,9 @@ def stage_run(params: Params, stage: str, out_dir: str | os.PathLike = ".",
     try:
         import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri(params))
-        mlflow.set_experiment(params.mlflow.experiment)
+        uri = tracking_uri(params)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(uri), params.mlflow.experiment, uri))
         active = mlflow.start_run(run_name=stage, tags=tags)
         run_id = active.info.run_id
     except Exception as exc:
@@ -334,8 +379,7 @@ def replay_pending(path: str | os.PathLike, uri: str | None = None,
             start = next((r for r in recs if r["what"] == "start_run"), None)
             kw = start["kwargs"] if start else {}
             exp_name = experiment or kw.get("experiment") or "mtdiff"
-            exp = client.get_experiment_by_name(exp_name)
-            exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
+            exp_id = experiment_id(client, exp_name, uri)
             found = client.search_runs([exp_id], filter_string=f"tags.`mtdiff.pending_key` = '{key}'",
                                        max_results=1)
             if found:

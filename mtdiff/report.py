@@ -1,0 +1,173 @@
+"""Sweep comparison report: one row per sweep point (its overrides and metrics) written as CSV and
+Markdown, plus a bar plot per main metric. ``flows.sweep`` calls :func:`write_report`.
+
+A row is ``{"point", "status", "experiment", "params": {dotted key: value}, "metrics": {name: float}}``;
+metric names are ``<metrics file stem>/<dotted key>`` (``metrics/evaluate.json`` ``fid_1k`` ->
+``evaluate/fid_1k``), so they never collide with the dotted param columns.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+from mtdiff.io import atomic_path
+
+log = logging.getLogger(__name__)
+ID_COLUMNS = ("point", "status", "experiment")
+MAX_AUTO_PLOTS = 12
+
+
+@dataclass
+class Report:
+    frame: pd.DataFrame
+    markdown: str
+    csv: Path
+    md: Path
+    plots: list[Path] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+
+
+def flatten_metrics(per_file: dict[str, Any]) -> dict[str, float]:
+    """``{"metrics/evaluate.json": {"fid": 9.1, "cls": {"t1": 0.8}}}`` -> ``{"evaluate/fid": 9.1, "evaluate/cls.t1": 0.8}``.
+
+    Values may also be DVC's ``{"data": {...}}`` wrappers; non-numeric leaves are dropped."""
+    out: dict[str, float] = {}
+    for file, content in per_file.items():
+        if isinstance(content, dict) and set(content) <= {"data", "error"}:
+            content = content.get("data")
+        if not isinstance(content, dict):
+            continue
+        stem = Path(file).stem
+        for key, value in _leaves(content):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
+                out[f"{stem}/{key}"] = float(value)
+    return out
+
+
+def _leaves(d: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def comparison_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per point: id columns, then the param keys (first-seen order), then metrics (sorted)."""
+    if not rows:
+        raise ValueError("comparison: no sweep points to compare")
+    param_keys: list[str] = []
+    metric_keys: set[str] = set()
+    for row in rows:
+        param_keys += [k for k in (row.get("params") or {}) if k not in param_keys]
+        metric_keys |= set(row.get("metrics") or {})
+    clash = set(param_keys) & metric_keys
+    if clash:
+        raise ValueError(f"comparison: names used both as params and metrics: {sorted(clash)}")
+    records = []
+    for row in rows:
+        rec = {c: row.get(c) for c in ID_COLUMNS}
+        params = row.get("params") or {}
+        rec.update({k: _cell(params.get(k)) for k in param_keys})
+        metrics = row.get("metrics") or {}
+        rec.update({k: metrics.get(k, math.nan) for k in sorted(metric_keys)})
+        records.append(rec)
+    frame = pd.DataFrame.from_records(records, columns=[*ID_COLUMNS, *param_keys, *sorted(metric_keys)])
+    for key in metric_keys:
+        frame[key] = frame[key].astype(float)
+    return frame
+
+
+def _cell(value: Any) -> Any:
+    # lists/dicts would make object columns that CSV round-trips badly; show them as text
+    return str(value) if isinstance(value, (list, dict, tuple)) else value
+
+
+def metric_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if "/" in str(c)]
+
+
+def main_metrics(frame: pd.DataFrame, wanted: Sequence[str] | None = None) -> list[str]:
+    """Metric columns matching ``wanted`` glob patterns (against the full name or the part after
+    '/'), in pattern order; all metrics (up to 12) when ``wanted`` is empty or matches nothing."""
+    columns = metric_columns(frame)
+    chosen: list[str] = []
+    for pattern in wanted or []:
+        hits = [c for c in columns if fnmatch.fnmatchcase(c, pattern)
+                or fnmatch.fnmatchcase(c.split("/", 1)[1], pattern)]
+        if not hits:
+            log.warning("report: no metric matches %r (have: %s)", pattern, ", ".join(columns) or "none")
+        chosen += [c for c in hits if c not in chosen]
+    return chosen or columns[:MAX_AUTO_PLOTS]
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A GitHub-style table; floats with 4 significant digits, missing values as '-'."""
+    def fmt(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    header = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if c in metric_columns(frame) else "---" for c in frame.columns) + "|"]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(fmt(row[c]) for c in frame.columns) + " |")
+    return "\n".join(lines)
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "metric"
+
+
+def bar_plot(frame: pd.DataFrame, metric: str, path: Path, title: str | None = None) -> Path:
+    """One bar per point for ``metric`` (points without a value are left out), written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = frame[["point", metric]].dropna()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(data) + 1.5), 3.6))
+    try:
+        bars = ax.bar(data["point"].astype(str), data[metric].astype(float), color="#4C72B0")
+        ax.bar_label(bars, labels=[f"{v:.4g}" for v in data[metric]], fontsize=8)
+        ax.set_ylabel(metric)
+        ax.set_title(title or metric)
+        ax.tick_params(axis="x", labelrotation=20)
+        if data.empty:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, metrics: Sequence[str] | None = None,
+                 title: str | None = None) -> Report:
+    """Write ``comparison.csv``, ``comparison.md`` and ``<metric>.png`` per main metric into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = comparison_frame(rows)
+    table = to_markdown(frame)
+    csv_path, md_path = out_dir / "comparison.csv", out_dir / "comparison.md"
+    with atomic_path(csv_path) as tmp:
+        frame.to_csv(tmp, index=False)
+    heading = f"# {title}\n\n" if title else ""
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(heading + table + "\n")
+    chosen = main_metrics(frame, metrics)
+    plots = [bar_plot(frame, m, out_dir / f"{safe_name(m)}.png", title=f"{title}: {m}" if title else m)
+             for m in chosen]
+    return Report(frame=frame, markdown=table, csv=csv_path, md=md_path, plots=plots, metrics=chosen)

@@ -1,0 +1,332 @@
+"""Prefect flows (pipeline, sweep, schedules) on tiny temp git+DVC repos whose two stages are trivial
+scripts calling mtdiff.tracking.stage_run, so the tests are fast and independent of the real stages.
+
+One Prefect test harness serves the whole session (only one may exist per session: the sweep flow
+tests live here too, not in a second module).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures.mlflow_store import sqlite_store
+
+REPO = Path(__file__).resolve().parent.parent
+
+STAGE_SCRIPT = '''\
+"""Test stage: logs to MLflow via stage_run, writes out/<name>; stage b writes metrics/b.json."""
+import json, sys
+from pathlib import Path
+from mtdiff.config import load_params
+from mtdiff.tracking import stage_run
+
+name = sys.argv[1]
+params = load_params()
+with open("order.log", "a") as f:
+    f.write(name + "\\n")
+out = Path("out") / name
+out.mkdir(parents=True, exist_ok=True)
+with stage_run(params, name, out) as run:
+    run.log_metrics({"steps": params.train.steps})
+    (out / "done.txt").write_text(str(params.train.steps))
+    if name == "b":
+        Path("metrics").mkdir(exist_ok=True)
+        Path("metrics/b.json").write_text(json.dumps(
+            {"score": params.train.steps * params.train.lr, "detail": {"n": 2}, "note": "text"}))
+'''
+
+# No mtdiff import: a fast stage whose failures are scripted by $FLOWTEST_FAIL="<stage>:<exit code>:<times>"
+FLAKY_SCRIPT = '''\
+import os, sys
+from pathlib import Path
+name = sys.argv[1]
+with open("attempts.log", "a") as f:
+    f.write(name + "\\n")
+tries = Path("attempts.log").read_text().split().count(name)
+stage, code, times = (os.environ.get("FLOWTEST_FAIL") or "::0").split(":")
+if stage == name and tries <= int(times):
+    print(f"stage {name}: scripted failure {tries}", flush=True)
+    sys.exit(int(code))
+with open("order.log", "a") as f:
+    f.write(name + "\\n")
+Path("out", name).mkdir(parents=True, exist_ok=True)
+Path("out", name, "done.txt").write_text("ok")
+if name == "b":
+    Path("metrics").mkdir(exist_ok=True)
+    Path("metrics/b.json").write_text('{"score": 1}')
+'''
+
+PARAMS_YAML = """\
+# test params (a comment that must survive overrides)
+train:
+  steps: 3   # steps comment
+  lr: 0.1
+mlflow:
+  experiment: flowtest
+"""
+
+
+def _dvc_yaml(script: str) -> str:
+    return f"""\
+stages:
+  a:
+    cmd: python {script} a
+    deps: [{script}]
+    params: [train.steps]
+    outs: [out/a]
+  b:
+    cmd: python {script} b
+    deps: [{script}, out/a]
+    params: [train]
+    outs: [out/b]
+    metrics:
+      - metrics/b.json:
+          cache: false
+"""
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_repo(root: Path, flaky: bool = False) -> Path:
+    """git init + dvc init + params/stages, committed (dvc exp needs a commit)."""
+    root.mkdir(parents=True, exist_ok=True)
+    script = "flaky.py" if flaky else "stage.py"
+    (root / script).write_text(FLAKY_SCRIPT if flaky else STAGE_SCRIPT)
+    (root / "params.yaml").write_text(PARAMS_YAML)
+    (root / "dvc.yaml").write_text(_dvc_yaml(script))
+    (root / ".gitignore").write_text("order.log\nattempts.log\nmlartifacts/\n/store/\n")
+    _git(root, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "test repo")
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """The session's single Prefect test server; PREFECT_HOME in a temp dir, telemetry off."""
+    home = tempfile.mkdtemp(prefix="mtdiff-prefect-home-")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", home)
+        mp.setenv("DO_NOT_TRACK", "1")
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture
+def flow_env(tmp_path, monkeypatch):
+    """Git identity for commits (and DVC's experiment commits), MLflow on, a fresh sqlite store."""
+    for var, value in {"GIT_AUTHOR_NAME": "mtdiff test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                       "GIT_COMMITTER_NAME": "mtdiff test", "GIT_COMMITTER_EMAIL": "test@example.com",
+                       "MTDIFF_MLFLOW": "1", "DVC_NO_ANALYTICS": "1"}.items():
+        monkeypatch.setenv(var, value)
+    for var in ("MTDIFF_PARENT_RUN_ID", "MLFLOW_PARENT_RUN_ID", "MTDIFF_DVC_STAGE", "MTDIFF_MLFLOW_TAGS",
+                "FLOWTEST_FAIL", "MTDIFF_PARAMS"):
+        monkeypatch.delenv(var, raising=False)
+    uri = sqlite_store(tmp_path / "store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+def _runs(uri: str, experiment: str = "flowtest", filter_string: str = ""):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string=filter_string) if exp else []
+
+
+def _children(uri: str, parent_id: str):
+    return _runs(uri, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def test_pipeline_flow_runs_stages_in_order_with_nested_mlflow_runs(prefect_harness, flow_env, tmp_path):
+    from flows.pipeline import pipeline
+
+    repo = make_repo(tmp_path / "repo")
+    result = pipeline(repo=str(repo), params_overrides={"train.steps": 4}, retry_delay_seconds=0)
+
+    assert result["stages"] == ["a", "b"]
+    assert [(r["stage"], r["outcome"]) for r in result["results"]] == [("a", "ran"), ("b", "ran")]
+    assert (repo / "order.log").read_text().split() == ["a", "b"]
+    params_text = (repo / "params.yaml").read_text()
+    assert "steps: 4" in params_text and "# steps comment" in params_text  # written in place, comments kept
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["a"]["params"]["params.yaml"]["train.steps"] == 4  # DVC recorded the override
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=flow_env)
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["dvc.stages"] == "a,b"
+    assert parent.data.tags["git_commit"] == _git(repo, "rev-parse", "HEAD")
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    assert flow_run_id
+    assert parent.data.metrics["b/score"] == pytest.approx(0.4)
+    assert parent.data.metrics["b/detail.n"] == 2
+    children = sorted(_children(flow_env, parent.info.run_id), key=lambda r: r.info.start_time)
+    assert [c.info.run_name for c in children] == ["a", "b"]
+    for child in children:
+        assert child.data.tags["dvc.stage"] == child.info.run_name
+        assert child.data.tags["prefect.flow_run_id"] == flow_run_id
+        assert child.data.metrics["steps"] == 4
+        assert child.info.status == "FINISHED"
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.artifact_location.startswith(str(tmp_path / "store" / "mlartifacts"))
+
+    # DVC stays the source of truth: nothing changed, so nothing reruns
+    again = pipeline(repo=str(repo), stages=["b"], retry_delay_seconds=0)
+    assert [(r["stage"], r["outcome"]) for r in again["results"]] == [("b", "unchanged")]
+    assert (repo / "order.log").read_text().split() == ["a", "b"]
+
+
+def test_pipeline_flow_retries_transient_failures_not_bad_params(prefect_harness, flow_env, tmp_path, monkeypatch):
+    from flows.pipeline import StageConfigError, pipeline
+    from mtdiff.config import ConfigError
+
+    monkeypatch.setenv("MTDIFF_MLFLOW", "0")
+    repo = make_repo(tmp_path / "repo", flaky=True)
+    monkeypatch.setenv("FLOWTEST_FAIL", "b:1:1")  # b fails once with a plain error: retried
+    result = pipeline(repo=str(repo), retry_delay_seconds=0)
+    assert [(r["stage"], r["attempt"]) for r in result["results"]] == [("a", 1), ("b", 2)]
+    assert (repo / "attempts.log").read_text().split() == ["a", "b", "b"]
+    assert result["mlflow_run_id"] is None  # MLflow off: the flow still runs
+
+    monkeypatch.setenv("FLOWTEST_FAIL", "b:2:99")  # exit 2 = bad params: no retry
+    with pytest.raises(StageConfigError, match="exited with 2"):
+        pipeline(repo=str(repo), stages="b", force=True, retry_delay_seconds=0)
+    assert (repo / "attempts.log").read_text().split().count("b") == 3
+
+    with pytest.raises(ConfigError, match="train.nope"):  # caught before any stage runs
+        pipeline(repo=str(repo), params_overrides=["train.nope=1"], retry_delay_seconds=0)
+    with pytest.raises(ValueError, match="unknown DVC stage"):
+        pipeline(repo=str(repo), stages=["a", "zzz"], retry_delay_seconds=0)
+    assert (repo / "attempts.log").read_text().split().count("b") == 3
+    assert "nope" not in (repo / "params.yaml").read_text()
+
+
+def test_pipeline_flow_goes_on_when_tracking_server_is_down(prefect_harness, flow_env, tmp_path, monkeypatch):
+    from flows.pipeline import pipeline
+    from mtdiff.tracking import PENDING_FILE, read_pending, replay_pending
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    repo = make_repo(tmp_path / "repo")
+    result = pipeline(repo=str(repo), stages=["a"], retry_delay_seconds=0)
+    assert result["mlflow_run_id"] is None and result["results"][0]["outcome"] == "ran"
+    pending = repo / "out" / "a" / PENDING_FILE
+    kinds = [r["what"] for r in read_pending(pending)]
+    assert kinds == ["start_run", "log_params", "log_metrics", "end_run"]
+
+    summary = replay_pending(pending, uri=flow_env)  # the server is back (here: the sqlite store)
+    assert summary["failed"] == 0 and len(summary["runs"]) == 1
+    (run,) = _runs(flow_env)
+    assert run.info.run_name == "a" and run.data.metrics == {"steps": 3.0}
+    assert run.data.tags["dvc.stage"] == "a"
+
+
+def test_sweep_flow_two_points_comparison_and_nested_runs(prefect_harness, flow_env, tmp_path):
+    import pandas as pd
+
+    from flows.sweep import sweep
+
+    repo = make_repo(tmp_path / "repo")
+    params_before = (repo / "params.yaml").read_text()
+    config = {"name": "two", "base": {"train.steps": 2},
+              "points": {"half": {"train.lr": 0.5}, "one": {"train": {"lr": 1.0}}},
+              "metrics": ["b/score"]}
+    result = sweep(config=config, repo=str(repo), retry_delay_seconds=0)
+
+    frame = pd.read_csv(repo / "sweeps" / "two" / "comparison.csv")
+    assert list(frame["point"]) == ["half", "one"] and list(frame["status"]) == ["ok", "ok"]
+    assert list(frame["b/score"]) == pytest.approx([1.0, 2.0])
+    assert list(frame["train.lr"]) == [0.5, 1.0]
+    assert "| half | ok |" in (repo / "sweeps" / "two" / "comparison.md").read_text()
+    (plot,) = result["plots"]
+    assert Path(plot).name == "b_score.png" and Path(plot).read_bytes()[:4] == b"\x89PNG"
+    assert (repo / "params.yaml").read_text() == params_before  # --temp: the workspace is untouched
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "ls"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout
+    assert all(row["experiment"] in shown for row in result["rows"])
+
+    sweep_run_id = result["mlflow_run_id"]
+    points = {r.info.run_name: r for r in _children(flow_env, sweep_run_id)}
+    assert set(points) == {"half", "one"}
+    assert points["half"].data.metrics["b/score"] == pytest.approx(1.0)
+    assert points["one"].data.params["train.lr"] == "1.0"
+    stage_names = {}
+    for name, point_run in points.items():
+        stages = _children(flow_env, point_run.info.run_id)
+        stage_names[name] = sorted(s.info.run_name for s in stages)
+        assert all(s.data.tags["mtdiff.sweep_point"] == name for s in stages)
+        assert all(s.data.tags["dvc.exp_name"] == point_run.data.tags["dvc.exp_name"] for s in stages)
+    # stage a depends on train.steps only: it runs for the first point; DVC's run-cache restores it for the second
+    assert stage_names == {"half": ["a", "b"], "one": ["b"]}
+    assert os.path.basename(result["csv"]) == "comparison.csv"
+
+
+def test_sweep_flow_rejects_invalid_point_before_running(prefect_harness, flow_env, tmp_path):
+    from flows.sweep import sweep
+    from mtdiff.config import ConfigError
+
+    repo = make_repo(tmp_path / "repo")
+    bad = {"name": "bad", "points": {"ok": {}, "broken": {"tasks.label.enabled": False}}}  # condition label
+    with pytest.raises(ConfigError, match="point broken.*sample.condition"):
+        sweep(config=bad, repo=str(repo))
+    assert not (repo / "order.log").exists()
+
+
+def test_serve_deployments_and_prefect_yaml_schedules():
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.serve import NIGHTLY_CRON, WEEKLY_CRON, deployments
+
+    deps = {d.name: d for d in deployments()}
+    assert deps["nightly"].schedules[0].schedule.cron == NIGHTLY_CRON == "0 2 * * *"
+    assert deps["weekly-tasks-sweep"].schedules[0].schedule.cron == WEEKLY_CRON
+    assert deps["weekly-tasks-sweep"].parameters["config"] == "configs/sweeps/tasks.yaml"
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert by_name["nightly"]["schedules"][0]["cron"] == NIGHTLY_CRON
+    assert by_name["weekly-tasks-sweep"]["schedules"][0]["cron"] == WEEKLY_CRON
+    for dep in by_name.values():
+        assert dep["work_pool"]["name"] == "mtdiff-process"
+        flow_obj = load_flow_from_entrypoint(str(REPO / dep["entrypoint"]))
+        assert flow_obj.name in {"mtdiff-pipeline", "mtdiff-sweep"}
+    assert (REPO / by_name["weekly-tasks-sweep"]["parameters"]["config"]).exists()
+
+
+def test_flow_module_entry_points_parse_arguments(tmp_path, capsys):
+    from flows import pipeline as fp
+    from flows import sweep as fs
+
+    assert fp.main(["--repo", str(tmp_path), "train.steps=2"]) == 2  # no dvc.yaml there
+    assert "no dvc.yaml" in capsys.readouterr().err
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: 'true'\n")
+    (tmp_path / "params.yaml").write_text(PARAMS_YAML)
+    sweep_yaml = tmp_path / "s.yaml"
+    sweep_yaml.write_text(json.dumps({"name": "s", "grid": {"train.lr": [0.1, 0.2]}}))
+    assert fs.main([str(sweep_yaml), "--repo", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "lr-0.1: dvc exp run --temp --name s-lr-0.1-STAMP -S ++train.lr=0.1" in out
+    assert "lr-0.2:" in out
