@@ -136,7 +136,7 @@ def classifier_accuracy(classifier: torch.nn.Module, images: np.ndarray, labels:
     preds = []
     try:
         for sl in _batches(len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[sl])).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = torch.from_numpy(np.array(images[sl])).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
             preds.append(classifier(x).argmax(-1).cpu().numpy())
     finally:
         classifier.train(was_training)

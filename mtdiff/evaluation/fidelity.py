@@ -80,27 +80,29 @@ def as_nhwc_uint8(images: np.ndarray, what: str = "images") -> np.ndarray:
 
 
 class UInt8Images(Dataset):
-    """An in-memory image set as torch-fidelity wants it: uint8 (3,H,W) tensors; grayscale repeated to RGB."""
+    """An image set as torch-fidelity wants it: uint8 (3,H,W) tensors; grayscale repeated to RGB.
+
+    Holds the array as given (a read-only ``np.load(mmap_mode="r")`` slice stays on disk) and
+    converts one image per item, so 50k ImageNet images are never copied as a whole.
+    """
 
     def __init__(self, images: np.ndarray):
-        images = np.ascontiguousarray(as_nhwc_uint8(images))
-        if not images.flags.writeable:  # np.load(mmap_mode="r") slices: torch wants writable memory
-            images = images.copy()
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        self.images = as_nhwc_uint8(images)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = self.images[i]
-        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+        x = torch.from_numpy(np.array(self.images[i], copy=True)).permute(2, 0, 1)
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x.contiguous()
 
 
-def images_sha1(images: np.ndarray) -> str:
-    """SHA-1 over shape and pixels: the identity of a reference set in cache names."""
-    images = np.ascontiguousarray(images)
-    h = hashlib.sha1(str(images.shape).encode())
-    h.update(images.tobytes())
+def images_sha1(images: np.ndarray, chunk: int = 1024) -> str:
+    """SHA-1 over shape and pixels (chunked: no whole-set copy): the identity of a reference set in cache names."""
+    images = np.asarray(images)
+    h = hashlib.sha1(f"{images.shape}{images.dtype}".encode())
+    for start in range(0, len(images), chunk):
+        h.update(np.ascontiguousarray(images[start:start + chunk]).tobytes())
     return h.hexdigest()
 
 

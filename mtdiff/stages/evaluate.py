@@ -156,7 +156,7 @@ def compute(params: Params) -> tuple[dict[str, Any], dict[str, list[list[Any]]]]
             raise ValueError("samples.npz: condition 'transition' but no 'reference' targets")
         reference = fid.as_nhwc_uint8(arrays["reference"][:n], "samples.npz reference")
     else:
-        reference = np.array(test_images[:min(n, len(test_images))])  # out of the mmap, into memory
+        reference = test_images[:min(n, len(test_images))]  # an mmap slice: read per image, never copied whole
     n_test = min(ev.num_samples, len(test_images))
     tag = fid.count_tag(n)
     name = lambda metric, space="": fid.metric_name(metric, n, space)  # noqa: E731
