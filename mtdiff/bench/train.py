@@ -76,6 +76,8 @@ def run_train_bench(*, config: str = "default", device: str = "auto", dtype: str
     from mtdiff.models import flops_per_image
 
     torch.manual_seed(params.seed)
+    # the matmul peak runs outside the memory window: its operands are no part of training's footprint
+    peak_before = C.matmul_peak(dev, dt, matmul_n, reps=3 if quick else 5)
     with C.peak_memory(dev) as mem:
         model, diffusion = C.build(params, dev)
         fwd_flops = float(flops_per_image(model))
@@ -83,13 +85,12 @@ def run_train_bench(*, config: str = "default", device: str = "auto", dtype: str
         if batch_size is None:
             batch_size = params.train.batch_size
             if quick and dev.type == "cpu":
-                cap = max(4, 2 ** int(torch.tensor(QUICK_CPU_STEP_FLOPS / (3 * fwd_flops)).log2().floor()))
+                cap = max(2, 2 ** int(torch.tensor(QUICK_CPU_STEP_FLOPS / (3 * fwd_flops)).log2().floor()))
                 capped = cap < batch_size
                 batch_size = min(batch_size, cap)
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1 (got {batch_size})")
         counted = C.forward_flops_counted(model, params, dev)
-        peak_before = C.matmul_peak(dev, dt, matmul_n, reps=3 if quick else 5)
         step = C.TrainStep(model, diffusion, params, dev, dt, compile_model=compile_model, ema=ema,
                            seed=params.seed)
         gen = torch.Generator().manual_seed(params.seed)
