@@ -1,0 +1,70 @@
+"""Config errors name the dotted key and what is allowed; the stage CLI exits 2 with one line."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mtdiff.config import DEFAULT_PARAMS, ConfigError, load_params
+
+
+def _error(overrides) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_params(DEFAULT_PARAMS, overrides=overrides)
+    return str(info.value)
+
+
+def test_defaults_load_and_paths(workdir):
+    p = load_params(DEFAULT_PARAMS)
+    assert p.data.source == "fashion_mnist" and p.diffusion.mode == "pixel"
+    assert str(p.prepared_dir) == "data/prepared" and str(p.latents_dir) == "data/latents"
+    assert str(p.representations_dir) == "data/representations"
+    assert p.flat()["latents.scale"] == pytest.approx(0.18215)
+
+
+def test_overrides_are_yaml_typed(workdir):
+    p = load_params(DEFAULT_PARAMS, overrides=["data.max_per_split=200", "latents.flip=true", "latents.scale=0.5"])
+    assert p.data.max_per_split == 200 and p.latents.flip is True and p.latents.scale == 0.5
+
+
+def test_unknown_key_lists_allowed_keys():
+    msg = _error({"latents.batchsize": 8})
+    assert "latents.batchsize" in msg and "unknown key" in msg
+    assert "allowed keys here: batch_size, flip, scale, vae" in msg
+    msg = _error({"bogus.key": 1})
+    assert "bogus" in msg and "representations" in msg  # top-level sections listed
+
+
+def test_bad_literal_lists_allowed_values():
+    msg = _error({"representations.encoder": "resnet"})
+    assert "representations.encoder" in msg and "'fmnist_cnn', 'dinov2' or 'clip'" in msg and "'resnet'" in msg
+    msg = _error({"tasks.transition.pairing": "blur"})
+    assert "tasks.transition.pairing" in msg and "'rot90' or 'edges'" in msg
+
+
+def test_bad_type_and_range():
+    msg = _error({"latents.batch_size": "many"})
+    assert "latents.batch_size" in msg and "integer" in msg and "'many'" in msg
+    msg = _error({"data.max_per_split": 0})
+    assert "data.max_per_split" in msg and "greater than or equal to 1" in msg
+    msg = _error({"prepare.num_workers": -1})
+    assert "prepare.num_workers" in msg
+
+
+def test_cross_checks_and_bad_override_syntax():
+    assert "needs data.imagenet_dir" in _error({"data.source": "imagenet"})
+    assert "expected key.sub=value" in _error(["latents.flip"])
+    assert "no profile 'nope'" in _error({"profile": "nope"})
+
+
+def test_stage_cli_bad_key_exits_2_with_one_line(tmp_path):
+    env = {**os.environ, "MTDIFF_MLFLOW": "0"}
+    env.pop("MTDIFF_PARAMS", None)
+    proc = subprocess.run([sys.executable, "-m", "mtdiff.stages.prepare", "bogus.key=1"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "bogus" in lines[0] and "unknown key" in lines[0]
+    assert not (tmp_path / "data").exists()
