@@ -10,7 +10,6 @@ import math
 import os
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -111,7 +110,6 @@ def bench_params(config: str = "default", params_path: str | None = None,
                 "diffusion.mode": "latent", "model.size": "B", "model.patch_size": 2,
                 "tasks.label.enabled": True, "tasks.representation.enabled": False,
                 "tasks.masked.enabled": False, "tasks.transition.enabled": False, "sample.condition": "label"}
-        over.setdefault("data.imagenet_dir", "/datasets/imagenet")  # never read by the benchmarks
     from mtdiff.config import parse_overrides
 
     over.update(parse_overrides(overrides))
@@ -142,12 +140,9 @@ def repr_dim(params: Params) -> int | None:
 
 def data_shape(params: Params) -> tuple[int, int, int]:
     """(C, H, W) of z_0: the image in pixel mode, the SD-VAE latent (4 channels, /8) in latent mode."""
-    r = params.data.resolution
-    if params.diffusion.mode == "latent":
-        if r % 8:
-            raise ValueError(f"data.resolution {r} must be a multiple of 8 in latent mode (SD-VAE downsamples 8x)")
-        return (4, r // 8, r // 8)
-    return (params.data.channels, r, r)
+    from mtdiff.models import input_shape_from_params
+
+    return tuple(int(v) for v in input_shape_from_params(params))  # type: ignore[return-value]
 
 
 def build(params: Params, device: torch.device):
