@@ -57,6 +57,17 @@ def test_train_table_output(workdir, capsys):
         assert needle in out
 
 
+def test_train_all_tasks(workdir, capsys):
+    """The synthetic batch feeds every task's input to the real M5 loss (all four settings on)."""
+    rc = bench.main(["train", "--json", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "4",
+                     "--matmul-n", "128", "model.depth=1", "tasks.representation.enabled=true",
+                     "tasks.masked.enabled=true", "tasks.transition.enabled=true"])
+    assert rc == 0
+    r = _json_line(capsys)
+    assert r["tasks"] == ["label", "representation", "masked", "transition"]
+    assert r["loss"] > 0 and r["mfu"] > 0
+
+
 def test_bad_arguments_exit_2(workdir, capsys):
     assert bench.main(["train", "--device", "cpu", "--batch-size", "0", "--steps", "1"]) == 2
     assert "--batch-size" in capsys.readouterr().err
