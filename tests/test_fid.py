@@ -98,12 +98,12 @@ def fast_fid_eigvals(monkeypatch):
 
 def test_fid_lowrank_eigvals_helper_is_exact():
     rng = np.random.default_rng(0)
-    s1, s2 = (np.cov(rng.standard_normal((6, 300)), rowvar=False) for _ in range(2))
+    s1, s2 = (np.cov(rng.standard_normal((6, 256)), rowvar=False) for _ in range(2))
     m = s1 @ s2
     tr_sqrt = lambda ev: np.sqrt(ev.astype(np.complex128)).real.sum()  # noqa: E731  (torch-fidelity's use)
     # agree up to the sqrt of the ~1e-17 round-off eigenvalues the full solver returns for the null space
     assert tr_sqrt(lowrank_eigvals(m)) == pytest.approx(tr_sqrt(_NP_EIGVALS(m)), rel=1e-5)
-    full = rng.standard_normal((300, 300))
+    full = rng.standard_normal((256, 256))
     assert np.allclose(np.sort_complex(lowrank_eigvals(full)), np.sort_complex(_NP_EIGVALS(full)))
 
 
@@ -114,6 +114,7 @@ def test_fid_count_tag_and_names():
     assert fid.metric_name("kid_std", 500, "fmnist_cnn") == "kid_std_fmnist_cnn_500"
     with pytest.raises(ValueError, match="positive"):
         fid.count_tag(0)
+    assert [fid.kid_subset_size(n, m) for n, m in ((50000, 50000), (1000, 10000), (6, 6), (2, 9))] == [1000, 500, 3, 2]
 
 
 def test_fid_dataset_wraps_uint8_as_rgb_chw():
@@ -148,6 +149,7 @@ def test_fid_domain_extractor_self_zero_noise_large(tiny_cnn, tmp_path):
     assert abs(same["fid_fmnist_cnn_96"]) < 1e-6 * far["fid_fmnist_cnn_96"] + 1e-9
     assert same["precision_fmnist_cnn_96"] == 1.0 and same["recall_fmnist_cnn_96"] == 1.0
     assert far["kid_fmnist_cnn_96"] > same["kid_fmnist_cnn_96"]
+    assert far["kid_std_fmnist_cnn_96"] > 0  # subsets of 48 out of 96: a real spread
     assert far["precision_fmnist_cnn_96"] < 0.5
     # the caller's module is untouched (the extractor works on a frozen copy)
     assert all(p.requires_grad for p in tiny_cnn.parameters())

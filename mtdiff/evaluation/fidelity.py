@@ -236,6 +236,12 @@ def load_ref_stats(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {"mu": mu, "sigma": sigma}
 
 
+def kid_subset_size(n: int, m: int) -> int:
+    """torch-fidelity's 1000 (ADM, StyleGAN) when both sets have >= 2000 images, else half the smaller set:
+    subsets as large as the set would all be the whole set (KID's std over subsets 0, meaningless)."""
+    return max(2, min(1000, min(n, m) // 2))
+
+
 def _tf_kwargs(extractor: str, weights_path: Optional[Path], cache_root: Path, device: torch.device,
                batch_size: int) -> dict:
     kw = dict(feature_extractor=extractor, cuda=device.type == "cuda", batch_size=batch_size,
@@ -247,9 +253,14 @@ def _tf_kwargs(extractor: str, weights_path: Optional[Path], cache_root: Path, d
     return kw
 
 
-def _extractor_fingerprint(extractor: str, weights_path: Optional[Path]) -> str:
-    # Registered module extractors carry their weight hash in the name; Inception's name does not.
-    return f"w{_file_sha1(weights_path)[:8]}" if weights_path is not None else "default"
+def _cache_name(kind: str, images: np.ndarray, weights_path: Optional[Path]) -> str:
+    """``{kind}-{sha1(pixels)[:12]}[-w{sha1(weights)[:8]}]``; torch-fidelity appends the extractor name.
+
+    Registered module extractors carry their weight hash in that name; Inception's name does not,
+    so the weights file's hash goes here (a different weights file never reuses cached features).
+    """
+    weights = f"-w{_file_sha1(weights_path)[:8]}" if weights_path is not None else ""
+    return f"{kind}-{images_sha1(images)[:12]}{weights}"
 
 
 def _fid_layer(extractor: str) -> str:
@@ -266,7 +277,7 @@ def reference_stats(reference: np.ndarray, extractor: str = INCEPTION, *,
     kw = _tf_kwargs(extractor, weights_path, Path(cache_root), device, batch_size)
     layer = _fid_layer(extractor)
     fe = create_feature_extractor(extractor, [layer], **kw)
-    name = f"ref-{images_sha1(reference)[:12]}-{_extractor_fingerprint(extractor, weights_path)}"
+    name = _cache_name("ref", reference, weights_path)
     stats = fid_input_id_to_statistics_cached(1, fe, layer, input1=UInt8Images(reference), input1_cache_name=name, **kw)
     return {"mu": np.asarray(stats["mu"], np.float64), "sigma": np.asarray(stats["sigma"], np.float64)}
 
@@ -295,11 +306,10 @@ def fidelity_metrics(samples: np.ndarray, reference: Optional[np.ndarray], *, ex
     cache_root.mkdir(parents=True, exist_ok=True)
     kw = _tf_kwargs(extractor, weights_path, cache_root, device, batch_size)
     kw["rng_seed"] = seed
-    fp = _extractor_fingerprint(extractor, weights_path)
     ds_samples = UInt8Images(samples)
     # Samples are cached only when the ADM path needs their FID statistics a second time; the
     # entries are removed afterwards (they are per-run, and large for 50k ImageNet samples).
-    samples_cache = f"samples-{images_sha1(samples)[:12]}-{fp}" if ref_stats_npz else None
+    samples_cache = _cache_name("samples", samples, weights_path) if ref_stats_npz else None
     out: dict[str, float] = {}
     name = lambda m: metric_name(m, n, space)  # noqa: E731
 
@@ -310,9 +320,9 @@ def fidelity_metrics(samples: np.ndarray, reference: Optional[np.ndarray], *, ex
             if reference.shape[1:3] != samples.shape[1:3]:
                 raise ValueError(f"samples {samples.shape[1:3]} and reference {reference.shape[1:3]} differ in size")
             m = len(reference)
-            tf_args.update(input2=UInt8Images(reference), input2_cache_name=f"ref-{images_sha1(reference)[:12]}-{fp}",
+            tf_args.update(input2=UInt8Images(reference), input2_cache_name=_cache_name("ref", reference, weights_path),
                            fid=True, kid=True, prc=True, kid_subsets=kid_subsets,
-                           kid_subset_size=min(1000, n, m), prc_neighborhood=min(3, n - 1, m - 1))
+                           kid_subset_size=kid_subset_size(n, m), prc_neighborhood=min(3, n - 1, m - 1))
         if isc:
             tf_args.update(isc=True, isc_splits=min(10, n))
         if reference is not None or isc:
