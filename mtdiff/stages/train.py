@@ -203,13 +203,16 @@ def _train(params: Params, info: DistInfo, on_step: Optional[Callable[[int], Non
             rngs = state["rng"]
             if len(rngs) == info.world_size:
                 ckpt_mod.restore_rng_state(rngs[info.rank]["global"])
-                noise_gen.set_state(rngs[info.rank]["noise"].to(noise_gen.get_state().device))
+                noise_gen.set_state(rngs[info.rank]["noise"].cpu())  # generator states are CPU byte tensors
             else:
                 log.warning("checkpoint was written by %d processes, now %d: weights and data order "
                             "resume exactly, the noise stream does not", len(rngs), info.world_size)
             resumed_from = step
             if info.is_main:
                 log.info("resuming from %s at step %d (epoch %d, batch %d)", last_path, step, epoch, batch_in_epoch)
+                if step >= tc.steps:
+                    log.warning("the checkpoint is at step %d >= train.steps %d: nothing to train "
+                                "(raise train.steps to continue)", step, tc.steps)
         else:
             barrier(info)
             if info.is_main:
@@ -248,6 +251,7 @@ def _train(params: Params, info: DistInfo, on_step: Optional[Callable[[int], Non
         win_excluded = 0.0
         last_saved_step = step if resumed_from is not None else -1
         session_images, session_time = 0, 0.0
+        steady_images, steady_time, windows = 0, 0.0, 0  # steady: without the first window (warm-up, compile)
 
         def check_finite() -> None:
             flag = (first_bad >= 0).float()
@@ -326,6 +330,10 @@ def _train(params: Params, info: DistInfo, on_step: Optional[Callable[[int], Non
                     imgs = win_n * tc.batch_size
                     session_images += imgs
                     session_time += elapsed
+                    windows += 1
+                    if windows > 1:
+                        steady_images += imgs
+                        steady_time += elapsed
                     stats["images"] = int(stats["images"]) + imgs
                     stats["train_time_s"] = float(stats["train_time_s"]) + elapsed
                     stats["last_losses"] = dict(zip(names, mean))
@@ -363,11 +371,13 @@ def _train(params: Params, info: DistInfo, on_step: Optional[Callable[[int], Non
             "steps": step, "resumed_from_step": resumed_from, "epochs": epoch + batch_in_epoch / steps_per_epoch,
             "final_loss": last.get("loss"), "final_losses": {k: v for k, v in last.items() if k != "loss"},
             "img_per_s": (session_images / session_time) if session_time > 0 else None,
+            "img_per_s_steady": (steady_images / steady_time) if steady_time > 0 else None,
             "img_per_s_all_sessions": (stats["images"] / stats["train_time_s"]) if stats["train_time_s"] else None,
             "train_time_s": stats["train_time_s"], "wall_time_s": wall, "images_seen": stats["images"],
             "world_size": info.world_size, "device": str(device), "precision": tc.precision if amp_dtype else "fp32",
             "global_batch_size": tc.batch_size, "params_count": n_params, "flops_per_image": fpi,
-            "train_tflops_per_s": (3 * fpi * session_images / session_time / 1e12) if session_time > 0 else None,
+            # model FLOPs (forward x3 for forward + backward) per second at the steady rate
+            "train_tflops_per_s": (3 * fpi * steady_images / steady_time / 1e12) if steady_time > 0 else None,
             "params_hash": phash, "ranks_in_sync": in_sync,
             "checkpoint": str(last_path), "ema_checkpoint": str(ckpt_dir / ckpt_mod.EMA),
         }
