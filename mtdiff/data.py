@@ -1,5 +1,6 @@
-"""Training data: paired-image targets, the memory-mapped training set and patch masks.
+"""Training data: the prepared contract, paired-image targets, the memory-mapped training set, masks.
 
+- :func:`load_prepared`: one split of ``data/prepared/`` (images memmap, labels, classes).
 - :func:`pair_images`: the deterministic source -> target pairing of the image-transition task.
 - :class:`TrainDataset`: map-style dataset over ``data/latents/<split>/`` (+ representations),
   with a vectorised ``__getitems__`` that torch's DataLoader calls for a whole batch at once;
@@ -18,9 +19,25 @@ from torch.utils.data import Dataset
 
 from mtdiff.config import Params
 
+SPLITS = ("train", "test")  # the prepared splits (ImageNet val is "test"), as in mtdiff.sources
 PAIRINGS = ("rot90", "edges")
 _SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float32)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def load_prepared(params: Params, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images memmap uint8 NHWC, labels int64, classes) of a prepared split, or a clear error."""
+    d = params.prepared_dir
+    img_path = d / f"{split}_images.npy"
+    if not img_path.is_file():
+        raise FileNotFoundError(f"{img_path} missing (run `dvc repro prepare` first)")
+    images = np.load(img_path, mmap_mode="r")
+    labels = np.load(d / f"{split}_labels.npy")
+    classes = json.loads((d / "classes.json").read_text())
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
+        raise ValueError(f"{img_path}: expected uint8 NHWC aligned with labels, got {images.dtype} "
+                         f"{images.shape} vs {labels.shape}")
+    return images, labels, classes
 
 
 def _sobel_magnitude(gray: np.ndarray) -> np.ndarray:

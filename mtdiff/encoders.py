@@ -8,9 +8,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -92,6 +95,40 @@ def _offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or the Hub host does not answer within ``timeout`` seconds.
+
+    Without this probe a machine with no route to the Hub waits out the HTTP client's retries
+    (close to a minute) before falling back to the local cache or failing.
+    """
+    if _offline():
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy decides; a direct probe would say nothing
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(force: bool) -> Iterator[None]:
+    """Put huggingface_hub in offline mode (cache only, fail fast) for the duration, when ``force``."""
+    if not force:
+        yield
+        return
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
 def load_vae(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """diffusers ``AutoencoderKL`` from a hub name or a local folder (``config.json`` + weights,
     or a pipeline folder with a ``vae/`` subfolder), frozen, in eval mode on ``device``."""
@@ -104,11 +141,12 @@ def load_vae(name_or_path: str, device: str | torch.device = "cpu", dtype: torch
             kwargs["subfolder"] = "vae"
         source, local_only = str(local), True
     else:
-        source, local_only = name_or_path, _offline()
+        source, local_only = name_or_path, not _hub_reachable()  # unreachable: the local cache or a fast error
     try:
         vae = AutoencoderKL.from_pretrained(source, local_files_only=local_only, torch_dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - hub, file and format errors all need the same advice
-        where = "offline (HF_HUB_OFFLINE=1)" if local_only and not local.exists() else "from the hub"
+        where = "offline (Hub unreachable or HF_HUB_OFFLINE=1; local cache only)" if local_only and not local.exists() \
+            else "from the hub"
         raise RuntimeError(
             f"latents.vae: cannot load AutoencoderKL '{name_or_path}' {where}: {type(exc).__name__}: {exc}. "
             f"On a machine with network run `huggingface-cli download {name_or_path} --local-dir <dir>` "
@@ -163,7 +201,8 @@ def _create_timm_model(kind: str, name: str | None, weights_path: str | None, mo
         return timm.create_model(name, pretrained=True, num_classes=0,
                                  pretrained_cfg_overlay={"file": str(path)}, **model_kwargs)
     try:
-        return timm.create_model(name, pretrained=True, num_classes=0, **model_kwargs)
+        with _hub_offline(not _hub_reachable()):  # unreachable: the local HF cache or a fast error
+            return timm.create_model(name, pretrained=True, num_classes=0, **model_kwargs)
     except Exception as exc:  # noqa: BLE001
         raise RuntimeError(
             f"representations: cannot fetch {kind} weights '{name}' ({type(exc).__name__}: {exc}); offline, set "

@@ -124,3 +124,20 @@ def test_image_encoder_offline_without_weights_is_clear(monkeypatch):
 def test_missing_prepared_says_which_stage(make_params):
     with pytest.raises(FileNotFoundError, match="dvc repro prepare"):
         representations.run(make_params())
+
+
+def test_unreachable_hub_fails_fast_and_restores_mode(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from mtdiff import encoders
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(encoders, "_hub_reachable", lambda timeout=3.0: False)
+    before = constants.HF_HUB_OFFLINE
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="huggingface-cli download timm/vit_small_patch14_dinov2"):
+        load_image_encoder("dinov2", "vit_small_patch14_dinov2", None, **TINY_VIT)
+    assert time.time() - t0 < 20
+    assert constants.HF_HUB_OFFLINE == before

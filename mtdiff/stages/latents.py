@@ -21,30 +21,14 @@ import torch
 from tqdm import tqdm
 
 from mtdiff.config import Params
-from mtdiff.data import pair_images
+from mtdiff.data import SPLITS, load_prepared, pair_images
 from mtdiff.io import atomic_dir
-from mtdiff.sources import SPLITS
 from mtdiff.stages import stage_main
 from mtdiff.tracking import stage_run
 from mtdiff.utils import get_logger, pick_device
 
 log = get_logger("mtdiff.latents")
 PIXEL_CHUNK = 4096  # pixel mode is a cheap elementwise map: big chunks
-
-
-def load_prepared(params: Params, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(images memmap uint8 NHWC, labels int64, classes) of a prepared split, or a clear error."""
-    d = params.prepared_dir
-    img_path = d / f"{split}_images.npy"
-    if not img_path.is_file():
-        raise FileNotFoundError(f"{img_path} missing (run `dvc repro prepare` first)")
-    images = np.load(img_path, mmap_mode="r")
-    labels = np.load(d / f"{split}_labels.npy")
-    classes = json.loads((d / "classes.json").read_text())
-    if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
-        raise ValueError(f"{img_path}: expected uint8 NHWC aligned with labels, got {images.dtype} "
-                         f"{images.shape} vs {labels.shape}")
-    return images, labels, classes
 
 
 def _hflip(x: np.ndarray) -> np.ndarray:

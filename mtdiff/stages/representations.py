@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mtdiff.config import Params
+from mtdiff.data import SPLITS, load_prepared
 from mtdiff.encoders import FashionCNN, images_to_unit_range, load_image_encoder, save_fmnist_encoder
 from mtdiff.io import atomic_dir, write_json
-from mtdiff.sources import SPLITS
 from mtdiff.stages import stage_main
-from mtdiff.stages.latents import load_prepared
 from mtdiff.tracking import stage_run
 from mtdiff.utils import get_logger, pick_device, seed_everything
 
