@@ -317,8 +317,10 @@ def _decoded_stream(paths: list[str], resolution: int, channels: int, num_worker
         _init_worker(resolution, channels)
         yield from map(_decode_file, paths)
         return
-    # spawn: the parent may hold threads (torch, MLflow); forking those can deadlock.
-    ctx = mp.get_context("spawn")
+    # fork (as torch's DataLoader does): workers start at once. spawn would re-run the stage's
+    # __main__ module (torch, pandas imports) in every worker: seconds each. Workers touch only
+    # PIL / numpy / hashlib, none of the parent's threads' state.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(num_workers, initializer=_init_worker, initargs=(resolution, channels)) as pool:
         yield from pool.imap(_decode_file, paths, chunksize=chunk)
 

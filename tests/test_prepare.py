@@ -185,3 +185,17 @@ def test_shrink_npy_keeps_rows(tmp_path):
     sources._shrink_npy(path, 7, (2, 2, 1))
     arr = np.load(path)
     assert arr.shape == (7, 2, 2, 1) and arr[:, 0, 0, 0].tolist() == list(range(7))
+
+
+def test_fashion_mnist_found_in_download_folder(fmnist_dir, make_params, tmp_path):
+    """With data.fashion_mnist_dir missing, a previous torchvision download under data/downloads is used."""
+    import shutil
+
+    raw = tmp_path / "data" / "downloads" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in fmnist_dir.glob("*-ubyte.gz"):
+        shutil.copy(f, raw / f.name)
+    params = make_params({"data.fashion_mnist_dir": str(tmp_path / "nowhere"), "data.max_per_split": 5})
+    assert sources.fashion_mnist_dir(params) == raw
+    prepare.run(params)
+    assert np.load(params.prepared_dir / "test_images.npy").shape == (5, 28, 28, 1)
