@@ -19,6 +19,9 @@ ENV_DEFAULTS = {
     "DVC_NO_ANALYTICS": "1",
     "GIT_PYTHON_REFRESH": "quiet",
     "PYTHONUNBUFFERED": "1",
+    # the temporary API server Prefect starts when none is configured needs more than the default 20 s
+    # on a busy 2-core machine (its first start also migrates its database)
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 

@@ -42,6 +42,7 @@ from mtdiff.config import ConfigError, Params, flatten, load_params, parse_overr
 from mtdiff.io import atomic_path
 
 DEFAULT_STAGES = ("prepare", "latents", "representations", "train", "sample", "evaluate")
+SUMMARY_METRICS = 20  # metrics printed at the end of a run
 CONFIG_EXIT_CODE = 2  # stage_main exits 2 on a bad parameter: retrying cannot help
 _EXITED_RE = re.compile(r"exited with (-?\d+)")
 # DVC errors about the pipeline definition itself: as hopeless to retry as a bad param
@@ -315,8 +316,12 @@ def summary_text(root: Path, params: Params, results: list[dict], metrics: dict[
              f"  checkpoints:  {where(params.checkpoints_dir)}",
              f"  samples:      {where(params.samples_dir)}",
              f"  metrics:      {where(params.metrics_dir)}"]
-    for key, value in sorted(metrics.items()):
-        lines.append(f"    {key} = {value:.6g}")
+    # evaluate's figures first; the full list is in `dvc metrics show` and the MLflow parent run
+    keys = sorted(metrics, key=lambda k: (not k.startswith("evaluate/"), k))
+    for key in keys[:SUMMARY_METRICS]:
+        lines.append(f"    {key} = {metrics[key]:.6g}")
+    if len(keys) > SUMMARY_METRICS:
+        lines.append(f"    ... {len(keys) - SUMMARY_METRICS} more: `dvc metrics show`, or the MLflow run below")
     lines.append(f"  MLflow:       {uri}  parent run {run_id or '(not tracked)'}"
                  f"  -> mlflow ui --backend-store-uri {uri}")
     if flow_run_id:

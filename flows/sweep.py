@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -222,7 +222,16 @@ def experiment_result(root: Path, exp_name: str) -> dict[str, Any]:
     if found is None:
         raise RuntimeError(f"experiment {exp_name} not in `dvc exp show` after it ran")
     data = found.get("data") or {}
-    return {"rev": found.get("rev"), "metrics": flatten_metrics(data.get("metrics") or {})}
+    per_file = data.get("metrics") or {}
+    missing = sorted(f for f, v in per_file.items() if isinstance(v, dict) and v.get("error"))
+    return {"rev": found.get("rev"), "metrics": flatten_metrics(per_file), "missing_metrics": missing}
+
+
+def untracked_files(root: Path) -> list[str]:
+    """Untracked, not ignored files: ``dvc exp run --temp`` leaves them out of the experiment's copy."""
+    proc = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=root,
+                          capture_output=True, text=True)
+    return proc.stdout.split() if proc.returncode == 0 else []
 
 
 def git_head(root: Path) -> str:
@@ -236,12 +245,15 @@ def git_head(root: Path) -> str:
 @task(name="sweep-point", task_run_name="exp {point}", retries=1, retry_delay_seconds=10,
       retry_condition_fn=fp.retryable)
 def run_point(point: str, overrides: dict[str, Any], exp_base: str, repo: str, targets: list[str],
-              point_run_id: str | None, uri: str, tags: dict[str, str]) -> dict[str, Any]:
+              point_run_id: str | None, uri: str, tags: dict[str, str],
+              copy_paths: list[str] | None = None) -> dict[str, Any]:
     """``dvc exp run --temp`` one point; stage runs nest under ``point_run_id``. Returns rev + metrics."""
     logger = get_run_logger()
     attempt = int(runtime_task_run.run_count or 1)
     exp_name = exp_base if attempt <= 1 else f"{exp_base}-try{attempt}"
-    cmd = fp.dvc_command("exp", "run", "--temp", "--name", exp_name, *set_param_args(overrides), *targets)
+    copies = [arg for path in copy_paths or [] for arg in ("-C", path)]
+    cmd = fp.dvc_command("exp", "run", "--temp", "--name", exp_name, *copies, *set_param_args(overrides),
+                         *targets)
     env = fp.subprocess_env(MTDIFF_PARENT_RUN_ID=point_run_id, MLFLOW_PARENT_RUN_ID=None,
                             MLFLOW_TRACKING_URI=uri, MTDIFF_DVC_STAGE=None,
                             MTDIFF_MLFLOW_TAGS=json.dumps({**tags, "dvc.exp_name": exp_name}),
@@ -252,6 +264,11 @@ def run_point(point: str, overrides: dict[str, Any], exp_base: str, repo: str, t
     if rc != 0:
         raise fp.failure_for(f"exp {point}", rc, lines)
     result = experiment_result(Path(repo), exp_name)
+    if result["missing_metrics"]:
+        # a metrics file (cache: false) that git ignores is left out of the experiment's commit
+        logger.warning("experiment %s: %s not in its commit, so not in the comparison (git-ignored? "
+                       "check `git check-ignore -v %s`)", exp_name, ", ".join(result["missing_metrics"]),
+                       result["missing_metrics"][0])
     logger.info("point %s: experiment %s (%s) in %.1f s: %s", point, exp_name, (result["rev"] or "?")[:7],
                 time.monotonic() - start, result["metrics"])
     return {"experiment": exp_name, **result}
@@ -260,11 +277,12 @@ def run_point(point: str, overrides: dict[str, Any], exp_base: str, repo: str, t
 @flow(name="mtdiff-sweep", log_prints=True)
 def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str | None = None,
           name: str | None = None, points: list[str] | None = None, retries: int = 1,
-          retry_delay_seconds: float = 10.0) -> dict[str, Any]:
+          retry_delay_seconds: float = 10.0, copy_paths: list[str] | None = None) -> dict[str, Any]:
     """Run every point of ``config`` as a DVC experiment and write ``sweeps/<name>/comparison.*``.
 
     ``points`` runs a subset by name. A failed point is reported (status 'failed' in the table) and the
-    flow fails at the end, after the report for the others is written.
+    flow fails at the end, after the report for the others is written. ``copy_paths``: untracked or
+    ignored paths to copy into each experiment's temp dir (``dvc exp run -C``); committing them is better.
     """
     logger = get_run_logger()
     root = fp.find_repo(repo)
@@ -281,6 +299,11 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
         except ConfigError as err:
             raise ConfigError(f"sweep {cfg.name} point {point.name}: {err}") from None
     head = git_head(root)
+    untracked = [f for f in untracked_files(root) if f not in set(copy_paths or [])]
+    if untracked:
+        logger.warning("%d untracked file(s) are NOT in the experiments (dvc exp run --temp copies what git "
+                       "tracks; git add them or pass copy_paths): %s", len(untracked),
+                       ", ".join(untracked[:20]) + (" ..." if len(untracked) > 20 else ""))
     base_params = fp.load_repo_params(root)
     uri = tracking.absolute_tracking_uri(tracking.tracking_uri(base_params), root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -305,7 +328,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
                 tags={**point_tags, "mtdiff.kind": "sweep_point", "dvc.exp_name": exp_base, "git_commit": head})
             point_run.log_params(point.overrides)
             state = point_task(point.name, point.overrides, exp_base, str(root), cfg.targets,
-                               point_run.run_id, uri, point_tags, return_state=True)
+                               point_run.run_id, uri, point_tags, copy_paths, return_state=True)
             row: dict[str, Any] = {"point": point.name, "params": point.overrides,
                                    "mlflow_run_id": point_run.run_id}
             if state.is_completed():
@@ -343,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="sweep name (default: the config's name)")
     parser.add_argument("--points", default=None, help="comma-separated subset of point names")
     parser.add_argument("--retries", type=int, default=1, help="retries of a failed point (not for bad params)")
+    parser.add_argument("--copy", action="append", default=None, metavar="PATH",
+                        help="untracked/ignored path to copy into each experiment (dvc exp run -C); repeatable")
     parser.add_argument("--dry-run", action="store_true", help="print the points and commands, run nothing")
     args = parser.parse_args(argv)
     subset = [p for p in (args.points or "").split(",") if p] or None
@@ -354,11 +379,13 @@ def main(argv: list[str] | None = None) -> int:
                 if subset and point.name not in subset:
                     continue
                 fp.load_repo_params(root, point.overrides)
+                copies = [arg for path in args.copy or [] for arg in ("-C", path)]
                 cmd = ["dvc", "exp", "run", "--temp", "--name", exp_name_for(cfg.name, point.name, "STAMP"),
-                       *set_param_args(point.overrides), *cfg.targets]
+                       *copies, *set_param_args(point.overrides), *cfg.targets]
                 print(f"{point.name}: {shlex.join(cmd)}")
             return 0
-        sweep(config=args.config, repo=args.repo, name=args.name, points=subset, retries=args.retries)
+        sweep(config=args.config, repo=args.repo, name=args.name, points=subset, retries=args.retries,
+              copy_paths=args.copy)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

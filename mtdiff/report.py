@@ -27,7 +27,7 @@ MAX_AUTO_PLOTS = 12
 @dataclass
 class Report:
     frame: pd.DataFrame
-    markdown: str
+    markdown: str  # the compact table (varying params + main metrics); comparison.md also has all columns
     csv: Path
     md: Path
     plots: list[Path] = field(default_factory=list)
@@ -125,6 +125,13 @@ def to_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def compact_frame(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Point, status, the params that differ between points, and ``metrics``: the table to read first."""
+    params = [c for c in frame.columns if c not in ID_COLUMNS and "/" not in str(c)]
+    varying = [c for c in params if frame[c].astype(str).nunique(dropna=False) > 1]
+    return frame[["point", "status", *varying, *[m for m in metrics if m in frame.columns]]]
+
+
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "metric"
 
@@ -160,14 +167,14 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, metrics: S
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = comparison_frame(rows)
-    table = to_markdown(frame)
+    chosen = main_metrics(frame, metrics)
+    table = to_markdown(compact_frame(frame, chosen))
     csv_path, md_path = out_dir / "comparison.csv", out_dir / "comparison.md"
     with atomic_path(csv_path) as tmp:
         frame.to_csv(tmp, index=False)
     heading = f"# {title}\n\n" if title else ""
     with atomic_path(md_path) as tmp:
-        tmp.write_text(heading + table + "\n")
-    chosen = main_metrics(frame, metrics)
+        tmp.write_text(f"{heading}## Main metrics\n\n{table}\n\n## Everything\n\n{to_markdown(frame)}\n")
     plots = [bar_plot(frame, m, out_dir / f"{safe_name(m)}.png", title=f"{title}: {m}" if title else m)
              for m in chosen]
     return Report(frame=frame, markdown=table, csv=csv_path, md=md_path, plots=plots, metrics=chosen)

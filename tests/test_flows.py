@@ -11,12 +11,12 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
+import fixtures.prefect_env  # noqa: F401  (before flows: Prefect state in a temp dir)
 from fixtures.mlflow_store import sqlite_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,16 +114,11 @@ def make_repo(root: Path, flaky: bool = False) -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """The session's single Prefect test server; PREFECT_HOME in a temp dir, telemetry off."""
-    home = tempfile.mkdtemp(prefix="mtdiff-prefect-home-")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", home)
-        mp.setenv("DO_NOT_TRACK", "1")
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        from prefect.testing.utilities import prefect_test_harness
+    """The session's single Prefect test server (PREFECT_HOME: see fixtures.prefect_env)."""
+    from prefect.testing.utilities import prefect_test_harness
 
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture
@@ -260,7 +255,8 @@ def test_sweep_flow_two_points_comparison_and_nested_runs(prefect_harness, flow_
     assert list(frame["point"]) == ["half", "one"] and list(frame["status"]) == ["ok", "ok"]
     assert list(frame["b/score"]) == pytest.approx([1.0, 2.0])
     assert list(frame["train.lr"]) == [0.5, 1.0]
-    assert "| half | ok |" in (repo / "sweeps" / "two" / "comparison.md").read_text()
+    assert "| half | ok | 0.5 | 1 |" in (repo / "sweeps" / "two" / "comparison.md").read_text()
+    assert result["markdown"].splitlines()[0] == "| point | status | train.lr | b/score |"
     (plot,) = result["plots"]
     assert Path(plot).name == "b_score.png" and Path(plot).read_bytes()[:4] == b"\x89PNG"
     assert (repo / "params.yaml").read_text() == params_before  # --temp: the workspace is untouched

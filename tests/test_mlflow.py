@@ -132,6 +132,9 @@ def test_mlflow_stage_run_nests_under_parent_with_tags(tmp_path, monkeypatch):
     top = client.get_run(parent.run_id)
     assert top.info.status == "FINISHED" and top.data.metrics == {"total": 1.0}
     assert not (tmp_path / "out" / PENDING_FILE).exists()
+    # artifacts live beside the sqlite store, not in ./mlruns of whichever dir created the experiment
+    assert client.get_experiment_by_name("nest").artifact_location == str(tmp_path / "mlartifacts" / "nest")
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_mlflow_client_run_tolerates_down_server(mlflow_down):

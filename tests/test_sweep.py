@@ -1,0 +1,143 @@
+"""Sweep config expansion, DVC -S value encoding, experiment lookup and the comparison report
+(no Prefect server needed; the sweep flow itself is tested in test_flows.py)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import fixtures.prefect_env  # noqa: F401  (before flows: Prefect state in a temp dir)
+from flows.sweep import (SweepPoint, expand_points, exp_name_for, find_experiment, hydra_value,
+                         load_sweep, set_param_args)
+from mtdiff.config import DEFAULT_PARAMS, ConfigError, load_params
+from mtdiff.report import (comparison_frame, flatten_metrics, main_metrics, to_markdown,
+                           write_report)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_sweep_expand_points_and_grid_merge_over_base():
+    points = expand_points({"train.steps": 10, "train.lr": 0.1},
+                           {"p": {"train.lr": 0.2}, "q": {}},
+                           {"diffusion.w_max": [0.0, 0.5], "seed": [1]})
+    assert [p.name for p in points] == ["p__w_max-0.0-seed-1", "p__w_max-0.5-seed-1",
+                                        "q__w_max-0.0-seed-1", "q__w_max-0.5-seed-1"]
+    assert points[1] == SweepPoint("p__w_max-0.5-seed-1",
+                                   {"train.steps": 10, "train.lr": 0.2, "diffusion.w_max": 0.5, "seed": 1})
+    assert points[2].overrides["train.lr"] == 0.1  # base value where the point does not override
+    assert [p.name for p in expand_points({}, None, {"train.lr": [1, 2]})] == ["lr-1", "lr-2"]
+    assert expand_points({"a": 1}, {"only": {}}, None) == [SweepPoint("only", {"a": 1})]
+
+
+def test_sweep_load_config_forms_and_errors(tmp_path):
+    cfg = load_sweep({"name": "n", "base": {"train": {"steps": 5}},
+                      "points": [{"name": "x", "overrides": {"tasks": {"label": {"enabled": False}}}}],
+                      "metrics": ["evaluate/fid*"]})
+    assert cfg.name == "n" and cfg.metrics == ["evaluate/fid*"]
+    assert cfg.points == [SweepPoint("x", {"train.steps": 5, "tasks.label.enabled": False})]
+    path = tmp_path / "mine.yaml"
+    path.write_text("points:\n  a: {train.lr: 0.3}\n")
+    assert load_sweep(path).name == "mine"  # name defaults to the file stem
+    assert load_sweep("mine.yaml", base_dir=tmp_path).points[0].overrides == {"train.lr": 0.3}
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_sweep({"points": {"a": {}}, "pointz": {}})
+    with pytest.raises(ConfigError, match="needs 'points' and/or 'grid'"):
+        load_sweep({"name": "empty"})
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_sweep({"grid": {"train.lr": 0.1}})
+    with pytest.raises(ConfigError, match="point name"):
+        load_sweep({"points": {"bad name": {}}})
+    with pytest.raises(ConfigError, match="no such file"):
+        load_sweep(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("value", ["uncond", "true", "1e-4", "a b", "it's", "C:\\dir\\", "/usr/share/x",
+                                   "stabilityai/sd-vae-ft-ema", "", 0.1, 3, -2, True, False, None,
+                                   [1, 10, 50], {"k": [1.5, "x"]}])
+def test_sweep_hydra_value_round_trips_through_dvc_set_param(value):
+    from dvc.utils.hydra import to_hydra_overrides
+
+    (override,) = to_hydra_overrides([f"++k={hydra_value(value)}"])
+    assert override.value() == value and type(override.value()) is type(value)
+
+
+def test_sweep_set_param_args_and_exp_names():
+    assert set_param_args({"train.steps": 5, "sample.condition": "uncond"}) == [
+        "-S", "++train.steps=5", "-S", "++sample.condition=uncond"]
+    assert exp_name_for("tasks", "joint label/x", "20250101-000000") == "tasks-joint-label-x-20250101-000000"
+    assert exp_name_for("s", "p", "t", attempt=2) == "s-p-t-try2"
+
+
+def test_sweep_tasks_config_points_are_valid_and_share_the_budget():
+    cfg = load_sweep(REPO / "configs" / "sweeps" / "tasks.yaml")
+    names = [p.name for p in cfg.points]
+    assert {"single_task", "joint_label", "joint_representation", "masked"} <= set(names)
+    budgets = set()
+    for point in cfg.points:
+        params = load_params(DEFAULT_PARAMS, overrides=point.overrides)  # cross-checks pass
+        budgets.add((params.train.steps, params.train.batch_size, params.sample.num_samples,
+                     params.evaluate.num_samples))
+        enabled = params.tasks.enabled
+        if point.name == "single_task":
+            assert enabled == [] and params.sample.condition == "uncond"
+        if point.name == "joint_label":
+            assert enabled == ["label"] and params.sample.condition == "label"
+        if point.name == "joint_representation":
+            assert enabled == ["representation"] and params.sample.condition == "uncond"
+        if point.name == "masked":
+            assert enabled == ["masked"] and params.sample.condition == "uncond"
+    assert len(budgets) == 1
+
+
+def test_sweep_find_experiment_in_exp_show_json():
+    show = [{"rev": "workspace", "name": None, "experiments": None},
+            {"rev": "abc", "name": "main", "experiments": [
+                {"name": "s-p-1", "revs": [{"rev": "111", "name": "s-p-1", "data": {"metrics": {
+                    "metrics/evaluate.json": {"data": {"fid_1k": 12.5, "nested": {"acc": 0.9}, "tag": "x"}}}}}]},
+                {"name": "s-q-1", "revs": [{"rev": "222", "name": "s-q-1", "data": {}}]}]}]
+    found = find_experiment(show, "s-p-1")
+    assert found["rev"] == "111"
+    assert flatten_metrics(found["data"]["metrics"]) == {"evaluate/fid_1k": 12.5, "evaluate/nested.acc": 0.9}
+    assert find_experiment(show, "nope") is None
+
+
+def _rows():
+    return [{"point": "single_task", "status": "ok", "experiment": "e1", "params": {"tasks.label.enabled": False},
+             "metrics": {"evaluate/fid_1k": 30.0, "evaluate/acc": 0.5}},
+            {"point": "joint_label", "status": "ok", "experiment": "e2", "params": {"tasks.label.enabled": True},
+             "metrics": {"evaluate/fid_1k": 20.0, "representations/acc": 0.9}},
+            {"point": "masked", "status": "failed", "experiment": "e3", "params": {"tasks.masked.enabled": True},
+             "metrics": {}}]
+
+
+def test_sweep_report_table_markdown_and_plots(tmp_path):
+    report = write_report(_rows(), tmp_path / "out", metrics=["fid*", "nothing*"], title="sweep t")
+    frame = pd.read_csv(report.csv)
+    assert list(frame.columns) == ["point", "status", "experiment", "tasks.label.enabled", "tasks.masked.enabled",
+                                   "evaluate/acc", "evaluate/fid_1k", "representations/acc"]
+    assert list(frame["evaluate/fid_1k"][:2]) == [30.0, 20.0] and math.isnan(frame["evaluate/fid_1k"][2])
+    md = report.md.read_text()
+    assert md.startswith("# sweep t") and "| joint_label | ok | e2 | True | - | - | 20 | 0.9 |" in md
+    # the compact table: varying params and the main metrics only
+    assert report.markdown.splitlines()[0] == ("| point | status | tasks.label.enabled | tasks.masked.enabled"
+                                               " | evaluate/fid_1k |")
+    assert "| masked | failed | - | True | - |" in report.markdown and report.markdown in md
+    assert report.metrics == ["evaluate/fid_1k"]
+    assert [p.name for p in report.plots] == ["evaluate_fid_1k.png"]
+    assert report.plots[0].read_bytes()[:4] == b"\x89PNG"
+    # no pattern given (or none matches): every metric is plotted
+    assert main_metrics(report.frame) == ["evaluate/acc", "evaluate/fid_1k", "representations/acc"]
+    assert main_metrics(report.frame, ["zzz"]) == main_metrics(report.frame)
+    assert main_metrics(report.frame, ["*/acc"]) == ["evaluate/acc", "representations/acc"]
+
+
+def test_sweep_report_rejects_empty_and_clashing_rows():
+    with pytest.raises(ValueError, match="no sweep points"):
+        comparison_frame([])
+    with pytest.raises(ValueError, match="both as params and metrics"):
+        comparison_frame([{"point": "p", "params": {"a/b": 1}, "metrics": {"a/b": 1.0}}])
+    frame = comparison_frame([{"point": "p|q", "status": "ok", "params": {"evaluate.classify_t": [1, 10]},
+                               "metrics": {}}])
+    assert "p\\|q" in to_markdown(frame) and "[1, 10]" in to_markdown(frame)
