@@ -17,12 +17,12 @@ export GIT_PYTHON_REFRESH := quiet
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install data-package run test bench clean
+.PHONY: install data-package run test bench sweep serve clean
 
 install: $(STAMP)
 
 # torch first and pinned: these wheels lie on this machine's disk (a plain `torch` pulls several GB).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml flows/__init__.py mtdiff/__init__.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
@@ -42,6 +42,12 @@ run: install data-package
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+sweep: install data-package
+	$(PY) -m flows.sweep configs/sweeps/tasks.yaml
+
+serve: install
+	$(PY) -m flows.serve
 
 bench: install
 	$(VENV)/bin/mtdiff bench train --quick
