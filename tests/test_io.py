@@ -116,3 +116,23 @@ def test_prepare_killed_mid_stage_leaves_no_output(fmnist_dir, tmp_path):
             assert sorted(p.name for p in (data / "prepared").iterdir()) == ["marker.txt"]
         else:
             assert not (data / "prepared").exists()
+
+
+def test_atomic_outputs_follow_umask_and_stale_temp_dirs_are_removed(tmp_path):
+    import os
+    import stat
+
+    from mtdiff.io import atomic_dir, write_json
+
+    old = os.umask(0o022)
+    try:
+        stale = tmp_path / ".out.abc.tmp"
+        stale.mkdir()
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("1")
+        write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert not stale.exists()
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
