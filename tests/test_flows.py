@@ -326,3 +326,69 @@ def test_flow_module_entry_points_parse_arguments(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lr-0.1: dvc exp run --temp --name s-lr-0.1-STAMP -S ++train.lr=0.1" in out
     assert "lr-0.2:" in out
+
+
+def test_dvc_runner_failure_classification_and_outcomes():
+    from mtdiff.dvc_runner import StageConfigError, StageFailed, failure_for, stage_exit_code, stage_outcome
+
+    lines = ["Running stage 'b':", "> python flaky.py b", "ERROR: failed to run: python flaky.py b, exited with 2"]
+    assert stage_exit_code(lines) == 2 and stage_exit_code(["all good"]) is None
+    bad = failure_for("b", 255, lines)
+    assert type(bad) is StageConfigError and "stage command exited with 2" in str(bad) and bad.stage_exit == 2
+    flaky = failure_for("b", 255, [*lines[:2], "ERROR: failed to run: python flaky.py b, exited with 1"])
+    assert type(flaky) is StageFailed and flaky.stage_exit == 1
+    assert type(failure_for("x", 255, ["ERROR: 'x' does not exist"])) is StageConfigError  # bad definition
+    assert type(failure_for("x", 1, ["ERROR: unexpected error - disk full"])) is StageFailed
+    assert "dvc exited 1" in str(failure_for("x", 1, ["boom"]))
+    assert stage_outcome("b", lines) == "ran"
+    assert stage_outcome("a", ["Stage 'a' is cached - skipping run, checking out outputs"]) == "restored"
+    assert stage_outcome("a", ["Stage 'a' didn't change, skipping"]) == "unchanged"
+    assert stage_outcome("a", ["something else"]) == "done"
+
+
+def test_dvc_runner_params_overrides_metrics_and_env(tmp_path, monkeypatch):
+    from mtdiff.dvc_runner import (StageFailed, find_repo, read_metrics, resolve_stages, run_checked,
+                                   tracked_env, write_params_overrides)
+
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS_YAML)
+    write_params_overrides(params, {"train.steps": 9, "sample.condition": "uncond"})
+    text = params.read_text()
+    assert "steps: 9   # steps comment" in text and text.startswith("# test params")
+    assert yaml.safe_load(text)["sample"] == {"condition": "uncond"} and yaml.safe_load(text)["train"]["lr"] == 0.1
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "evaluate.json").write_text(
+        json.dumps({"fid": 9.5, "ok": True, "name": "x", "nested": {"acc": 1}}))
+    (tmp_path / "m" / "broken.json").write_text("{not json")
+    (tmp_path / "m" / "nan.json").write_text('{"v": NaN, "w": 2}')
+    files = sorted((tmp_path / "m").glob("*.json"))
+    assert read_metrics(files) == {"evaluate/fid": 9.5, "evaluate/nested.acc": 1.0, "nan/w": 2.0}
+
+    monkeypatch.setenv("MLFLOW_PARENT_RUN_ID", "stale")
+    monkeypatch.setenv("MTDIFF_DVC_STAGE", "stale")
+    env = tracked_env("p1", "sqlite:///x.db", stage="train", flow_run_id="f1")
+    assert (env["MTDIFF_PARENT_RUN_ID"], env["MTDIFF_DVC_STAGE"], env["PREFECT__FLOW_RUN_ID"]) == ("p1", "train", "f1")
+    assert "MLFLOW_PARENT_RUN_ID" not in env and "MTDIFF_MLFLOW_TAGS" not in env
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    env = tracked_env(None, None, tags={"k": "v"})
+    assert "MTDIFF_PARENT_RUN_ID" not in env and "MTDIFF_DVC_STAGE" not in env and "PREFECT__FLOW_RUN_ID" not in env
+    assert json.loads(env["MTDIFF_MLFLOW_TAGS"]) == {"k": "v"}
+
+    (tmp_path / "dvc.yaml").write_text(_dvc_yaml("stage.py"))
+    monkeypatch.chdir(tmp_path)
+    assert find_repo() == tmp_path and resolve_stages(tmp_path, "b, a") == ["b", "a"]
+    with pytest.raises(ValueError, match="no dvc.yaml"):
+        find_repo(tmp_path / "m")
+    monkeypatch.chdir(tmp_path / "m")  # no dvc.yaml in the working directory: the default root is used
+    assert find_repo(None, default_root=tmp_path) == tmp_path
+    with pytest.raises(ValueError, match="no dvc.yaml"):
+        find_repo(None, default_root=tmp_path / "m")
+
+    seen: list[str] = []
+    lines, seconds = run_checked([sys.executable, "-c", "print('hi'); print('there')"], tmp_path, dict(os.environ),
+                                 seen.append, what="t", prefix="[t] ")
+    assert lines == ["hi", "there"] and seen == ["[t] hi", "[t] there"] and seconds >= 0
+    with pytest.raises(StageFailed, match="dvc exited 3"):
+        run_checked([sys.executable, "-c", "import sys; print('x'); sys.exit(3)"], tmp_path, dict(os.environ),
+                    seen.append, what="t")

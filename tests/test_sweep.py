@@ -1,19 +1,20 @@
 """Sweep config expansion, DVC -S value encoding, experiment lookup and the comparison report
-(no Prefect server needed; the sweep flow itself is tested in test_flows.py)."""
+(mtdiff.sweeps / mtdiff.report, no Prefect needed; the sweep flow itself is tested in test_flows.py)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-import fixtures.prefect_env  # noqa: F401  (before flows: Prefect state in a temp dir)
-from flows.sweep import (SweepPoint, expand_points, exp_name_for, find_experiment, hydra_value,
-                         load_sweep, set_param_args)
 from mtdiff.config import DEFAULT_PARAMS, ConfigError, load_params
 from mtdiff.report import (comparison_frame, flatten_metrics, main_metrics, to_markdown,
                            write_report)
+from mtdiff.sweeps import (SweepPoint, check_points, expand_points, exp_name_for, exp_run_args, find_experiment,
+                           hydra_value, load_sweep, select_points, set_param_args)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,6 +69,28 @@ def test_sweep_set_param_args_and_exp_names():
         "-S", "++train.steps=5", "-S", "++sample.condition=uncond"]
     assert exp_name_for("tasks", "joint label/x", "20250101-000000") == "tasks-joint-label-x-20250101-000000"
     assert exp_name_for("s", "p", "t", attempt=2) == "s-p-t-try2"
+    assert exp_run_args("e", {"train.lr": 0.5}, ["train"], ["data/x"]) == [
+        "exp", "run", "--temp", "--name", "e", "-C", "data/x", "-S", "++train.lr=0.5", "train"]
+    assert exp_run_args("e", {}) == ["exp", "run", "--temp", "--name", "e"]
+
+
+def test_sweep_select_and_check_points(tmp_path):
+    cfg = load_sweep({"name": "s", "points": {"a": {"train.lr": 0.1}, "b": {}, "c": {"train.nope": 1}}})
+    assert [p.name for p in select_points(cfg, None)] == ["a", "b", "c"]
+    assert [p.name for p in select_points(cfg, ["c", "a"])] == ["a", "c"]  # config order
+    with pytest.raises(ConfigError, match=r"no point\(s\) \['z'\]"):
+        select_points(cfg, ["a", "z"])
+    (tmp_path / "params.yaml").write_text(DEFAULT_PARAMS.read_text())
+    check_points(tmp_path, cfg, select_points(cfg, ["a", "b"]))
+    with pytest.raises(ConfigError, match="sweep s point c: .*train.nope"):
+        check_points(tmp_path, cfg, cfg.points)
+
+
+def test_mtdiff_modules_never_import_flows_or_prefect():
+    code = ("import sys, mtdiff.dvc_runner, mtdiff.sweeps, mtdiff.report; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flows', 'prefect')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
 
 
 def test_sweep_tasks_config_points_are_valid_and_share_the_budget():
