@@ -50,6 +50,37 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+OMP_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
+
+
+def machine_state() -> dict[str, Any]:
+    """What else the machine is doing (1-minute load average) and the OpenMP settings in force.
+
+    On a shared box the load average says how far to trust a timing: with more runnable threads
+    than cores, OpenMP's spin-waiting threads make every parallel region wait for a descheduled
+    sibling, and multi-threaded training slows down far more than the load alone would suggest.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {"load_avg_1m": load, "cpu_count": os.cpu_count(),
+            "omp_env": {k: os.environ[k] for k in OMP_ENV if k in os.environ}}
+
+
+def busy_warning(before: dict[str, Any], threads: int) -> str | None:
+    """A one-line caveat when other work competed for the cores during the run, else None."""
+    load = before.get("load_avg_1m")
+    if load is None or load < 0.5:
+        return None
+    msg = (f"note: load average was {load:.1f} on {before.get('cpu_count')} CPUs at the start (other "
+           f"work on the machine): timings are noisy")
+    if threads > 1:
+        msg += ("; multi-threaded torch suffers most (OpenMP spin-waits), OMP_WAIT_POLICY=PASSIVE or "
+                "--threads 1 hold up better on a busy machine")
+    return msg + "."
+
+
 def keeps_threads(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Restore torch's thread count after ``fn`` (benchmarks also run in-process, e.g. from tests)."""
     import functools
@@ -237,52 +268,87 @@ class TrainStep:
         return losses["loss"].detach()
 
 
-def time_loop(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> tuple[float, list[float]]:
-    """Run ``warmup`` untimed then ``steps`` timed calls; returns (total seconds, per-step seconds).
+def time_loop(step: Callable[[], Any], steps: int, warmup: int, device: torch.device,
+              probe: "MatmulProbe | None" = None) -> tuple[float, list[float], list[float]]:
+    """Run ``warmup`` untimed then ``steps`` timed calls.
 
-    Per-step times need a sync each step on CUDA; the total is what img/s is computed from.
+    Returns (total seconds of the timed steps, per-step seconds, matmul FLOP/s probed right after
+    each step when ``probe`` is given). Each step is synced (CUDA) so its time covers its kernels;
+    the probes run between steps, outside the step times.
     """
     for _ in range(warmup):
         step()
     sync(device)
     per: list[float] = []
-    start = time.perf_counter()
+    probes: list[float] = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         sync(device)
         per.append(time.perf_counter() - t0)
-    return time.perf_counter() - start, per
+        if probe is not None:
+            probes.append(probe.rate(reps=1))
+    return sum(per), per, probes
 
 
 # -- the MFU denominator ---------------------------------------------------------------------------
-def matmul_peak(device: torch.device, dtype: str, n: int | None = None, reps: int = 5) -> dict[str, Any]:
-    """Dense matmul FLOP/s measured now: best of ``reps`` timed (n x n) @ (n x n) in ``dtype``.
+class MatmulProbe:
+    """Dense matmul FLOP/s on this device, dtype and thread count: timed (n x n) @ (n x n).
 
-    Same device, dtype, thread count and TF32 setting as the workload, so MFU is achieved / attainable
-    on this machine at this moment (not a datasheet number). CPU fp32 runs plain fp32 GEMMs.
+    Same device, dtype, threads and TF32 setting as the workload, so MFU is achieved / attainable on
+    this machine (not a datasheet number); CPU fp32 runs plain fp32 GEMMs. ``rate`` can be called
+    between training steps, so on a shared machine each step can be paired with a peak measured
+    under the same load.
     """
-    if n is None:
-        n = 8192 if device.type == "cuda" else 2048
-    dt = DTYPES[dtype]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
-    b = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
-    # On a GPU one matmul is ~1 ms: time a burst of them so launch/sync overhead does not count.
-    inner = 10 if device.type == "cuda" else 1
-    for _ in range(2):
-        torch.matmul(a, b)
-    sync(device)
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            torch.matmul(a, b)
+
+    def __init__(self, device: torch.device, dtype: str, n: int | None = None):
+        self.device = device
+        self.n = n or (8192 if device.type == "cuda" else 2048)
+        self.dtype = DTYPES[dtype]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.a = torch.randn(self.n, self.n, generator=g).to(device=device, dtype=self.dtype)
+        self.b = torch.randn(self.n, self.n, generator=g).to(device=device, dtype=self.dtype)
+        # On a GPU one matmul is ~1 ms: time a burst so launch/sync overhead does not count.
+        self.inner = 10 if device.type == "cuda" else 1
+        for _ in range(2):
+            torch.matmul(self.a, self.b)
         sync(device)
-        best = min(best, (time.perf_counter() - t0) / inner)
-    flops = 2.0 * n ** 3 / best
-    del a, b
-    return {"matmul_flops": flops, "matmul_n": n, "matmul_dtype": str(dt).replace("torch.", "")}
+        self.samples: list[float] = []
+
+    @property
+    def operand_mb(self) -> float:
+        return 2 * self.a.numel() * self.a.element_size() / 2**20
+
+    def rate(self, reps: int = 3) -> float:
+        """Best FLOP/s of ``reps`` timings (each of ``inner`` back-to-back matmuls)."""
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(self.inner):
+                torch.matmul(self.a, self.b)
+            sync(self.device)
+            best = min(best, (time.perf_counter() - t0) / self.inner)
+        flops = 2.0 * self.n ** 3 / best
+        self.samples.append(flops)
+        return flops
+
+    @property
+    def peak(self) -> float:
+        """The best rate seen so far: the honest denominator (other load can only lower a timing)."""
+        return max(self.samples)
+
+    def info(self) -> dict[str, Any]:
+        return {"matmul_flops": self.peak, "matmul_n": self.n,
+                "matmul_dtype": str(self.dtype).replace("torch.", ""), "matmul_samples": len(self.samples)}
+
+
+def matmul_peak(device: torch.device, dtype: str, n: int | None = None, reps: int = 5) -> dict[str, Any]:
+    """Dense matmul FLOP/s measured now: best of ``reps`` timed (n x n) @ (n x n) in ``dtype``."""
+    probe = MatmulProbe(device, dtype, n)
+    probe.rate(reps)
+    out = probe.info()
+    del probe
+    return out
 
 
 # -- memory -----------------------------------------------------------------------------------------

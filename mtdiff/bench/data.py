@@ -323,6 +323,7 @@ def run_data_bench(*, quick: bool = False, device: str = "auto", dtype: str = "a
                    batch_size: int | None = None, steps: int | None = None, jpegs: int | None = None,
                    max_per_split: int | None = None, vae: str = "auto", threads: int | None = None,
                    params_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    machine = C.machine_state()
     params = C.bench_params("default", params_path, overrides)
     n_threads = C.configure_threads(threads)
     dev = C.resolve_device(device)
@@ -372,6 +373,8 @@ def run_data_bench(*, quick: bool = False, device: str = "auto", dtype: str = "a
     out["ratio_shards_vs_memory"] = out["training"]["ratio_shards_vs_memory"]
     out["ratio_latents_vs_vae"] = out["latents_vs_vae"]["ratio_latents_vs_vae"]
     out["seconds"] = time.perf_counter() - t_all
+    out.update(load_avg_1m_before=machine["load_avg_1m"], omp_env=machine["omp_env"],
+               warning=C.busy_warning(machine, n_threads))
     return out
 
 
@@ -405,6 +408,8 @@ def format_result(r: dict[str, Any]) -> str:
       f"img/s encoding on the fly (batch {lv['batch_size']})")
     p(f"    ratio               {lv['ratio_latents_vs_vae']:.2f}x faster from stored latents")
     p(f"  total {r['seconds']:.1f} s")
+    if r.get("warning"):
+        p(f"  {r['warning']}")
     return buf.getvalue().rstrip()
 
 

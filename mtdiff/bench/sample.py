@@ -73,6 +73,7 @@ def run_sample_bench(*, config: str = "default", steps: int | None = None, num: 
                      sampler: str | None = None, device: str = "auto", dtype: str = "auto",
                      threads: int | None = None, quick: bool = False, checkpoint: str | None = None,
                      params_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    machine = C.machine_state()
     params = C.bench_params(config, params_path, overrides)
     n_threads = C.configure_threads(threads)
     dev = C.resolve_device(device)
@@ -123,7 +124,8 @@ def run_sample_bench(*, config: str = "default", steps: int | None = None, num: 
         "params": C.count_params(model), "seconds": elapsed, "img_per_s": img_per_s,
         "ms_per_step": elapsed / steps * 1e3, "flops_per_img": fwd_flops,
         "achieved_flops": achieved, "matmul_flops": peak["matmul_flops"], "mfu": achieved / peak["matmul_flops"],
-        **mem,
+        **mem, "load_avg_1m_before": machine["load_avg_1m"], "omp_env": machine["omp_env"],
+        "warning": C.busy_warning(machine, n_threads),
     }
 
 
@@ -139,7 +141,7 @@ def format_result(r: dict[str, Any]) -> str:
         f"  MFU         {r['mfu']:.3f}  ({C.fmt_si(r['achieved_flops'], 'FLOP/s')} = forward FLOPs/img x steps x img/s;"
         f" matmul peak {C.fmt_si(r['matmul_flops'], 'FLOP/s')})",
         f"  peak memory {r['peak_mem_mb']:.0f} MiB ({r['peak_mem_kind']})",
-    ])
+    ] + ([f"  {r['warning']}"] if r.get("warning") else []))
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

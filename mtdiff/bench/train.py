@@ -8,7 +8,9 @@ not counted, so they show up as lost MFU.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
+import statistics
 import time
 from typing import Any
 
@@ -19,7 +21,7 @@ from mtdiff.bench import common as C
 QUICK_STEPS, QUICK_WARMUP = 5, 2
 FULL_STEPS, FULL_WARMUP = 20, 3
 # --quick on CPU caps the batch so one step stays around a second or two (DiT-B/2 at batch 256
-# would take minutes per step on a laptop); the default profile's batch 128 stays as is.
+# would take minutes per step on a laptop); the default profile's batch stays as is.
 QUICK_CPU_STEP_FLOPS = 150e9
 
 
@@ -61,6 +63,7 @@ def run_train_bench(*, config: str = "default", device: str = "auto", dtype: str
                     ema: bool = True, matmul_n: int | None = None, params_path: str | None = None,
                     overrides: list[str] | None = None, profile: bool = False) -> dict[str, Any]:
     """Time the train stage's step on synthetic batches of the real shape; returns the result dict."""
+    machine = C.machine_state()
     params = C.bench_params(config, params_path, overrides)
     n_threads = C.configure_threads(threads)
     dev = C.resolve_device(device)
@@ -76,8 +79,11 @@ def run_train_bench(*, config: str = "default", device: str = "auto", dtype: str
     from mtdiff.models import flops_per_image
 
     torch.manual_seed(params.seed)
-    # the matmul peak runs outside the memory window: its operands are no part of training's footprint
-    peak_before = C.matmul_peak(dev, dt, matmul_n, reps=3 if quick else 5)
+    # The matmul probe's operands are allocated before the memory window opens (no part of training's
+    # footprint on CPU; on CUDA they are subtracted below). It is timed before training, after every
+    # timed step (each step paired with a peak under the same machine load) and after training.
+    probe = C.MatmulProbe(dev, dt, matmul_n)
+    probe.rate(reps=3 if quick else 5)
     with C.peak_memory(dev) as mem:
         model, diffusion = C.build(params, dev)
         fwd_flops = float(flops_per_image(model))
@@ -85,7 +91,7 @@ def run_train_bench(*, config: str = "default", device: str = "auto", dtype: str
         if batch_size is None:
             batch_size = params.train.batch_size
             if quick and dev.type == "cpu":
-                cap = max(2, 2 ** int(torch.tensor(QUICK_CPU_STEP_FLOPS / (3 * fwd_flops)).log2().floor()))
+                cap = max(2, 2 ** int(math.floor(math.log2(max(1.0, QUICK_CPU_STEP_FLOPS / (3 * fwd_flops))))))
                 capped = cap < batch_size
                 batch_size = min(batch_size, cap)
         if batch_size < 1:
@@ -101,13 +107,15 @@ def run_train_bench(*, config: str = "default", device: str = "auto", dtype: str
             losses.append(step(batch))
         C.sync(dev)
         warm_s = time.perf_counter() - t_warm
-        total, per = C.time_loop(lambda: losses.append(step(batch)), steps, 0, dev)
-    peak_after = C.matmul_peak(dev, dt, matmul_n, reps=3 if quick else 5)
-    # Best of two measurements (before and after): the highest attainable rate is the honest
-    # denominator; other processes on the machine can only lower either one.
-    matmul_flops = max(peak_before["matmul_flops"], peak_after["matmul_flops"])
+        total, per, probes = C.time_loop(lambda: losses.append(step(batch)), steps, 0, dev, probe=probe)
+    if dev.type == "cuda":
+        mem["peak_mem_mb"] -= probe.operand_mb
+    probe.rate(reps=3 if quick else 5)
+    matmul_flops = probe.peak  # best of every timing: other load can only lower a measurement
     img_per_s = batch_size * steps / total
-    achieved = 3.0 * fwd_flops * img_per_s
+    step_flops = 3.0 * fwd_flops * batch_size
+    achieved = step_flops / total * steps
+    paired = [step_flops / t / r for t, r in zip(per, probes)]
     final_loss = float(losses[-1])
     if not torch.isfinite(torch.tensor(final_loss)):
         raise RuntimeError(f"bench train: the loss went non-finite ({final_loss}); the numbers would be meaningless")
@@ -122,11 +130,13 @@ def run_train_bench(*, config: str = "default", device: str = "auto", dtype: str
         "flops_note": "achieved = 3 x forward FLOPs/img (mtdiff.models.flops_per_image) x img/s",
         "img_per_s": img_per_s, "step_time_s": total / steps, "step_time_best_s": min(per),
         "img_per_s_best_step": batch_size / min(per), "warmup_s": warm_s,
-        "achieved_flops": achieved, "matmul_flops": matmul_flops, "matmul_n": peak_after["matmul_n"],
-        "matmul_dtype": peak_after["matmul_dtype"], "mfu": achieved / matmul_flops,
-        "mfu_best_step": 3.0 * fwd_flops * batch_size / min(per) / matmul_flops,
+        "achieved_flops": achieved, **probe.info(), "mfu": achieved / matmul_flops,
+        "mfu_best_step": step_flops / min(per) / matmul_flops,
+        "mfu_paired_median": statistics.median(paired),
         "optimizer": "AdamW " + ("fused" if dev.type == "cuda" else "foreach"),
         "loss": final_loss, "torch": torch.__version__, **mem,
+        "load_avg_1m_before": machine["load_avg_1m"], "load_avg_1m_after": C.machine_state()["load_avg_1m"],
+        "omp_env": machine["omp_env"], "warning": C.busy_warning(machine, n_threads),
     }
     if profile:
         result["profile_table"] = profile_steps(step, batch, dev)
@@ -160,12 +170,15 @@ def format_result(r: dict[str, Any]) -> str:
         + (f"; FlopCounterMode counts {C.fmt_si(counted, 'FLOP')}" if counted else ""),
         f"  achieved     {C.fmt_si(r['achieved_flops'], 'FLOP/s')}  (= 3 x forward FLOPs/img x img/s)",
         f"  matmul peak  {C.fmt_si(r['matmul_flops'], 'FLOP/s')}  ({r['matmul_n']}^2 {r['matmul_dtype']} "
-        f"torch.matmul, best of runs before and after, same threads)",
-        f"  MFU          {r['mfu']:.3f}  (best step {r['mfu_best_step']:.3f})",
+        f"torch.matmul, same threads; best of {r['matmul_samples']} timings before, between and after the steps)",
+        f"  MFU          {r['mfu']:.3f}  = achieved / matmul peak   (best step {r['mfu_best_step']:.3f}; "
+        f"median of steps each over the matmul timed right after it {r['mfu_paired_median']:.3f})",
         f"  peak memory  {r['peak_mem_mb']:.0f} MiB ({r['peak_mem_kind']}"
         + (f", +{r['peak_mem_delta_mb']:.0f} MiB during the bench" if "peak_mem_delta_mb" in r else "") + ")",
         f"  loss         {r['loss']:.4f} after {r['warmup'] + r['steps']} steps",
     ]
+    if r.get("warning"):
+        lines.append(f"  {r['warning']}")
     if r.get("profile_table"):
         lines += ["", r["profile_table"]]
     return "\n".join(lines)
