@@ -86,7 +86,7 @@ def test_changed_param_starts_fresh(root, caplog):
     from mtdiff.stages.train import train
 
     train(_params(root, "chg", steps=3))
-    changed = _params(root, "chg", steps=3, **{"train.lr": 1e-3})
+    changed = _params(root, "chg", steps=3, **{"train.lr": 3e-3})
     with caplog.at_level("WARNING", logger="mtdiff.train"):
         result = train(changed)
     assert result.summary["resumed_from_step"] is None

@@ -154,7 +154,7 @@ def test_params_hash_ignores_logistics_but_not_training_params(tmp_path):
             {"data.out_dir": "elsewhere"}, {"sample.steps": 5}, {"evaluate.num_samples": 3}]
     for over in same:
         assert params_hash(tiny_params(tmp_path, **over)) == base, over
-    changed = [{"train.lr": 1e-3}, {"seed": 1}, {"model.depth": 3}, {"diffusion.w_max": 0.2},
+    changed = [{"train.lr": 3e-3}, {"seed": 1}, {"model.depth": 3}, {"diffusion.w_max": 0.2},
                {"tasks.label.weight": 0.5}, {"train.batch_size": 8}, {"data.max_per_split": 32}]
     for over in changed:
         assert params_hash(tiny_params(tmp_path, **over)) != base, over
