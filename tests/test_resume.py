@@ -81,6 +81,22 @@ def test_finished_run_is_not_retrained(root):
     assert again.summary["final_loss"] is not None  # restored from the checkpoint's stats
 
 
+def test_checkpoint_past_the_budget_starts_fresh(root, caplog):
+    """A shorter run (same params, fewer steps) must not reuse a longer run's checkpoint: a sweep's
+    fixed budget would silently become the longer one."""
+    from mtdiff.checkpoint import load_checkpoint
+    from mtdiff.stages.train import train
+
+    train(_params(root, "budget", steps=5))
+    with caplog.at_level("WARNING", logger="mtdiff.train"):
+        short = train(_params(root, "budget", steps=3))
+    assert short.summary["resumed_from_step"] is None
+    assert "past train.steps 3" in caplog.text
+    assert load_checkpoint(root / "budget" / "last.pt")["step"] == 3
+    assert load_checkpoint(root / "budget" / "last.pt.stale")["step"] == 5
+    _assert_same(short, train(_params(root, "budget_ref", steps=3)))
+
+
 def test_changed_param_starts_fresh(root, caplog):
     from mtdiff.checkpoint import load_checkpoint, params_hash
     from mtdiff.stages.train import train

@@ -8,7 +8,8 @@ Resume: when ``last.pt`` exists and its ``params_hash`` equals the current one, 
 from it exactly: same weights, optimizer, LR schedule, EMA, data order (epoch permutation from
 ``(seed, epoch)`` plus the position in the epoch) and noise (the per-rank noise generator and the
 global RNGs are restored). ``train.steps`` is not hashed, so raising it extends a finished run.
-A different hash starts fresh and moves the old files aside (``last.pt.stale``).
+A different hash, or a checkpoint past ``train.steps``, starts fresh and moves the old files aside
+(``last.pt.stale``).
 
 A non-finite loss stops training with :class:`NonFiniteLossError` (step, per-task losses) before
 anything is saved, so the last good checkpoint stays.
@@ -191,7 +192,11 @@ def _train(params: Params, info: DistInfo, on_step: Optional[Callable[[int], Non
     resumed_from: Optional[int] = None
     if last_path.exists():
         state = ckpt_mod.load_checkpoint(last_path, map_location="cpu")
-        if state.get("params_hash") == phash:
+        same_run = state.get("params_hash") == phash
+        # steps is outside the hash so a longer run extends a shorter one; a checkpoint already past
+        # train.steps belongs to a longer run, and reusing it would break a fixed training budget.
+        past_budget = same_run and int(state["step"]) > tc.steps
+        if same_run and not past_budget:
             model.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["opt"])
@@ -210,13 +215,15 @@ def _train(params: Params, info: DistInfo, on_step: Optional[Callable[[int], Non
             resumed_from = step
             if info.is_main:
                 log.info("resuming from %s at step %d (epoch %d, batch %d)", last_path, step, epoch, batch_in_epoch)
-                if step >= tc.steps:
-                    log.warning("the checkpoint is at step %d >= train.steps %d: nothing to train "
-                                "(raise train.steps to continue)", step, tc.steps)
+                if step == tc.steps:
+                    log.info("the checkpoint is at train.steps %d already: nothing to train "
+                             "(raise train.steps to continue)", step)
         else:
             barrier(info)
             if info.is_main:
-                _move_aside(ckpt_dir, f"params hash {state.get('params_hash')} != current {phash}")
+                reason = (f"checkpoint step {state['step']} is past train.steps {tc.steps}" if past_budget
+                          else f"params hash {state.get('params_hash')} != current {phash}")
+                _move_aside(ckpt_dir, reason)
         del state
     barrier(info)
 
