@@ -100,6 +100,8 @@ def resolve_device(choice: str) -> torch.device:
     """``auto`` -> CUDA when visible else CPU; ``cuda`` without a GPU is an error (never a silent fallback)."""
     from mtdiff.utils import pick_device
 
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is visible; use --device auto or cpu")
     return pick_device(choice)
 
 
