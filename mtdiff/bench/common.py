@@ -11,7 +11,7 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
@@ -226,6 +226,26 @@ def resolve_dtype(choice: str, device: torch.device, params: Params) -> str:
     if params.train.precision == "bf16" and not torch.cuda.is_bf16_supported():
         return "fp16"
     return params.train.precision
+
+
+class BenchSetup(NamedTuple):
+    machine: dict[str, Any]
+    params: Params
+    threads: int
+    device: torch.device
+    dtype: str
+
+
+def setup_bench(config: str, params_path: str | None, overrides: list[str] | None,
+                threads: int | None, device: str, dtype: str) -> BenchSetup:
+    """What every benchmark does first: note the machine's load, load params, set threads,
+    device, backends (TF32) and the dtype the train stage would use."""
+    machine = machine_state()
+    params = bench_params(config, params_path, overrides)
+    n_threads = configure_threads(threads)
+    dev = resolve_device(device)
+    configure_backends(dev, params.train.tf32)
+    return BenchSetup(machine, params, n_threads, dev, resolve_dtype(dtype, dev, params))
 
 
 class TrainStep:

@@ -323,12 +323,7 @@ def run_data_bench(*, quick: bool = False, device: str = "auto", dtype: str = "a
                    batch_size: int | None = None, steps: int | None = None, jpegs: int | None = None,
                    max_per_split: int | None = None, vae: str = "auto", threads: int | None = None,
                    params_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    machine = C.machine_state()
-    params = C.bench_params("default", params_path, overrides)
-    n_threads = C.configure_threads(threads)
-    dev = C.resolve_device(device)
-    C.configure_backends(dev, params.train.tf32)
-    dt = C.resolve_dtype(dtype, dev, params)
+    machine, params, n_threads, dev, dt = C.setup_bench("default", params_path, overrides, threads, device, dtype)
     batch_size = batch_size or (32 if quick else params.train.batch_size)
     steps = steps or (3 if quick else 10)
     warmup = 1 if quick else 2

@@ -73,12 +73,7 @@ def run_sample_bench(*, config: str = "default", steps: int | None = None, num: 
                      sampler: str | None = None, device: str = "auto", dtype: str = "auto",
                      threads: int | None = None, quick: bool = False, checkpoint: str | None = None,
                      params_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    machine = C.machine_state()
-    params = C.bench_params(config, params_path, overrides)
-    n_threads = C.configure_threads(threads)
-    dev = C.resolve_device(device)
-    C.configure_backends(dev, params.train.tf32)
-    dt = C.resolve_dtype(dtype, dev, params)
+    machine, params, n_threads, dev, dt = C.setup_bench(config, params_path, overrides, threads, device, dtype)
     steps = steps or (QUICK_STEPS if quick else params.sample.steps)
     num = num or (QUICK_NUM if quick else params.sample.batch_size)
     sampler = sampler or params.sample.sampler

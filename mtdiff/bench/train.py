@@ -63,12 +63,7 @@ def run_train_bench(*, config: str = "default", device: str = "auto", dtype: str
                     ema: bool = True, matmul_n: int | None = None, params_path: str | None = None,
                     overrides: list[str] | None = None, profile: bool = False) -> dict[str, Any]:
     """Time the train stage's step on synthetic batches of the real shape; returns the result dict."""
-    machine = C.machine_state()
-    params = C.bench_params(config, params_path, overrides)
-    n_threads = C.configure_threads(threads)
-    dev = C.resolve_device(device)
-    C.configure_backends(dev, params.train.tf32)
-    dt = C.resolve_dtype(dtype, dev, params)
+    machine, params, n_threads, dev, dt = C.setup_bench(config, params_path, overrides, threads, device, dtype)
     steps = steps if steps is not None else (QUICK_STEPS if quick else FULL_STEPS)
     warmup = warmup if warmup is not None else (QUICK_WARMUP if quick else FULL_WARMUP)
     if compile_model:
