@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from mtdiff.config import Params, resolve_path
+from mtdiff.data import load_prepared
 from mtdiff.evaluation import accuracy as acc
 from mtdiff.evaluation import fidelity as fid
 from mtdiff.io import atomic_path, write_json
@@ -94,18 +95,6 @@ def _read_samples(params: Params) -> tuple[dict[str, np.ndarray], dict[str, Any]
     return arrays, meta
 
 
-def _read_test(params: Params) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    d = params.prepared_dir
-    img_path, lbl_path = d / "test_images.npy", d / "test_labels.npy"
-    if not img_path.is_file():
-        raise FileNotFoundError(f"{img_path}: no test split (run the prepare stage first)")
-    images = np.load(img_path, mmap_mode="r")
-    labels = np.load(lbl_path) if lbl_path.is_file() else np.zeros(len(images), np.int64)
-    classes_path = d / "classes.json"
-    classes = json.loads(classes_path.read_text()) if classes_path.is_file() else []
-    return images, labels, classes
-
-
 def _test_z0(params: Params, images: np.ndarray, n: int) -> Optional[np.ndarray]:
     """The first n test images in the diffusion space (latents stage's mean; pixel mode can scale the images)."""
     mean = params.latents_dir / "test" / "mean.npy"
@@ -146,7 +135,7 @@ def compute(params: Params) -> tuple[dict[str, Any], dict[str, list[list[Any]]]]
     device = pick_device(params.train.device)
     arrays, sample_meta = _read_samples(params)
     condition = str(sample_meta.get("condition") or params.sample.condition)
-    test_images, test_labels, classes = _read_test(params)
+    test_images, test_labels, classes = load_prepared(params, "test")
 
     samples = fid.as_nhwc_uint8(arrays["arr_0"], "samples.npz arr_0")
     n = min(ev.num_samples, len(samples))
