@@ -1,4 +1,8 @@
-"""Training helpers: DDP setup, optimizer, LR schedule, EMA, mixed precision, resumable batches.
+"""Training: the M5 training step, its loss/throughput meter, and the helpers around it (DDP setup,
+optimizer, LR schedule, EMA, mixed precision, resumable batches).
+
+:class:`TrainStep` is the one definition of a training step (targets -> M5 loss -> backward ->
+clip -> AdamW -> LR schedule -> EMA); the train stage and ``mtdiff bench train`` both call it.
 
 Choices (documented here, used by ``mtdiff.stages.train``):
 - LR: linear warmup over ``train.warmup_steps`` then **constant** (as DiT and ADM train). A
@@ -14,14 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 
+from mtdiff.config import Params
+from mtdiff.data import random_patch_mask
 from mtdiff.utils import get_logger, pick_device
 
 log = get_logger(__name__)
@@ -134,8 +141,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
-    """Enabled only for fp16 (bf16 has fp32's range and needs no loss scaling)."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    """Enabled only for fp16 on CUDA (bf16 has fp32's range and needs no loss scaling; CPU fp16
+    autocast, which only the benchmark can ask for, runs unscaled)."""
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and dtype == torch.float16)
 
 
 # -- optimizer / schedule ---------------------------------------------------------------------
@@ -269,3 +277,212 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def stack_losses(losses: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
     """Per-task losses as one fp32 vector in ``names`` order (for one all-reduce and one sync)."""
     return torch.stack([losses[n].detach().float().reshape(()) for n in names])
+
+
+# -- the training step ------------------------------------------------------------------------
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the message names the step and the per-task losses."""
+
+
+def make_targets(batch: Mapping[str, torch.Tensor], params: Params,
+                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(z0, targets)`` for :meth:`MTDiffusion.training_losses` from a collated batch on the device.
+
+    The masked task's input is ``z0 * mask`` with a fresh random patch mask per image
+    (``tasks.masked.mask_ratio`` of the ``model.patch_size`` patches hidden), drawn from the
+    noise generator so a resumed run draws the same masks.
+    """
+    z0 = batch["z0"]
+    targets: dict[str, torch.Tensor] = {}
+    for name in params.tasks.enabled:
+        if name == "masked":
+            mask = random_patch_mask(z0.shape[0], z0.shape[1:], params.tasks.masked.mask_ratio,
+                                     params.model.patch_size, generator=generator, device=z0.device)
+            targets["masked"] = z0 * mask.to(z0.dtype)
+        else:
+            if name not in batch:
+                raise KeyError(f"tasks.{name} is enabled but the training batch has no '{name}' "
+                               f"(batch keys: {sorted(batch)}); re-run the data stages")
+            targets[name] = batch[name]
+    return z0, targets
+
+
+class LossModule(nn.Module):
+    """``forward(z0, targets) -> training_losses(...)`` so DDP sees the whole step (encoders E_i
+    of M2 run inside ``aggregate``, which DDP must also cover) as one forward."""
+
+    def __init__(self, model: nn.Module, diffusion: Any, params: Params, generator: torch.Generator):
+        super().__init__()
+        self.model = model
+        self.diffusion = diffusion
+        self.tasks_cfg = params.tasks
+        self.generator = generator
+
+    def forward(self, z0: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.diffusion.training_losses(self.model, z0, targets, tasks_cfg=self.tasks_cfg,
+                                              generator=self.generator)
+
+
+@dataclass
+class StepOutput:
+    """What one step returns, still on the device (reading it would sync every step)."""
+
+    losses: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor
+
+
+class TrainStep:
+    """One M5 training step on a collated batch, with the optimizer state it updates.
+
+    ``make_targets`` -> ``diffusion.training_losses`` under autocast (in DDP when ``ddp``) ->
+    backward (GradScaler for fp16) -> grad-norm clip (``train.grad_clip``) -> AdamW -> LR
+    schedule -> EMA update (left out with ``use_ema=False``, for the benchmark only).
+    Noise and masks come from ``generator``, so a resumed run replays them.
+    """
+
+    def __init__(self, model: nn.Module, diffusion: Any, params: Params, device: torch.device, *,
+                 generator: torch.Generator, amp_dtype: torch.dtype | None = None,
+                 compile_model: bool = False, ddp: bool = False, use_ema: bool = True):
+        tc = params.train
+        self.model, self.params, self.device, self.amp_dtype = model, params, device, amp_dtype
+        self.generator = generator
+        self.ema = EMA(model, tc.ema_decay) if use_ema else None
+        self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay, device)
+        self.scheduler = build_scheduler(self.optimizer, tc.warmup_steps)
+        self.scaler = make_grad_scaler(device, amp_dtype)
+        forward_model = torch.compile(model) if compile_model else model
+        self.loss_module: nn.Module = LossModule(forward_model, diffusion, params, generator)
+        if ddp:
+            self.loss_module = nn.parallel.DistributedDataParallel(
+                self.loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+        model.train()
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> StepOutput:
+        z0, targets = make_targets(batch, self.params, self.generator)
+        with autocast(self.device, self.amp_dtype):
+            losses = self.loss_module(z0, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        grad_norm = self._clip_gradients()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return StepOutput(losses, grad_norm)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        clip = self.params.train.grad_clip
+        if clip <= 0:
+            return torch.zeros((), device=self.device)
+        self.scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint entries of ``last.pt`` this step owns (model, ema, opt, sched, scaler)."""
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else {},
+                "opt": self.optimizer.state_dict(), "sched": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["opt"])
+        self.scheduler.load_state_dict(state["sched"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+# -- the meter --------------------------------------------------------------------------------
+
+@dataclass
+class Throughput:
+    images: int = 0
+    seconds: float = 0.0
+
+    def add(self, images: int, seconds: float) -> None:
+        self.images += images
+        self.seconds += seconds
+
+    @property
+    def img_per_s(self) -> Optional[float]:
+        return self.images / self.seconds if self.seconds > 0 else None
+
+
+@dataclass
+class Window:
+    """Means over one logging window (and over ranks): losses in ``names`` order, grad norm, img/s."""
+
+    losses: dict[str, float]
+    grad_norm: float
+    images: int
+    seconds: float
+
+    @property
+    def img_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+class TrainMeter:
+    """Per-task loss and grad-norm sums over a logging window, kept on the device (a step never
+    syncs), the first non-finite step, and img/s per window, per session and steady (without the
+    first window: warm-up, compilation)."""
+
+    def __init__(self, names: Sequence[str], images_per_step: int, info: DistInfo):
+        self.names = list(names)
+        self.images_per_step = images_per_step
+        self.info = info
+        device = info.device
+        self._loss_sum = torch.zeros(len(self.names), device=device)
+        self._grad_norm_sum = torch.zeros((), device=device)
+        self._count = 0
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self._bad_losses = torch.zeros(len(self.names), device=device)
+        self._t0 = time.perf_counter()
+        self._excluded_s = 0.0
+        self.windows = 0
+        self.session = Throughput()
+        self.steady = Throughput()
+
+    def add(self, step: int, out: StepOutput) -> None:
+        losses = stack_losses(out.losses, self.names)
+        newly_bad = ~torch.isfinite(losses).all() & (self._first_bad_step < 0)
+        self._first_bad_step = torch.where(newly_bad, torch.full_like(self._first_bad_step, step),
+                                           self._first_bad_step)
+        self._bad_losses = torch.where(newly_bad, losses, self._bad_losses)
+        self._loss_sum += losses
+        self._grad_norm_sum += out.grad_norm.detach().float()
+        self._count += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (checkpoint writing) out of the current window's time."""
+        self._excluded_s += seconds
+
+    def check_finite(self, note: str = "") -> None:
+        """Raise :class:`NonFiniteLossError` if any rank saw a NaN/inf loss (one sync); ``note`` ends the message."""
+        flag = all_reduce_mean((self._first_bad_step >= 0).float(), self.info)
+        if float(flag) <= 0:
+            return
+        at = int(self._first_bad_step)
+        where = f"non-finite loss at step {at}" if at >= 0 else "non-finite loss on another rank"
+        values = {n: float(v) for n, v in zip(self.names, self._bad_losses.tolist())}
+        raise NonFiniteLossError(f"{where}: per-task losses {values}{note}")
+
+    def flush(self) -> Window:
+        """Close the window (reduced over ranks) and start the next."""
+        seconds = max(time.perf_counter() - self._t0 - self._excluded_s, 1e-9)
+        means = all_reduce_mean(self._loss_sum / self._count, self.info).tolist()
+        grad_norm = float(all_reduce_mean(self._grad_norm_sum / self._count, self.info))
+        window = Window(dict(zip(self.names, means)), grad_norm, self._count * self.images_per_step, seconds)
+        self.windows += 1
+        self.session.add(window.images, seconds)
+        if self.windows > 1:
+            self.steady.add(window.images, seconds)
+        self._loss_sum.zero_()
+        self._grad_norm_sum.zero_()
+        self._count = 0
+        self._excluded_s = 0.0
+        self._t0 = time.perf_counter()
+        return window

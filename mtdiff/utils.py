@@ -1,6 +1,7 @@
 """Small shared helpers: logging, seeding, device choice."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -21,6 +22,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def derive_seed(seed: int, stream: str, rank: int = 0) -> int:
+    """The seed of one named random stream (``"noise"``, ``"loader/3"`` ...) of process ``rank``.
+
+    A hash rather than arithmetic such as ``seed * k + rank``: streams of different seeds, names
+    and ranks never collide, and a new stream needs no new magic constant. 63 bits fit every RNG
+    torch and NumPy take (``seed_everything`` folds it for NumPy).
+    """
+    digest = hashlib.blake2b(f"{seed}/{stream}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def pick_device(choice: str = "auto") -> torch.device:

@@ -50,3 +50,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# -- fresh machines and output folders (issue 11) ------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def _session_env(tmp_path_factory):
+    """Session-wide environment for every test (and the stage subprocesses tests start):
+
+    - ``MTDIFF_OUTPUT_ROOTS``: pytest's temp folder, where tests put their stage outputs (outputs
+      outside the project are refused otherwise, see ``mtdiff.config.check_output_dirs``);
+    - ``MTDIFF_FMNIST_DIR``: when Debian's Fashion-MNIST is not installed (a fresh machine), a small
+      deterministic look-alike in the real gzip'd IDX format (``tests/fixtures/fmnist_idx.py``), so
+      the data-dependent tests run instead of being skipped.
+    """
+    global FMNIST_DIR
+    from fixtures import fmnist_idx
+
+    env = {"MTDIFF_OUTPUT_ROOTS": os.pathsep.join(
+        p for p in (str(tmp_path_factory.getbasetemp()), os.environ.get("MTDIFF_OUTPUT_ROOTS")) if p)}
+    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        env["MTDIFF_FMNIST_DIR"] = str(fmnist_idx.build(tmp_path_factory.mktemp("fashion-mnist-idx")))
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        before, FMNIST_DIR = FMNIST_DIR, Path(env.get("MTDIFF_FMNIST_DIR", FMNIST_DIR))
+        try:
+            yield
+        finally:
+            FMNIST_DIR = before
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: tiny models gain nothing from two, and on a shared, oversubscribed
+    2-core machine OpenMP's spinning threads made steps ~20x slower. (Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,12 +10,14 @@ import sys
 import pytest
 import torch
 
-from test_train import data_root, fmnist_path, link_data, single_thread, tiny_params  # noqa: F401
+from fixtures.tiny_run import data_root, link_data, tiny_params
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def shared_data(tmp_path_factory):
-    return data_root(tmp_path_factory, fmnist_path(), tasks=("masked",))
+    return data_root(tmp_path_factory, tasks=("masked",))
 
 
 def _torchrun(root, overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_train import data_root, fmnist_path, link_data, single_thread, tiny_params  # noqa: F401
+from fixtures.tiny_run import data_root, link_data, tiny_params
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # masked + label: the mask draws and the label embedding both have to replay exactly;
 # 64 images / batch 16 = 4 steps per epoch, so 10 steps cross two epoch boundaries.
@@ -15,7 +17,7 @@ STEPS = 10
 
 @pytest.fixture(scope="module")
 def shared_data(tmp_path_factory):
-    return data_root(tmp_path_factory, fmnist_path(), tasks=("masked",))
+    return data_root(tmp_path_factory, tasks=("masked",))
 
 
 @pytest.fixture

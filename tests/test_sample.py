@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from test_train import ALL_TASKS, data_root, fmnist_path, single_thread, tiny_params  # noqa: F401
+from fixtures.tiny_run import ALL_TASKS, data_root, tiny_params
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 TASKS = {f"tasks.{t}.enabled": True for t in ALL_TASKS}
 
@@ -17,7 +19,7 @@ TASKS = {f"tasks.{t}.enabled": True for t in ALL_TASKS}
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Tiny data + a tiny model trained a few steps with every task (shared by the tests)."""
-    root = data_root(tmp_path_factory, fmnist_path(), tasks=ALL_TASKS)
+    root = data_root(tmp_path_factory, tasks=ALL_TASKS)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,86 +1,22 @@
-"""Train stage: outputs, checkpoint contents, params hash, LR schedule, EMA, inference loading, MLflow.
-
-Also holds the tiny-data helpers that test_resume / test_ddp / test_sample import
-(``from test_train import ...``; pytest puts tests/ on sys.path).
-"""
+"""Train stage: outputs, checkpoint contents, params hash, LR schedule, EMA, the shared training
+step and its meter, inference loading, MLflow."""
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from mtdiff.config import DEFAULT_PARAMS, Params, load_params
+from fixtures.tiny_run import ALL_TASKS, data_root, link_data, tiny_params
 
-# A tiny model and schedule: a few CPU seconds per run.
-TINY = {"model.depth": 2, "model.hidden_size": 64, "model.num_heads": 2, "model.patch_size": 4,
-        "model.head_hidden": 32, "diffusion.timesteps": 50, "train.batch_size": 16,
-        "train.warmup_steps": 2, "train.log_every": 2, "train.ckpt_every": 4, "train.steps": 6,
-        "train.device": "cpu", "sample.steps": 10, "sample.num_samples": 12, "sample.batch_size": 8,
-        "data.max_per_split": 64, "representations.epochs": 0}
-
-
-def tiny_params(root: Path, **over) -> Params:
-    """Params rooted in ``root`` (data/, checkpoints/, samples/, metrics/) with the TINY sizes."""
-    base = {"data.out_dir": str(root / "data"), "train.out_dir": str(root / "checkpoints"),
-            "sample.out_dir": str(root / "samples"), "evaluate.out_dir": str(root / "metrics")}
-    return load_params(DEFAULT_PARAMS, overrides={**base, **TINY, **over})
-
-
-def build_data(params: Params) -> None:
-    """The real prepare + latents (+ representations) stages on ``data.max_per_split`` images."""
-    from mtdiff.stages import latents, prepare
-
-    prepare.run(params)
-    latents.run(params)
-    if params.tasks.representation.enabled:
-        from mtdiff.stages import representations
-
-        representations.run(params)
-
-
-def data_root(tmp_path_factory, fmnist: Path, tasks: tuple[str, ...] = ()) -> Path:
-    """A temp root holding tiny data with the given extra tasks' inputs (built once per call)."""
-    if not (fmnist / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"Fashion-MNIST not at {fmnist}")
-    root = tmp_path_factory.mktemp("traindata")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MTDIFF_MLFLOW", "0")
-        build_data(tiny_params(root, **{f"tasks.{t}.enabled": True for t in tasks}))
-    return root
-
-
-def link_data(src_root: Path, dst_root: Path) -> None:
-    """Share the read-only data folder of ``src_root`` with a test's own root."""
-    dst_root.mkdir(parents=True, exist_ok=True)
-    if not (dst_root / "data").exists():
-        (dst_root / "data").symlink_to(src_root / "data", target_is_directory=True)
-
-
-def fmnist_path() -> Path:
-    return Path(os.environ.get("MTDIFF_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-
-
-ALL_TASKS = ("label", "representation", "masked", "transition")
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: tiny models gain nothing from two, and on a shared, oversubscribed
-    2-core machine OpenMP's spinning threads made steps ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def shared_data(tmp_path_factory) -> Path:
-    return data_root(tmp_path_factory, fmnist_path(), tasks=ALL_TASKS)
+    return data_root(tmp_path_factory, tasks=ALL_TASKS)
 
 
 @pytest.fixture
@@ -130,7 +66,7 @@ def test_train_rejects_batch_larger_than_dataset(root):
 
 
 def test_masked_targets_hide_the_configured_fraction(root):
-    from mtdiff.stages.train import make_targets
+    from mtdiff.training import make_targets
 
     params = tiny_params(root, **{"tasks.masked.enabled": True, "tasks.masked.mask_ratio": 0.5})
     z0 = torch.randn(8, 1, 28, 28)

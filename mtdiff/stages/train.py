@@ -13,35 +13,44 @@ A different hash, or a checkpoint past ``train.steps``, starts fresh and moves t
 
 A non-finite loss stops training with :class:`NonFiniteLossError` (step, per-task losses) before
 anything is saved, so the last good checkpoint stays.
+
+The stage reads setup -> resume -> loop -> summary; the step itself is
+:class:`mtdiff.training.TrainStep` (the one ``mtdiff bench train`` times).
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
 
 from mtdiff import checkpoint as ckpt_mod
 from mtdiff.config import Params
+from mtdiff.data import TrainDataset, collate_batch
+from mtdiff.diffusion import MTDiffusion
 from mtdiff.io import write_json
+from mtdiff.models import build_model, count_params, flops_per_image
 from mtdiff.stages import stage_main
-from mtdiff.training import (EMA, DistInfo, ResumableBatchSampler, all_reduce_mean, autocast,
-                             autocast_dtype, barrier, build_optimizer, build_scheduler,
-                             configure_backends, init_distributed, make_grad_scaler, make_sampler,
-                             per_rank_batch, ranks_in_sync, shutdown_distributed, stack_losses, to_device)
-from mtdiff.utils import get_logger, seed_everything
+from mtdiff.tracking import stage_run
+from mtdiff.training import (EMA, DistInfo, NonFiniteLossError, ResumableBatchSampler, TrainMeter,
+                             TrainStep, Window, autocast_dtype, barrier, configure_backends,
+                             init_distributed, make_sampler, per_rank_batch, ranks_in_sync,
+                             shutdown_distributed, to_device)
+from mtdiff.utils import derive_seed, get_logger, seed_everything
 
 log = get_logger("mtdiff.train")
 
+__all__ = ["NonFiniteLossError", "TrainResult", "dataset_meta", "main", "run", "train"]
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; the message names the step and the per-task losses."""
+# Model FLOPs per trained image: the forward once plus the backward, which costs about twice it.
+TRAIN_FLOPS_PER_FORWARD = 3
 
 
 @dataclass
@@ -53,20 +62,52 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-class _LossModule(nn.Module):
-    """``forward(z0, targets) -> training_losses(...)`` so DDP sees the whole step (encoders E_i
-    of M2 run inside ``aggregate``, which DDP must also cover) as one forward."""
+@dataclass
+class _Run:
+    """What setup fixes for the whole session: data, sampler, the step (model + optimizer state)."""
 
-    def __init__(self, model: nn.Module, diffusion, tasks_cfg, generator: torch.Generator):
-        super().__init__()
-        self.model = model
-        self.diffusion = diffusion
-        self.tasks_cfg = tasks_cfg
-        self.generator = generator
+    params: Params
+    info: DistInfo
+    dataset: TrainDataset
+    sampler: DistributedSampler
+    batch_size: int  # per rank
+    steps_per_epoch: int
+    meta: dict[str, Any]
+    params_hash: str
+    step: TrainStep
+    noise_gen: torch.Generator
+    started: float
 
-    def forward(self, z0: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.diffusion.training_losses(self.model, z0, targets, tasks_cfg=self.tasks_cfg,
-                                              generator=self.generator)
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.params.checkpoints_dir
+
+    @property
+    def last_path(self) -> Path:
+        return self.ckpt_dir / ckpt_mod.LAST
+
+
+@dataclass
+class _Progress:
+    """Where training stands (saved in ``last.pt``); ``stats`` accumulate over resumed sessions."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    stats: dict[str, Any] = field(default_factory=lambda: {"train_time_s": 0.0, "images": 0, "last_losses": {}})
+    resumed_from: Optional[int] = None
+    last_saved_step: Optional[int] = None
+
+    def position(self, steps_per_epoch: int) -> tuple[int, int]:
+        """(epoch, batch) the next step starts at: a finished epoch rolls over to the next one."""
+        if self.batch_in_epoch >= steps_per_epoch:
+            return self.epoch + 1, 0
+        return self.epoch, self.batch_in_epoch
+
+    def record(self, window: Window) -> None:
+        self.stats["images"] = int(self.stats["images"]) + window.images
+        self.stats["train_time_s"] = float(self.stats["train_time_s"]) + window.seconds
+        self.stats["last_losses"] = dict(window.losses)
 
 
 class _NullRun:
@@ -76,15 +117,7 @@ class _NullRun:
         return lambda *a, **k: None
 
 
-# -- data ---------------------------------------------------------------------------------------
-
-def _open_dataset(params: Params):
-    from mtdiff.data import TrainDataset
-
-    return TrainDataset(params, split="train")
-
-
-def dataset_meta(dataset, params: Params) -> dict[str, Any]:
+def dataset_meta(dataset: TrainDataset, params: Params) -> dict[str, Any]:
     """num_classes / repr_dim / shape (C, H, W) of the training data, as stored in checkpoints."""
     shape = [int(s) for s in dataset.shape]
     repr_dim = getattr(dataset, "repr_dim", None)
@@ -92,43 +125,79 @@ def dataset_meta(dataset, params: Params) -> dict[str, Any]:
             "shape": shape, "mode": params.diffusion.mode}
 
 
-def make_targets(batch: dict[str, torch.Tensor], params: Params,
-                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``(z0, targets)`` for :meth:`MTDiffusion.training_losses` from a collated batch on the device.
+# -- setup / resume -----------------------------------------------------------------------------
 
-    The masked task's input is ``z0 * mask`` with a fresh random patch mask per image
-    (``tasks.masked.mask_ratio`` of the ``model.patch_size`` patches hidden), drawn from the
-    noise generator so a resumed run draws the same masks.
-    """
-    from mtdiff.data import random_patch_mask
+def _setup(params: Params, info: DistInfo) -> _Run:
+    """Data, model and the training step, seeded identically on every rank."""
+    started = time.time()
+    tc, device = params.train, info.device
+    configure_backends(device, tc.tf32)
+    dataset = TrainDataset(params, split="train")
+    phash = ckpt_mod.params_hash(params)
+    meta = {**dataset_meta(dataset, params), "arch": ckpt_mod.arch_config(params), "params_hash": phash}
+    batch_size = per_rank_batch(tc.batch_size, info)
+    sampler = make_sampler(len(dataset), info, params.seed)
+    steps_per_epoch = len(sampler) // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training set has {len(dataset)} items, fewer than one batch of "
+                         f"train.batch_size {tc.batch_size} ({batch_size} per process)")
 
-    z0 = batch["z0"]
-    targets: dict[str, torch.Tensor] = {}
-    for name in params.tasks.enabled:
-        if name == "masked":
-            mask = random_patch_mask(z0.shape[0], z0.shape[1:], params.tasks.masked.mask_ratio,
-                                     params.model.patch_size, generator=generator, device=z0.device)
-            targets["masked"] = z0 * mask.to(z0.dtype)
+    seed_everything(params.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    model = build_model(params, repr_dim=meta["repr_dim"], num_classes=meta["num_classes"],
+                        input_shape=meta["shape"]).to(device)
+    noise_gen = torch.Generator(device=device)
+    noise_gen.manual_seed(derive_seed(params.seed, "noise", info.rank))
+    step = TrainStep(model, MTDiffusion(params.diffusion), params, device, generator=noise_gen,
+                     amp_dtype=autocast_dtype(device, tc.precision), compile_model=tc.compile,
+                     ddp=info.distributed)
+    seed_everything(derive_seed(params.seed, "global", info.rank))  # distinct global RNG streams per rank
+    return _Run(params, info, dataset, sampler, batch_size, steps_per_epoch, meta, phash, step, noise_gen, started)
+
+
+def _resume(run: _Run) -> _Progress:
+    """Progress restored from ``last.pt`` of the same run, else a fresh start (old files moved aside)."""
+    progress = _Progress()
+    info, steps = run.info, run.params.train.steps
+    if run.last_path.exists():
+        state = ckpt_mod.load_checkpoint(run.last_path, map_location="cpu")
+        same_run = state.get("params_hash") == run.params_hash
+        # steps is outside the hash so a longer run extends a shorter one; a checkpoint already past
+        # train.steps belongs to a longer run, and reusing it would break a fixed training budget.
+        past_budget = same_run and int(state["step"]) > steps
+        if same_run and not past_budget:
+            progress = _restore(run, state)
         else:
-            if name not in batch:
-                raise KeyError(f"tasks.{name} is enabled but the training batch has no '{name}' "
-                               f"(batch keys: {sorted(batch)}); re-run the data stages")
-            targets[name] = batch[name]
-    return z0, targets
+            barrier(info)
+            if info.is_main:
+                reason = (f"checkpoint step {state['step']} is past train.steps {steps}" if past_budget
+                          else f"params hash {state.get('params_hash')} != current {run.params_hash}")
+                _move_aside(run.ckpt_dir, reason)
+        del state
+    barrier(info)
+    return progress
 
 
-# -- checkpoint state ---------------------------------------------------------------------------
-
-def _gather_objects(obj: Any, info: DistInfo) -> list[Any]:
-    if not info.distributed:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _rng_bundle(noise_gen: torch.Generator) -> dict[str, Any]:
-    return {"global": ckpt_mod.capture_rng_state(), "noise": noise_gen.get_state()}
+def _restore(run: _Run, state: dict[str, Any]) -> _Progress:
+    info = run.info
+    run.step.load_state_dict(state)
+    progress = _Progress(step=int(state["step"]), epoch=int(state["epoch"]),
+                         batch_in_epoch=int(state["batch_in_epoch"]),
+                         stats=dict(state.get("stats") or _Progress().stats))
+    progress.resumed_from = progress.last_saved_step = progress.step
+    rngs = state["rng"]
+    if len(rngs) == info.world_size:
+        ckpt_mod.restore_rng_state(rngs[info.rank]["global"])
+        run.noise_gen.set_state(rngs[info.rank]["noise"].cpu())  # generator states are CPU byte tensors
+    else:
+        log.warning("checkpoint was written by %d processes, now %d: weights and data order "
+                    "resume exactly, the noise stream does not", len(rngs), info.world_size)
+    if info.is_main:
+        log.info("resuming from %s at step %d (epoch %d, batch %d)", run.last_path, progress.step,
+                 progress.epoch, progress.batch_in_epoch)
+        if progress.step == run.params.train.steps:
+            log.info("the checkpoint is at train.steps %d already: nothing to train "
+                     "(raise train.steps to continue)", progress.step)
+    return progress
 
 
 def _move_aside(ckpt_dir: Path, reason: str) -> None:
@@ -140,276 +209,180 @@ def _move_aside(ckpt_dir: Path, reason: str) -> None:
             log.warning("%s: %s; moved to %s and starting fresh", p, reason, stale)
 
 
+# -- checkpoints --------------------------------------------------------------------------------
+
+def _gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _save_checkpoint(run: _Run, progress: _Progress) -> None:
+    """``last.pt`` (everything to resume, every rank's RNGs) and ``ema.pt``, written by rank 0."""
+    rngs = _gather_objects({"global": ckpt_mod.capture_rng_state(), "noise": run.noise_gen.get_state()}, run.info)
+    epoch, batch = progress.position(run.steps_per_epoch)
+    params, step = run.params, progress.step
+    if run.info.is_main:
+        state = {**run.step.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch, "rng": rngs,
+                 "sampler": {"seed": params.seed, "epoch": epoch, "batch_in_epoch": batch,
+                             "world_size": run.info.world_size},
+                 "params_hash": run.params_hash, "meta": run.meta, "stats": dict(progress.stats),
+                 "params": params.model_dump(mode="json")}
+        ckpt_mod.save_checkpoint(run.last_path, state)
+        ckpt_mod.save_checkpoint(run.ckpt_dir / ckpt_mod.EMA, {
+            "ema": run.step.ema.state_dict(), "step": step, "params_hash": run.params_hash, "meta": run.meta})
+    progress.last_saved_step = step
+
+
 # -- the loop -----------------------------------------------------------------------------------
+
+def _epoch_loader(run: _Run, epoch: int, start_batch: int) -> DataLoader:
+    """This rank's batches of ``epoch`` from batch ``start_batch`` on (the permutation depends on (seed, epoch))."""
+    run.sampler.set_epoch(epoch)
+    tc = run.params.train
+    return DataLoader(run.dataset, batch_sampler=ResumableBatchSampler(run.sampler, run.batch_size, start_batch),
+                      collate_fn=collate_batch, num_workers=tc.num_workers,
+                      pin_memory=run.info.device.type == "cuda",
+                      # its own generator: creating a loader must not draw from the global RNG
+                      generator=torch.Generator().manual_seed(derive_seed(run.params.seed, f"loader/{epoch}")))
+
+
+def _loop(run: _Run, progress: _Progress, tracker: Any, on_step: Optional[Callable[[int], None]]) -> TrainMeter:
+    """Train from ``progress`` to ``train.steps``, logging and checkpointing on the way."""
+    tc = run.params.train
+    meter = TrainMeter(["loss", "eps", *run.params.tasks.enabled], tc.batch_size, run.info)
+    bar = tqdm(total=tc.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=(not run.info.is_main) or None, mininterval=1.0)
+    while progress.step < tc.steps:
+        for batch in _epoch_loader(run, progress.epoch, progress.batch_in_epoch):
+            out = run.step(to_device(batch, run.info.device))
+            progress.step += 1
+            progress.batch_in_epoch += 1
+            meter.add(progress.step, out)
+            bar.update(1)
+            _end_of_step(run, progress, meter, tracker, bar)
+            if on_step is not None:
+                on_step(progress.step)
+            if progress.step >= tc.steps:
+                break
+        if progress.batch_in_epoch >= run.steps_per_epoch:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+    bar.close()
+    return meter
+
+
+def _end_of_step(run: _Run, progress: _Progress, meter: TrainMeter, tracker: Any, bar: tqdm) -> None:
+    """Every ``log_every`` steps: check the losses are finite and log the window; every
+    ``ckpt_every`` steps (and at the end): also checkpoint. The checkpoint's time is not training time."""
+    tc, step = run.params.train, progress.step
+    is_last = step >= tc.steps
+    save_now = step % tc.ckpt_every == 0 or is_last
+    if not (save_now or step % tc.log_every == 0):
+        return
+    kept = progress.last_saved_step if progress.last_saved_step is not None else "none"
+    meter.check_finite(f"; stopped without saving, the last good checkpoint ({run.last_path}, step {kept}) "
+                       "is kept. Lower train.lr, raise train.warmup_steps, or use train.precision fp32/bf16.")
+    window = meter.flush()
+    progress.record(window)
+    if run.info.is_main:
+        _log_window(run, progress, window, tracker, bar)
+    if save_now:
+        t0 = time.perf_counter()
+        _save_checkpoint(run, progress)
+        meter.exclude(time.perf_counter() - t0)
+
+
+def _log_window(run: _Run, progress: _Progress, window: Window, tracker: Any, bar: tqdm) -> None:
+    lr = run.step.scheduler.get_last_lr()[0]
+    loss = window.losses["loss"]
+    metrics = {f"loss/{n}" if n != "loss" else "loss": v for n, v in window.losses.items()}
+    metrics.update({"lr": lr, "img_per_s": window.img_per_s, "grad_norm": window.grad_norm, "epoch": progress.epoch})
+    tracker.log_metrics(metrics, step=progress.step)
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{window.img_per_s:.0f}", refresh=False)
+    per_task = " ".join(f"{n} {v:.4f}" for n, v in window.losses.items() if n != "loss")
+    log.info("step %d/%d loss %.4f (%s) lr %.2e grad %.3f %.0f img/s", progress.step, run.params.train.steps,
+             loss, per_task, lr, window.grad_norm, window.img_per_s)
+
+
+# -- summary ------------------------------------------------------------------------------------
+
+def _summary(run: _Run, progress: _Progress, meter: TrainMeter, in_sync: bool) -> dict[str, Any]:
+    tc, stats = run.params.train, progress.stats
+    model = run.step.model
+    fpi = flops_per_image(model)
+    last = stats.get("last_losses") or {}
+    steady = meter.steady
+    return {
+        "steps": progress.step, "resumed_from_step": progress.resumed_from,
+        "epochs": progress.epoch + progress.batch_in_epoch / run.steps_per_epoch,
+        "final_loss": last.get("loss"), "final_losses": {k: v for k, v in last.items() if k != "loss"},
+        "img_per_s": meter.session.img_per_s, "img_per_s_steady": steady.img_per_s,
+        "img_per_s_all_sessions": (stats["images"] / stats["train_time_s"]) if stats["train_time_s"] else None,
+        "train_time_s": stats["train_time_s"], "wall_time_s": time.time() - run.started,
+        "images_seen": stats["images"], "world_size": run.info.world_size, "device": str(run.info.device),
+        "precision": tc.precision if run.step.amp_dtype else "fp32", "global_batch_size": tc.batch_size,
+        "params_count": count_params(model), "flops_per_image": fpi,
+        "train_tflops_per_s": (TRAIN_FLOPS_PER_FORWARD * fpi * steady.img_per_s / 1e12) if steady.img_per_s else None,
+        "params_hash": run.params_hash, "ranks_in_sync": in_sync,
+        "checkpoint": str(run.last_path), "ema_checkpoint": str(run.ckpt_dir / ckpt_mod.EMA),
+    }
+
+
+def _report(run: _Run, summary: dict[str, Any], tracker: Any) -> None:
+    """train.json, the run's final MLflow metrics/tags and one log line (rank 0)."""
+    metrics_path = write_json(run.params.metrics_dir / "train.json", summary)
+    resumed = summary["resumed_from_step"]
+    tracker.set_tags({"checkpoint": str(run.last_path), "params_hash": run.params_hash,
+                      "resumed_from_step": resumed if resumed is not None else "none"})
+    tracker.log_metrics({k: summary[k] for k in ("img_per_s", "wall_time_s", "train_time_s")
+                         if summary[k] is not None}, step=summary["steps"])
+    tracker.log_artifact(metrics_path)
+    final = summary["final_loss"]
+    log.info("done: %d steps, final loss %s, %.1f img/s, wall %.1f s -> %s", summary["steps"],
+             f"{final:.4f}" if final is not None else "n/a", summary["img_per_s"] or float("nan"),
+             summary["wall_time_s"], run.last_path)
+
+
+def _log_start(run: _Run, progress: _Progress, tracker: Any) -> None:
+    tc, model = run.params.train, run.step.model
+    n_params, fpi = count_params(model), flops_per_image(model)
+    tracker.log_metrics({"model/params": n_params, "model/gflops_per_image": fpi / 1e9}, step=progress.step)
+    log.info("training %s params (%.3f GFLOPs/img) on %s x%d, %d steps, global batch %d, %d steps/epoch",
+             f"{n_params:,}", fpi / 1e9, run.info.device, run.info.world_size, tc.steps, tc.batch_size,
+             run.steps_per_epoch)
+
+
+def _open_tracking(params: Params, info: DistInfo, out_dir: Path) -> ContextManager[Any]:
+    if not info.is_main:
+        return contextlib.nullcontext(_NullRun())
+    return stage_run(params, "train", out_dir)
+
+
+# -- entry points -------------------------------------------------------------------------------
 
 def train(params: Params, on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
     """Train per ``params.train``; ``on_step(step)`` is called after every completed step (tests/bench)."""
     info = init_distributed(params.train.device)
     try:
-        return _train(params, info, on_step)
+        run_ = _setup(params, info)
+        progress = _resume(run_)
+        with _open_tracking(params, info, run_.ckpt_dir) as tracker:
+            if info.is_main:
+                _log_start(run_, progress, tracker)
+            meter = _loop(run_, progress, tracker, on_step)
+            in_sync = ranks_in_sync(run_.step.model.state_dict(), info) and ranks_in_sync(run_.step.ema.shadow, info)
+            if not in_sync:
+                raise RuntimeError("DDP ranks ended with different weights; the checkpoint is not trustworthy")
+            summary = _summary(run_, progress, meter, in_sync)
+            if info.is_main:
+                _report(run_, summary, tracker)
+            barrier(info)
+        return TrainResult(model=run_.step.model, ema=run_.step.ema, summary=summary)
     finally:
         shutdown_distributed(info)
-
-
-def _train(params: Params, info: DistInfo, on_step: Optional[Callable[[int], None]]) -> TrainResult:
-    from mtdiff.diffusion import MTDiffusion
-    from mtdiff.models import build_model, count_params, flops_per_image
-
-    t_start = time.time()
-    tc = params.train
-    device = info.device
-    configure_backends(device, tc.tf32)
-    amp_dtype = autocast_dtype(device, tc.precision)
-    ckpt_dir = params.checkpoints_dir
-    last_path = ckpt_dir / ckpt_mod.LAST
-    phash = ckpt_mod.params_hash(params)
-
-    dataset = _open_dataset(params)
-    meta = dataset_meta(dataset, params)
-    meta["arch"] = ckpt_mod.arch_config(params)
-    meta["params_hash"] = phash
-    batch_size = per_rank_batch(tc.batch_size, info)
-    sampler = make_sampler(len(dataset), info, params.seed)
-    steps_per_epoch = len(sampler) // batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"the training set has {len(dataset)} items, fewer than one batch of "
-                         f"train.batch_size {tc.batch_size} ({batch_size} per process)")
-
-    seed_everything(params.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_model(params, repr_dim=meta["repr_dim"], num_classes=meta["num_classes"],
-                        input_shape=meta["shape"]).to(device)
-    diffusion = MTDiffusion(params.diffusion)
-    ema = EMA(model, tc.ema_decay)
-    opt = build_optimizer(model, tc.lr, tc.weight_decay, device)
-    sched = build_scheduler(opt, tc.warmup_steps)
-    scaler = make_grad_scaler(device, amp_dtype)
-    noise_gen = torch.Generator(device=device)
-    noise_gen.manual_seed(params.seed * 1_000_003 + 17 + info.rank)
-    seed_everything(params.seed + 7919 * info.rank)  # distinct global RNG streams per rank
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    stats = {"train_time_s": 0.0, "images": 0, "last_losses": {}}
-    resumed_from: Optional[int] = None
-    if last_path.exists():
-        state = ckpt_mod.load_checkpoint(last_path, map_location="cpu")
-        same_run = state.get("params_hash") == phash
-        # steps is outside the hash so a longer run extends a shorter one; a checkpoint already past
-        # train.steps belongs to a longer run, and reusing it would break a fixed training budget.
-        past_budget = same_run and int(state["step"]) > tc.steps
-        if same_run and not past_budget:
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-            stats = dict(state.get("stats", stats))
-            rngs = state["rng"]
-            if len(rngs) == info.world_size:
-                ckpt_mod.restore_rng_state(rngs[info.rank]["global"])
-                noise_gen.set_state(rngs[info.rank]["noise"].cpu())  # generator states are CPU byte tensors
-            else:
-                log.warning("checkpoint was written by %d processes, now %d: weights and data order "
-                            "resume exactly, the noise stream does not", len(rngs), info.world_size)
-            resumed_from = step
-            if info.is_main:
-                log.info("resuming from %s at step %d (epoch %d, batch %d)", last_path, step, epoch, batch_in_epoch)
-                if step == tc.steps:
-                    log.info("the checkpoint is at train.steps %d already: nothing to train "
-                             "(raise train.steps to continue)", step)
-        else:
-            barrier(info)
-            if info.is_main:
-                reason = (f"checkpoint step {state['step']} is past train.steps {tc.steps}" if past_budget
-                          else f"params hash {state.get('params_hash')} != current {phash}")
-                _move_aside(ckpt_dir, reason)
-        del state
-    barrier(info)
-
-    loss_module: nn.Module = _LossModule(torch.compile(model) if tc.compile else model, diffusion,
-                                         params.tasks, noise_gen)
-    if info.distributed:
-        loss_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    from mtdiff.data import collate_batch
-
-    names = ["loss", "eps", *params.tasks.enabled]
-    n_params = count_params(model)
-    fpi = flops_per_image(model)
-    summary: dict[str, Any] = {}
-    with _open_tracking(params, info, ckpt_dir) as run:
-        if info.is_main:
-            run.log_metrics({"model/params": n_params, "model/gflops_per_image": fpi / 1e9}, step=step)
-            log.info("training %s params (%.3f GFLOPs/img) on %s x%d, %d steps, global batch %d, "
-                     "%d steps/epoch", f"{n_params:,}", fpi / 1e9, device, info.world_size, tc.steps,
-                     tc.batch_size, steps_per_epoch)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=(not info.is_main) or None, mininterval=1.0)
-        win_sum = torch.zeros(len(names), device=device)
-        win_gnorm = torch.zeros((), device=device)
-        win_n = 0
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        bad_vec = torch.zeros(len(names), device=device)
-        win_t0 = time.perf_counter()
-        win_excluded = 0.0
-        last_saved_step = step if resumed_from is not None else -1
-        session_images, session_time = 0, 0.0
-        steady_images, steady_time, windows = 0, 0.0, 0  # steady: without the first window (warm-up, compile)
-
-        def check_finite() -> None:
-            flag = (first_bad >= 0).float()
-            if info.distributed:
-                flag = all_reduce_mean(flag, info)
-            if float(flag) > 0:
-                at = int(first_bad)
-                vals = {n: float(v) for n, v in zip(names, bad_vec.tolist())}
-                msg = (f"non-finite loss at step {at}" if at >= 0 else "non-finite loss on another rank")
-                raise NonFiniteLossError(
-                    f"{msg}: per-task losses {vals}; stopped without saving, the last good checkpoint "
-                    f"({last_path}, step {last_saved_step if last_saved_step >= 0 else 'none'}) is kept. "
-                    "Lower train.lr, raise train.warmup_steps, or use train.precision fp32/bf16.")
-
-        def save(at_step: int) -> None:
-            nonlocal last_saved_step, win_excluded
-            t0 = time.perf_counter()
-            rngs = _gather_objects(_rng_bundle(noise_gen), info)
-            e, b = (epoch + 1, 0) if batch_in_epoch >= steps_per_epoch else (epoch, batch_in_epoch)
-            if info.is_main:
-                state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "sched": sched.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                         "step": at_step, "epoch": e, "batch_in_epoch": b, "rng": rngs,
-                         "sampler": {"seed": params.seed, "epoch": e, "batch_in_epoch": b,
-                                     "world_size": info.world_size},
-                         "params_hash": phash, "meta": meta, "stats": dict(stats),
-                         "params": params.model_dump(mode="json")}
-                ckpt_mod.save_checkpoint(last_path, state)
-                ckpt_mod.save_checkpoint(ckpt_dir / ckpt_mod.EMA, {
-                    "ema": ema.state_dict(), "step": at_step, "params_hash": phash, "meta": meta})
-            last_saved_step = at_step
-            win_excluded += time.perf_counter() - t0
-
-        while step < tc.steps:
-            sampler.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_sampler=ResumableBatchSampler(sampler, batch_size, batch_in_epoch),
-                                collate_fn=collate_batch, num_workers=tc.num_workers,
-                                pin_memory=device.type == "cuda",
-                                # its own generator: creating a loader must not draw from the global RNG
-                                generator=torch.Generator().manual_seed(params.seed * 1009 + epoch))
-            for batch in loader:
-                batch = to_device(batch, device)
-                z0, targets = make_targets(batch, params, noise_gen)
-                with autocast(device, amp_dtype):
-                    losses = loss_module(z0, targets)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()
-                if tc.grad_clip > 0:
-                    scaler.unscale_(opt)
-                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                else:
-                    gnorm = torch.zeros((), device=device)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                ema.update(model)
-                step += 1
-                batch_in_epoch += 1
-
-                vec = stack_losses(losses, names)
-                bad = ~torch.isfinite(vec).all()
-                newly = bad & (first_bad < 0)
-                first_bad = torch.where(newly, torch.full_like(first_bad, step), first_bad)
-                bad_vec = torch.where(newly, vec, bad_vec)
-                win_sum += vec
-                win_gnorm += gnorm.detach().float()
-                win_n += 1
-                bar.update(1)
-
-                is_last = step >= tc.steps
-                if step % tc.log_every == 0 or step % tc.ckpt_every == 0 or is_last:
-                    check_finite()
-                    mean = all_reduce_mean(win_sum / win_n, info).tolist()
-                    gn = float(all_reduce_mean(win_gnorm / win_n, info))
-                    elapsed = max(time.perf_counter() - win_t0 - win_excluded, 1e-9)
-                    imgs = win_n * tc.batch_size
-                    session_images += imgs
-                    session_time += elapsed
-                    windows += 1
-                    if windows > 1:
-                        steady_images += imgs
-                        steady_time += elapsed
-                    stats["images"] = int(stats["images"]) + imgs
-                    stats["train_time_s"] = float(stats["train_time_s"]) + elapsed
-                    stats["last_losses"] = dict(zip(names, mean))
-                    ips = imgs / elapsed
-                    if info.is_main:
-                        lr = sched.get_last_lr()[0]
-                        metrics = {f"loss/{n}" if n != "loss" else "loss": v for n, v in zip(names, mean)}
-                        metrics.update({"lr": lr, "img_per_s": ips, "grad_norm": gn, "epoch": epoch})
-                        run.log_metrics(metrics, step=step)
-                        bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{ips:.0f}", refresh=False)
-                        log.info("step %d/%d loss %.4f (%s) lr %.2e grad %.3f %.0f img/s", step, tc.steps,
-                                 mean[0], " ".join(f"{n} {v:.4f}" for n, v in zip(names[1:], mean[1:])),
-                                 lr, gn, ips)
-                    win_sum.zero_()
-                    win_gnorm.zero_()
-                    win_n = 0
-                    win_excluded = 0.0
-                    win_t0 = time.perf_counter()
-                if step % tc.ckpt_every == 0 or is_last:
-                    save(step)
-                if on_step is not None:
-                    on_step(step)
-                if is_last:
-                    break
-            if batch_in_epoch >= steps_per_epoch:
-                epoch += 1
-                batch_in_epoch = 0
-        bar.close()
-        in_sync = ranks_in_sync(model.state_dict(), info) and ranks_in_sync(ema.shadow, info)
-        if not in_sync:
-            raise RuntimeError("DDP ranks ended with different weights; the checkpoint is not trustworthy")
-        wall = time.time() - t_start
-        last = stats.get("last_losses") or {}
-        summary = {
-            "steps": step, "resumed_from_step": resumed_from, "epochs": epoch + batch_in_epoch / steps_per_epoch,
-            "final_loss": last.get("loss"), "final_losses": {k: v for k, v in last.items() if k != "loss"},
-            "img_per_s": (session_images / session_time) if session_time > 0 else None,
-            "img_per_s_steady": (steady_images / steady_time) if steady_time > 0 else None,
-            "img_per_s_all_sessions": (stats["images"] / stats["train_time_s"]) if stats["train_time_s"] else None,
-            "train_time_s": stats["train_time_s"], "wall_time_s": wall, "images_seen": stats["images"],
-            "world_size": info.world_size, "device": str(device), "precision": tc.precision if amp_dtype else "fp32",
-            "global_batch_size": tc.batch_size, "params_count": n_params, "flops_per_image": fpi,
-            # model FLOPs (forward x3 for forward + backward) per second at the steady rate
-            "train_tflops_per_s": (3 * fpi * steady_images / steady_time / 1e12) if steady_time > 0 else None,
-            "params_hash": phash, "ranks_in_sync": in_sync,
-            "checkpoint": str(last_path), "ema_checkpoint": str(ckpt_dir / ckpt_mod.EMA),
-        }
-        if info.is_main:
-            metrics_path = write_json(params.metrics_dir / "train.json", summary)
-            run.set_tags({"checkpoint": str(last_path), "params_hash": phash,
-                          "resumed_from_step": resumed_from if resumed_from is not None else "none"})
-            run.log_metrics({k: summary[k] for k in ("img_per_s", "wall_time_s", "train_time_s")
-                             if summary[k] is not None}, step=step)
-            run.log_artifact(metrics_path)
-            log.info("done: %d steps, final loss %s, %.1f img/s, wall %.1f s -> %s", step,
-                     f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a",
-                     summary["img_per_s"] or float("nan"), wall, last_path)
-        barrier(info)
-    return TrainResult(model=model, ema=ema, summary=summary)
-
-
-def _open_tracking(params: Params, info: DistInfo, out_dir: Path):
-    import contextlib
-
-    if not info.is_main:
-        return contextlib.nullcontext(_NullRun())
-    from mtdiff.tracking import stage_run
-
-    return stage_run(params, "train", out_dir)
 
 
 def run(params: Params) -> dict[str, Any]:
