@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -17,6 +18,41 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 PROFILES_DIR = REPO_ROOT / "configs"
+LATENT_DOWNSAMPLE = 8  # SD-VAE's spatial downsampling (mtdiff.models.mtdit.LATENT_DOWNSAMPLE)
+FMNIST_DIR_ENV = "MTDIFF_FMNIST_DIR"  # when set, overrides data.fashion_mnist_dir (before key=value overrides)
+_PROFILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float (YAML 1.2; PyYAML's 1.1 rules make it a string)."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def read_yaml(path: str | os.PathLike, what: str = "params file") -> Any:
+    """Parse a YAML file; unreadable, non-UTF-8 or malformed content is a one-line ConfigError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read this {what} ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                          f"save the {what} as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_ParamsLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {where}malformed YAML ({problem})") from None
 
 
 class ConfigError(ValueError):
@@ -24,7 +60,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `steps: '3000'` or `seed: true` is an error, not silently coerced (an int is still
+    # accepted for a float field, and YAML's `1e-4` is read as a float by _ParamsLoader)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataConfig(_Section):
@@ -41,13 +79,25 @@ DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (
 
 
 class ModelConfig(_Section):
+    backbone: Literal["unet", "dit"] = "unet"
+    # DiT (latent mode, or backbone: dit)
     size: Literal["S", "B", "L", "XL", "custom"] = "custom"
-    depth: int = Field(6, ge=1)
-    hidden_size: int = Field(192, ge=8)
-    num_heads: int = Field(3, ge=1)
+    depth: int = Field(4, ge=1)
+    hidden_size: int = Field(128, ge=8)
+    num_heads: int = Field(4, ge=1)
     patch_size: int = Field(4, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
+    # U-Net (pixel mode)
+    channels: int = Field(32, ge=8)
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2], min_length=1)
+    num_res_blocks: int = Field(1, ge=1)
+    attn_resolutions: list[int] = Field(default_factory=lambda: [7])
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # heads and conditioning
     head_hidden: int = Field(256, ge=1)
+    label_feedback: bool = True
+    class_conditional: bool = False
+    class_dropout: float = Field(0.1, ge=0, lt=1)
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -57,8 +107,10 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _heads_divide_width(self):
         depth, hidden, heads = self.dims
-        if hidden % heads:
+        if self.backbone == "dit" and hidden % heads:
             raise ValueError(f"hidden_size {hidden} must be divisible by num_heads {heads}")
+        if self.backbone == "unet" and self.channels % heads:
+            raise ValueError(f"channels {self.channels} must be divisible by num_heads {heads}")
         return self
 
 
@@ -68,8 +120,9 @@ class DiffusionConfig(_Section):
     beta_schedule: Literal["linear", "cosine"] = "linear"
     beta_start: float = Field(1e-4, gt=0, lt=1)
     beta_end: float = Field(0.02, gt=0, lt=1)
-    w_schedule: Literal["linear", "constant", "cosine"] = "linear"
-    w_max: float = Field(0.1, ge=0)
+    # sigma: c_t = w_max * sqrt(1 - abar_t), the task signal a fixed fraction of the noise (M3)
+    w_schedule: Literal["linear", "constant", "cosine", "sigma"] = "sigma"
+    w_max: float = Field(0.5, ge=0)
     prediction: Literal["eps", "z0"] = "eps"
 
 
@@ -96,6 +149,9 @@ class TransitionTask(_Section):
     pairing: Literal["rot90", "edges"] = "rot90"
 
 
+TASKS = ("label", "representation", "masked", "transition")  # the extra tasks, in their fixed order
+
+
 class TasksConfig(_Section):
     label: LabelTask = LabelTask()
     representation: RepresentationTask = RepresentationTask()
@@ -105,7 +161,7 @@ class TasksConfig(_Section):
     @property
     def enabled(self) -> list[str]:
         """Names of the enabled extra tasks, in a fixed order."""
-        return [n for n in ("label", "representation", "masked", "transition") if getattr(self, n).enabled]
+        return [n for n in TASKS if getattr(self, n).enabled]
 
 
 class PrepareConfig(_Section):
@@ -151,10 +207,12 @@ class TrainConfig(_Section):
 class SampleConfig(_Section):
     num_samples: int = Field(1000, ge=1)
     batch_size: int = Field(250, ge=1)
-    steps: int = Field(100, ge=1)
+    steps: int = Field(50, ge=1)
     sampler: Literal["ddpm", "ddim"] = "ddim"
     eta: float = Field(1.0, ge=0)
     condition: Literal["uncond", "label", "masked", "transition"] = "label"
+    cfg_scale: float = Field(1.0, ge=0)       # classifier-free guidance (model.class_conditional)
+    task_guidance: float = Field(1.0, ge=0)   # MT task guidance: A_pred + s (A_given - A_pred)
     out_dir: str = "samples"
 
 
@@ -173,9 +231,14 @@ class MlflowConfig(_Section):
     experiment: str = "mtdiff"
 
 
+# Seeds are derived per rank/stream (train: seed * 1_000_003 + 17 + rank for torch's 64-bit seeds):
+# 32 bits keeps every derived seed in range, as NumPy's legacy seeding requires anyway.
+MAX_SEED = 2**32 - 1
+
+
 class Params(_Section):
     profile: Optional[str] = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -191,8 +254,9 @@ class Params(_Section):
     @model_validator(mode="after")
     def _cross_checks(self):
         t = self.tasks
-        if self.sample.condition == "label" and not t.label.enabled:
-            raise ValueError("sample.condition 'label' needs tasks.label.enabled: true")
+        if self.sample.condition == "label" and not (t.label.enabled or self.model.class_conditional):
+            raise ValueError("sample.condition 'label' needs tasks.label.enabled: true "
+                             "or model.class_conditional: true")
         if self.sample.condition == "masked" and not t.masked.enabled:
             raise ValueError("sample.condition 'masked' needs tasks.masked.enabled: true")
         if self.sample.condition == "transition" and not t.transition.enabled:
@@ -201,6 +265,12 @@ class Params(_Section):
             raise ValueError(f"sample.steps {self.sample.steps} exceeds diffusion.timesteps {self.diffusion.timesteps}")
         if self.data.source == "imagenet" and not self.data.imagenet_dir:
             raise ValueError("data.source 'imagenet' needs data.imagenet_dir (an ImageFolder root)")
+        T = self.diffusion.timesteps
+        bad_t = sorted({t for t in self.evaluate.classify_t if not 1 <= t <= T})
+        if bad_t:
+            raise ValueError(f"evaluate.classify_t {bad_t} outside [1, diffusion.timesteps={T}]")
+        _check_patch_divides(self)
+        check_output_dirs(self)
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -231,6 +301,113 @@ class Params(_Section):
     @property
     def metrics_dir(self) -> Path:
         return resolve_path(self.evaluate.out_dir)
+
+
+def _check_patch_divides(params: "Params") -> None:
+    """data.resolution (pixel) or its latent size (latent: /8) must be a multiple of model.patch_size."""
+    model = params.model
+    kind = next((str(getattr(model, a)) for a in ("arch", "backbone", "kind") if hasattr(model, a)), "dit")
+    patch = getattr(model, "patch_size", None)
+    if "dit" not in kind.lower() or not patch:
+        return
+    res = params.data.resolution
+    if params.diffusion.mode == "latent":
+        if res % LATENT_DOWNSAMPLE:
+            raise ValueError(f"data.resolution {res} must be divisible by {LATENT_DOWNSAMPLE} in latent mode")
+        size, what = res // LATENT_DOWNSAMPLE, f"the latent size {res // LATENT_DOWNSAMPLE} (data.resolution/8)"
+    else:
+        size, what = res, f"data.resolution {res}"
+    if size % patch:
+        raise ValueError(f"model.patch_size {patch} must divide {what}")
+
+
+# -- output folders: where stages may write ---------------------------------------------------
+OUTPUT_ROOTS_ENV = "MTDIFF_OUTPUT_ROOTS"  # extra folders (os.pathsep-separated) outputs may live in
+# Top-level entries of the project that no output folder may be, or be inside, or contain.
+_RESERVED = {".git", ".dvc", ".venv", ".mtdiff", ".prefect", "mtdiff", "flows", "tests", "configs",
+             "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml", "Makefile", "README.md"}
+OUTPUT_KEYS = ("data.out_dir", "train.out_dir", "sample.out_dir", "evaluate.out_dir")
+INPUT_KEYS = ("data.fashion_mnist_dir", "data.imagenet_dir", "representations.weights_path",
+              "evaluate.feature_extractor_weights_path", "evaluate.ref_stats_npz", "latents.vae")
+
+
+def project_root(cwd: str | os.PathLike | None = None) -> Path:
+    """The project the stages run in: the nearest folder from ``cwd`` up holding dvc.yaml, else ``cwd``
+    (DVC runs stages in the project root; ``dvc exp run --temp`` in a copy that has its own dvc.yaml)."""
+    here = Path(os.path.abspath(cwd or os.getcwd()))
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return here
+
+
+def _output_roots(root: Path) -> list[Path]:
+    extra = [Path(os.path.abspath(os.path.expanduser(p)))
+             for p in os.environ.get(OUTPUT_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    return [root, *extra]
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return _within(a, b) or _within(b, a)
+
+
+def _get(params: "Params", dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+    return node
+
+
+def check_output_dirs(params: "Params", cwd: str | os.PathLike | None = None) -> None:
+    """Refuse output folders that could wipe something a stage did not make.
+
+    Each ``*.out_dir`` must lie inside the project (or a folder of $MTDIFF_OUTPUT_ROOTS), be none of
+    its source/config entries, and neither equal nor contain (nor lie inside) another stage's output
+    folder or a data input (``data.fashion_mnist_dir`` & co.). Checked lexically (``~``, ``..``) and
+    after resolving symlinks.
+    """
+    root = project_root(cwd)
+    roots = _output_roots(root)
+    outs: dict[str, tuple[Path, Path]] = {}
+    for key in OUTPUT_KEYS:
+        raw = str(_get(params, key))
+        if raw.startswith("~"):
+            raise ValueError(f"{key} {raw!r}: a home-relative output folder lies outside the project {root}; "
+                             f"use a path inside it (or list its parent in ${OUTPUT_ROOTS_ENV})")
+        lexical = Path(os.path.abspath(os.path.join(os.getcwd() if cwd is None else cwd, raw)))
+        if not any(_within(lexical, r) for r in roots):
+            raise ValueError(f"{key} {raw!r} resolves to {lexical}, outside the project {root}; "
+                             f"outputs stay inside it (or list the folder in ${OUTPUT_ROOTS_ENV})")
+        if any(lexical == r or _within(r, lexical) for r in roots):
+            raise ValueError(f"{key} {raw!r} is the project folder {root} itself (or holds it); "
+                             f"use a subfolder")
+        if _within(lexical, root):
+            rel = lexical.relative_to(root).parts
+            if rel and rel[0] in _RESERVED:
+                raise ValueError(f"{key} {raw!r} is inside {rel[0]}, which is part of the project, "
+                                 f"not an output folder")
+        outs[key] = (lexical, lexical.resolve())
+    keys = list(outs)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            if any(_overlap(x, y) for x in outs[a] for y in outs[b]):
+                raise ValueError(f"{a} {_get(params, a)!r} and {b} {_get(params, b)!r} overlap: one stage's "
+                                 f"output folder would replace the other's; give each its own folder")
+    for key in INPUT_KEYS:
+        raw = _get(params, key)
+        if not raw:
+            continue
+        if key == "latents.vae" and not (os.sep in str(raw) and Path(str(raw)).expanduser().exists()):
+            continue  # a hub name, not a local folder
+        inp = Path(os.path.abspath(os.path.expanduser(str(raw))))
+        for out_key, paths in outs.items():
+            if any(_overlap(p, q) for p in paths for q in (inp, inp.resolve())):
+                raise ValueError(f"{out_key} {_get(params, out_key)!r} overlaps the input {key} {raw!r}: "
+                                 f"an output folder must not hold (or be inside) data the pipeline reads")
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -280,7 +457,10 @@ def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, A
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key.sub=value")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.load(raw, Loader=_ParamsLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': not a YAML value ({getattr(exc, 'problem', exc)})") from None
     return out
 
 
@@ -323,19 +503,26 @@ def load_params(path: str | os.PathLike | None = None,
         path = DEFAULT_PARAMS
     if not path.exists():
         raise ConfigError(f"{path}: no such params file")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     flat_over = parse_overrides(overrides)
     profile = flat_over.get("profile", raw.get("profile"))
     if profile:
+        allowed = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))) or "none"
+        # a profile is a plain name of a file in configs/, never a path
+        if not isinstance(profile, str) or not _PROFILE_RE.match(profile) or ".." in profile:
+            raise ConfigError(f"{path}: profile: {profile!r} is not a profile name (a file name in "
+                              f"{PROFILES_DIR} without .yaml, no path); allowed: {allowed}")
         prof_path = PROFILES_DIR / f"{profile}.yaml"
-        if not prof_path.exists():
-            allowed = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))) or "none"
+        if not prof_path.is_file():
             raise ConfigError(f"{path}: profile: no profile '{profile}'; allowed: {allowed}")
-        with open(prof_path) as f:
-            raw = _deep_merge(raw, yaml.safe_load(f) or {})
+        prof = read_yaml(prof_path, "profile") or {}
+        if not isinstance(prof, dict):
+            raise ConfigError(f"{prof_path}: expected a mapping at the top level")
+        raw = _deep_merge(raw, prof)
+    if os.environ.get(FMNIST_DIR_ENV):
+        _set_dotted(raw, "data.fashion_mnist_dir", os.environ[FMNIST_DIR_ENV])
     for key, value in flat_over.items():
         _set_dotted(raw, key, value)
     return params_from_dict(raw, str(path))

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mtdiff.models import (TASKS, MTDiT, build_model, count_params, flops_per_image, input_shape_from_params,
                            rms_normalize, sincos_pos_embed_2d)
 
-TINY = {"model.size": "custom", "model.depth": 2, "model.hidden_size": 32, "model.num_heads": 2,
+TINY = {"model.backbone": "dit", "model.size": "custom", "model.depth": 2, "model.hidden_size": 32, "model.num_heads": 2,
         "model.head_hidden": 16}
 NO_TASKS = {f"tasks.{t}.enabled": False for t in TASKS}
 LATENT = {"diffusion.mode": "latent", "data.resolution": 256, "data.channels": 3, "model.patch_size": 2}

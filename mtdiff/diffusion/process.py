@@ -17,17 +17,57 @@ conditions the generation (B, C, H, W).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtdiff.config import TASKS as TASK_ORDER
 from mtdiff.config import DiffusionConfig, MaskedTask, TasksConfig
 from mtdiff.diffusion.schedules import Schedule, build_schedule
 
-TASK_ORDER = ("label", "representation", "masked", "transition")
 _IMAGE_TASKS = ("masked", "transition")
+
+
+def _label_loss(pred: Tensor, label: Tensor, z0: Tensor, cfg: TasksConfig) -> Tensor:
+    if label.is_floating_point():  # soft targets
+        return -(label.float() * F.log_softmax(pred, dim=-1)).sum(-1).mean()
+    return F.cross_entropy(pred, label.long())
+
+
+def _representation_loss(pred: Tensor, rep: Tensor, z0: Tensor, cfg: TasksConfig) -> Tensor:
+    if cfg.representation.loss == "cosine":
+        return (1 - F.cosine_similarity(pred, rep.float(), dim=-1)).mean()
+    return F.mse_loss(pred, rep.float())
+
+
+# (M5) l_i per task: (head output, task input x_i, z0, tasks config) -> scalar. The masked head
+# restores what the mask hid, so its target is the full image z0, not the masked input.
+TASK_LOSSES: dict[str, Callable[[Tensor, Optional[Tensor], Tensor, TasksConfig], Tensor]] = {
+    "label": _label_loss,
+    "representation": _representation_loss,
+    "masked": lambda pred, masked, z0, cfg: F.mse_loss(pred, z0.float()),
+    "transition": lambda pred, paired, z0, cfg: F.mse_loss(pred, paired.float()),
+}
+
+
+@dataclass
+class _SampleContext:
+    """What every reverse step of one ``sample`` call needs (built and validated once)."""
+
+    enabled: list[str]
+    given: dict[str, Tensor]
+    class_labels: Optional[Tensor]
+    sampler: str
+    eta: float
+    mask_ratio: float
+    device: torch.device
+    dtype: torch.dtype
+    work: torch.dtype
+    cfg_scale: float
+    task_guidance: float
 
 
 def _randn(shape: Iterable[int], generator: Optional[torch.Generator], device: torch.device,
@@ -157,21 +197,19 @@ class MTDiffusion:
 
         ``targets`` holds the task inputs ``x_i`` of every enabled task (others are ignored):
         ``A = model.aggregate(x)``, ``z_t = q_sample(z0, A, t)``, ``out = model(z_t, t)``.
-        Per-task losses: label cross-entropy; representation MSE or ``1 - cosine``
-        (``tasks.representation.loss``); masked head MSE to the FULL image ``z0`` (the head restores
-        what the mask hid, so the target is the clean image, not ``z0 * mask``); transition head
-        MSE to ``targets["transition"]``. Returns ``loss`` (scalar with grad) plus each unweighted
-        term, detached, under ``eps`` and the task names.
+        Per-task losses come from :data:`TASK_LOSSES`. A class-conditional baseline model
+        (``model.class_conditional``) also gets ``targets["class_label"]``, replaced by the null
+        label with probability ``model.class_dropout`` (classifier-free guidance's training).
+        Returns ``loss`` (scalar with grad) plus each unweighted term, detached.
         """
-        B = z0.shape[0]
-        device = z0.device
+        B, device = z0.shape[0], z0.device
         enabled = list(tasks_cfg.enabled)
         missing = [n for n in enabled if n not in targets]
         if missing:
             raise KeyError(f"training_losses: targets lack the enabled task input(s) {missing}; "
                            f"got keys {sorted(targets)}")
+        gen_device = generator.device if generator is not None else device
         if t is None:  # uniform over 1..T; generated here, so no range check (and no host sync)
-            gen_device = generator.device if generator is not None else device
             t = torch.randint(1, self.T + 1, (B,), generator=generator, device=gen_device).to(device)
         else:
             t = self._check_t(t, B, device)
@@ -182,37 +220,22 @@ class MTDiffusion:
         inputs = {n: targets[n] for n in enabled}
         A = model.aggregate(inputs).to(z0.dtype) if inputs else torch.zeros_like(z0)
         z_t = self._q_sample(z0, A, t, noise)
-        out = model(z_t, t)
+        if getattr(model, "class_conditional", False):
+            y = targets["class_label"].long()
+            drop = torch.rand(B, generator=generator, device=gen_device).to(device) < model.class_dropout
+            out = model(z_t, t, torch.where(drop, torch.full_like(y, model.num_classes), y))
+        else:
+            out = model(z_t, t)
         for n in ["eps", *enabled]:
             if n not in out:
                 raise KeyError(f"training_losses: model output lacks head {n!r} (has {sorted(out)})")
         # losses in float32 so bf16/fp16 autocast outputs do not lose the small MSE values
         primary_target = noise if self.prediction == "eps" else z0
-        terms: dict[str, Tensor] = {"eps": F.mse_loss(out["eps"].float(), primary_target.float())}
+        terms = {"eps": F.mse_loss(out["eps"].float(), primary_target.float())}
         for n in enabled:
-            pred = out[n].float()
-            if n == "label":
-                lbl = targets["label"]
-                terms[n] = (F.cross_entropy(pred, lbl.long()) if not lbl.is_floating_point()
-                            else -(lbl.float() * F.log_softmax(pred, dim=-1)).sum(-1).mean())
-            elif n == "representation":
-                tgt = targets[n].float()
-                if tasks_cfg.representation.loss == "cosine":
-                    terms[n] = (1 - F.cosine_similarity(pred, tgt, dim=-1)).mean()
-                else:
-                    terms[n] = F.mse_loss(pred, tgt)
-            elif n == "masked":
-                terms[n] = F.mse_loss(pred, z0.float())
-            elif n == "transition":
-                terms[n] = F.mse_loss(pred, targets[n].float())
-            else:  # pragma: no cover - TasksConfig only knows the four tasks
-                raise ValueError(f"unknown task {n!r}")
-        total = terms["eps"]
-        for n in enabled:
-            total = total + float(getattr(tasks_cfg, n).weight) * terms[n]
-        result = {"loss": total}
-        result.update({k: v.detach() for k, v in terms.items()})
-        return result
+            terms[n] = TASK_LOSSES[n](out[n].float(), targets.get(n), z0, tasks_cfg)
+        total = terms["eps"] + sum(float(getattr(tasks_cfg, n).weight) * terms[n] for n in enabled)
+        return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
 
     # ------------------------------------------------------------------ sampling
     def timestep_sequence(self, steps: Optional[int] = None) -> list[int]:
@@ -250,26 +273,72 @@ class MTDiffusion:
             return (1.0 - mask_ratio) * pred.float()
         return pred.float()
 
+    def _denoise(self, model: Any, z: Tensor, t_int: int, ctx: "_SampleContext") -> tuple[dict[str, Tensor], Tensor]:
+        """One network call at ``t``: the heads' outputs and ``A_hat`` (given inputs, else predictions).
+
+        Classifier-free guidance (class-conditional baseline): conditional and null-label passes in
+        one batch, ``eps = eps_null + s (eps_cond - eps_null)``. Task guidance (MT-Diffusion): a given
+        modality enters as ``E(x_pred) + s (E(x_given) - E(x_pred))``; s = 1 is plain conditioning.
+        """
+        B = z.shape[0]
+        t = torch.full((B,), t_int, dtype=torch.long, device=z.device)
+        zin = z.to(ctx.dtype)
+        if ctx.class_labels is None:
+            out = dict(model(zin, t))
+        elif ctx.cfg_scale == 1.0:
+            out = dict(model(zin, t, ctx.class_labels))
+        else:
+            null = torch.full_like(ctx.class_labels, model.num_classes)
+            both = model(torch.cat([zin, zin]), torch.cat([t, t]), torch.cat([ctx.class_labels, null]))
+            out = {k: v[:B] for k, v in both.items()}
+            out["eps"] = both["eps"][B:] + ctx.cfg_scale * (both["eps"][:B] - both["eps"][B:])
+        missing = [n for n in ("eps", *ctx.enabled) if n not in ctx.given and n not in out]
+        if missing:
+            raise KeyError(f"sample: model output lacks head(s) {missing} (has {sorted(out)})")
+        predicted = {n: self._prediction_input(n, out[n], ctx.mask_ratio) for n in ctx.enabled if n in out}
+        inputs = {n: ctx.given.get(n, predicted.get(n)) for n in ctx.enabled}
+        A_hat = self._aggregate(model, inputs, z)
+        if ctx.task_guidance != 1.0 and ctx.given:
+            A_pred = self._aggregate(model, {n: predicted.get(n, inputs[n]) for n in ctx.enabled}, z)
+            A_hat = A_pred + ctx.task_guidance * (A_hat - A_pred)
+        return out, A_hat
+
+    def p_step(self, z: Tensor, z0_hat: Tensor, A_hat: Tensor, t_int: int, s_int: int, ctx: "_SampleContext",
+               noise: Tensor) -> Tensor:
+        """One reverse step ``z_t -> z_s`` given the heads' ``z0_hat`` and ``A_hat``.
+
+        ``s = t - 1`` with the ddpm sampler is the (M4) ancestral step; otherwise y-space DDIM
+        (which with eta = 1 and s = t - 1 is the same step).
+        """
+        if ctx.sampler == "ddpm" and s_int == t_int - 1:
+            t = torch.full((z.shape[0],), t_int, dtype=torch.long, device=z.device)
+            mean = (self._coef("posterior_coef_zt", t, z) * z + self._coef("posterior_coef_z0", t, z) * z0_hat
+                    + self._coef("posterior_coef_A", t, z) * A_hat)  # (M4)
+            if t_int == 1:
+                return mean
+            return mean + (0.5 * self._coef("posterior_log_variance_clipped", t, z)).exp() * noise
+        return self._ddim_step(z, z0_hat, A_hat, t_int, s_int, ctx.eta, noise)
+
     @torch.no_grad()
     def sample(self, model: Any, shape: Iterable[int], given: Optional[Mapping[str, Tensor]] = None,
                steps: Optional[int] = None, sampler: str = "ddpm", eta: float = 1.0,
                generator: Optional[torch.Generator] = None, progress: bool = False,
                tasks_cfg: Optional[TasksConfig] = None, clip_denoised: Optional[bool] = None,
                z_T: Optional[Tensor] = None, start: str = "predict", device: Optional[torch.device | str] = None,
-               dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+               dtype: torch.dtype = torch.float32, cfg_scale: float = 1.0,
+               task_guidance: float = 1.0) -> dict[str, Tensor]:
         """Generate ``z0`` (and every enabled task's prediction) with the MT-Diffusion reverse process.
 
         ``given``: the conditioning task inputs (``{}`` unconditional, ``{"label": y}``,
         ``{"masked": z0 * mask}``, ``{"transition": src}``); a given modality enters ``A_hat``
         as is, every other enabled one through its head's prediction at the current step
-        (labels as softmax probabilities, "soft labels").
+        (labels as softmax probabilities, "soft labels"). For a class-conditional baseline model
+        ``given["label"]`` is its class label instead (with ``cfg_scale``).
 
         ``z_T`` defaults to ``c_T A_hat + noise`` (the prior of (M3) is ~ N(c_T A, I)). ``start``
-        picks ``A_hat`` there: ``"zero"`` uses the given modalities only (not-given ones count 0
-        until the first prediction); ``"predict"`` (default) adds the heads' predictions at
-        ``z = noise + c_T A_given`` (one extra forward pass), so that ``z_T - c_T A_hat`` is
-        centred as the y-space DDPM prior requires; with ``start="zero"`` a deterministic
-        sampler carries the c_T (A - A_given) offset to the end.
+        picks ``A_hat`` there: ``"zero"`` uses the given modalities only; ``"predict"`` (default)
+        adds the heads' predictions at ``z = noise + c_T A_given`` (one extra forward pass), so that
+        ``z_T - c_T A_hat`` is centred as the y-space DDPM prior requires.
 
         ``sampler="ddpm"``: (M4) ancestral steps (when ``steps < T``, the respaced DDPM, which is
         y-space DDIM with eta = 1); ``"ddim"``: the y-space DDIM update with ``eta``.
@@ -282,58 +351,14 @@ class MTDiffusion:
         logits) and ``label_probs``, and the last step's ``representation`` / ``masked`` /
         ``transition`` head outputs for the enabled tasks.
         """
-        given = dict(given or {})
         shape = tuple(int(s) for s in shape)
-        B = shape[0]
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        if start not in ("predict", "zero"):
-            raise ValueError(f"start must be 'predict' or 'zero', got {start!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        enabled = self._enabled(model, tasks_cfg)
-        unknown = [k for k in given if k not in enabled]
-        if unknown:
-            raise ValueError(f"given modalities {unknown} are not enabled tasks (enabled: {enabled})")
-        if device is None:
-            p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-            device = p.device if p is not None else torch.device("cpu")
-        device = torch.device(device)
-        for k, v in given.items():
-            if v.shape[0] != B:
-                raise ValueError(f"given[{k!r}] has batch size {v.shape[0]}, expected {B}")
-            given[k] = v.to(device)
+        ctx = self._sample_context(model, shape, given, sampler, eta, start, tasks_cfg, device, dtype,
+                                   cfg_scale, task_guidance)
         clip = (self.cfg.mode == "pixel") if clip_denoised is None else bool(clip_denoised)
-        mask_ratio = (tasks_cfg.masked if tasks_cfg is not None else MaskedTask()).mask_ratio
         seq = self.timestep_sequence(steps)
         if sampler == "ddpm" and len(seq) < self.T:
-            eta = 1.0  # respaced ancestral DDPM == y-space DDIM with eta = 1
-        # float64 chain state: keeps ddpm and ddim(eta=1) equal to rounding and long chains exact
-        work = torch.float32 if device.type == "mps" else torch.float64
-
-        def run_model(z: Tensor, t_int: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-            t = torch.full((B,), t_int, dtype=torch.long, device=device)
-            out = dict(model(z.to(dtype), t))
-            missing = [n for n in ("eps", *enabled) if n not in given and n not in out]
-            if missing:
-                raise KeyError(f"sample: model output lacks head(s) {missing} (has {sorted(out)})")
-            inputs = {n: given[n] if n in given else self._prediction_input(n, out[n], mask_ratio)
-                      for n in enabled}
-            return t, out, self._aggregate(model, inputs, z)
-
-        noise_T = _randn(shape, generator, device, dtype).to(work)
-        if z_T is not None:
-            if tuple(z_T.shape) != shape:
-                raise ValueError(f"z_T has shape {tuple(z_T.shape)}, expected {shape}")
-            z = z_T.to(device, work)
-        else:
-            c_T = float(self.schedule.c[self.T])
-            A0 = self._aggregate(model, {k: given[k] for k in enabled if k in given}, noise_T)
-            z = noise_T + c_T * A0
-            if start == "predict" and any(n not in given for n in enabled):
-                _, _, A0 = run_model(z, self.T)
-                z = noise_T + c_T * A0
-
+            ctx.eta = 1.0  # respaced ancestral DDPM == y-space DDIM with eta = 1
+        z = self._initial_state(model, shape, z_T, start, ctx, generator)
         out: dict[str, Tensor] = {}
         it = seq
         if progress:
@@ -341,28 +366,79 @@ class MTDiffusion:
             it = tqdm(seq, desc=f"{sampler} sampling", leave=False)
         for i, t_int in enumerate(it):
             s_int = seq[i + 1] if i + 1 < len(seq) else 0
-            t, out, A_hat = run_model(z, t_int)
-            z0_hat = self.predict_z0(z, out["eps"].to(work), A_hat, t)
+            out, A_hat = self._denoise(model, z, t_int, ctx)
+            z0_hat = self._z0_from_head(z, out["eps"].to(ctx.work), A_hat, t_int)
             if clip:
                 z0_hat = z0_hat.clamp(-1, 1)
-            noise = _randn(shape, generator, device, dtype).to(work)
-            if sampler == "ddpm" and s_int == t_int - 1:
-                mean, _, log_var = self.posterior(z, z0_hat, A_hat, t)
-                z = mean + (0.5 * log_var).exp() * noise if t_int > 1 else mean
-            else:
-                z = self._ddim_step(z, z0_hat, A_hat, t_int, s_int, eta, noise)
+            noise = _randn(shape, generator, ctx.device, dtype).to(ctx.work)
+            z = self.p_step(z, z0_hat, A_hat, t_int, s_int, ctx, noise)
+        return self._sample_result(z.to(dtype), out, ctx)
 
-        result: dict[str, Tensor] = {"z0": z.to(dtype)}
-        if "label" in enabled:
+    def _sample_context(self, model, shape, given, sampler, eta, start, tasks_cfg, device, dtype,
+                        cfg_scale, task_guidance) -> "_SampleContext":
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if start not in ("predict", "zero"):
+            raise ValueError(f"start must be 'predict' or 'zero', got {start!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if device is None:
+            p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+            device = p.device if p is not None else torch.device("cpu")
+        device = torch.device(device)
+        given = {k: v.to(device) for k, v in (given or {}).items()}
+        class_labels = None
+        if getattr(model, "class_conditional", False) and "label" in given and "label" not in model.task_names:
+            class_labels = given.pop("label").long()
+        enabled = self._enabled(model, tasks_cfg)
+        unknown = [k for k in given if k not in enabled]
+        if unknown:
+            raise ValueError(f"given modalities {unknown} are not enabled tasks (enabled: {enabled})")
+        for k, v in [*given.items(), *([("label", class_labels)] if class_labels is not None else [])]:
+            if v.shape[0] != shape[0]:
+                raise ValueError(f"given[{k!r}] has batch size {v.shape[0]}, expected {shape[0]}")
+        mask_ratio = (tasks_cfg.masked if tasks_cfg is not None else MaskedTask()).mask_ratio
+        # float64 chain state: keeps ddpm and ddim(eta=1) equal to rounding and long chains exact
+        work = torch.float32 if device.type == "mps" else torch.float64
+        return _SampleContext(enabled, given, class_labels, sampler, float(eta), mask_ratio, device, dtype, work,
+                              float(cfg_scale), float(task_guidance))
+
+    def _initial_state(self, model, shape, z_T, start, ctx: "_SampleContext", generator) -> Tensor:
+        noise_T = _randn(shape, generator, ctx.device, ctx.dtype).to(ctx.work)
+        if z_T is not None:
+            if tuple(z_T.shape) != shape:
+                raise ValueError(f"z_T has shape {tuple(z_T.shape)}, expected {shape}")
+            return z_T.to(ctx.device, ctx.work)
+        c_T = float(self.schedule.c[self.T])
+        A0 = self._aggregate(model, {k: ctx.given[k] for k in ctx.enabled if k in ctx.given}, noise_T)
+        z = noise_T + c_T * A0
+        if start == "predict" and any(n not in ctx.given for n in ctx.enabled):
+            _, A0 = self._denoise(model, z, self.T, ctx)
+            z = noise_T + c_T * A0
+        return z
+
+    def _z0_from_head(self, z_t: Tensor, head: Tensor, A: Tensor, t_int: int) -> Tensor:
+        """``z0_hat`` from the noise head at a python-int ``t`` (no tensor gather, no host sync)."""
+        if self.prediction == "z0":
+            return head
+        ab, c = float(self.schedule.abar[t_int]), float(self.schedule.c[t_int])
+        return (z_t - c * A - (1 - ab) ** 0.5 * head) / ab ** 0.5
+
+    @staticmethod
+    def _sample_result(z0: Tensor, out: Mapping[str, Tensor], ctx: "_SampleContext") -> dict[str, Tensor]:
+        result: dict[str, Tensor] = {"z0": z0}
+        if ctx.class_labels is not None:
+            result["label"] = ctx.class_labels
+        if "label" in ctx.enabled:
             if "label" in out:
                 result["label_probs"] = torch.softmax(out["label"].float(), dim=-1)
-            lbl = given.get("label")
+            lbl = ctx.given.get("label")
             if lbl is None:
                 result["label"] = result["label_probs"].argmax(-1)
             else:
                 result["label"] = lbl.argmax(-1) if lbl.is_floating_point() else lbl.long()
         for n in ("representation", *_IMAGE_TASKS):
-            if n in enabled and n in out:
+            if n in ctx.enabled and n in out:
                 result[n] = out[n]
         return result
 

@@ -33,14 +33,21 @@ def make_betas(kind: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.
     raise ValueError(f"beta_schedule must be 'linear' or 'cosine', got {kind!r}")
 
 
-def make_w(kind: str, T: int, w_max: float) -> torch.Tensor:
+def make_w(kind: str, T: int, w_max: float, alphas: torch.Tensor | None = None) -> torch.Tensor:
     """Aggregation weights ``w_1..w_T`` of (M1), shape (T,), float64.
 
     ``linear``: 0 at t=1 rising to ``w_max`` at T; ``constant``: ``w_max``;
-    ``cosine``: ``w_max * (1 - cos(pi (t-1)/(T-1))) / 2`` (slow start, slow finish).
+    ``cosine``: ``w_max * (1 - cos(pi (t-1)/(T-1))) / 2`` (slow start, slow finish);
+    ``sigma``: the weights whose (M3) coefficient is ``c_t = w_max sqrt(1 - abar_t)``, so the task
+    signal stays a fixed fraction of the noise at every t (needs ``alphas``, the (T,) table):
+    from (M4)'s recursion, ``w_t = c_t / sqrt(alpha_t) - c_{t-1}`` (> 0 since 1/alpha_t > 1).
     """
     if w_max < 0:
         raise ValueError(f"w_max must be >= 0, got {w_max}")
+    if kind == "sigma":
+        abar = torch.cat([torch.ones(1, dtype=_F64), torch.cumprod(alphas.to(_F64), 0)])
+        c = w_max * torch.sqrt(1 - abar)
+        return c[1:] / torch.sqrt(alphas.to(_F64)) - c[:-1]
     t = torch.arange(1, T + 1, dtype=_F64)
     frac = (t - 1) / (T - 1) if T > 1 else torch.ones_like(t)
     if kind == "linear":
@@ -49,7 +56,7 @@ def make_w(kind: str, T: int, w_max: float) -> torch.Tensor:
         return torch.full_like(t, float(w_max))
     if kind == "cosine":
         return w_max * (1 - torch.cos(math.pi * frac)) / 2
-    raise ValueError(f"w_schedule must be 'linear', 'constant' or 'cosine', got {kind!r}")
+    raise ValueError(f"w_schedule must be 'linear', 'constant', 'cosine' or 'sigma', got {kind!r}")
 
 
 def c_recursion(alphas: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -102,8 +109,8 @@ def build_schedule(cfg: DiffusionConfig) -> Schedule:
     """Precompute every coefficient of (M1), (M3) and (M4) for ``cfg``."""
     T = int(cfg.timesteps)
     betas_1 = make_betas(cfg.beta_schedule, T, cfg.beta_start, cfg.beta_end)
-    w_1 = make_w(cfg.w_schedule, T, cfg.w_max)
     alphas_1 = 1 - betas_1
+    w_1 = make_w(cfg.w_schedule, T, cfg.w_max, alphas_1)
     if not bool(((betas_1 > 0) & (betas_1 < 1)).all()):
         raise ValueError("diffusion betas must lie in (0, 1)")
 

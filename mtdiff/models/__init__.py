@@ -1,10 +1,11 @@
-"""MT-Diffusion model: DiT backbone, task encoders E_i and heads D_i (see METHOD.md M2, M5)."""
+"""MT-Diffusion model: U-Net or DiT backbone, task encoders E_i and heads D_i (see METHOD.md M2, M5)."""
 from mtdiff.models.dit import DiTBackbone, sincos_pos_embed_2d, timestep_features, unpatchify
 from mtdiff.models.mtdit import (TASKS, MTDiT, build_model, count_params, flops_per_image,
                                  input_shape_from_params)
 from mtdiff.models.tasks import (IdentityEncoder, ImageHead, LabelEncoder, PooledHead,
-                                 RepresentationEncoder, rms_normalize)
+                                 RepresentationEncoder, TaskModel, rms_normalize)
+from mtdiff.models.unet import MTUNet, UNetBackbone
 
-__all__ = ["TASKS", "MTDiT", "build_model", "count_params", "flops_per_image", "input_shape_from_params",
+__all__ = ["TASKS", "MTDiT", "MTUNet", "UNetBackbone", "TaskModel", "build_model", "count_params", "flops_per_image", "input_shape_from_params",
            "DiTBackbone", "sincos_pos_embed_2d", "timestep_features", "unpatchify", "LabelEncoder",
            "RepresentationEncoder", "IdentityEncoder", "PooledHead", "ImageHead", "rms_normalize"]

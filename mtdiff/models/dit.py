@@ -190,10 +190,14 @@ class DiTBackbone(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor,
+                extra_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``extra_cond`` (B, D) is added to the timestep embedding (DiT's class embedding slot)."""
         x = self.x_embedder(z_t).flatten(2).transpose(1, 2)  # (B, N, D)
         x = x + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t)
+        if extra_cond is not None:
+            c = c + extra_cond
         for block in self.blocks:
             x = block(x, c)
         return x, c

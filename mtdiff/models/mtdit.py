@@ -6,135 +6,71 @@ diffusion code feeds into the forward process (M1/M3) and the posterior (M4).
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mtdiff.models.dit import TIME_FREQ_DIM, DiTBackbone
-from mtdiff.models.tasks import (IdentityEncoder, ImageHead, LabelEncoder, PooledHead,
-                                 RepresentationEncoder)
+from mtdiff.config import TASKS
+from mtdiff.models.tasks import ImageHead, PooledHead, TaskModel
+from mtdiff.models.unet import MTUNet
 
-TASKS = ("label", "representation", "masked", "transition")
 LATENT_CHANNELS = 4  # SD-VAE latent channels
 LATENT_DOWNSAMPLE = 8  # SD-VAE spatial downsampling
 
 
-class MTDiT(nn.Module):
+class MTDiT(TaskModel):
     """DiT backbone + eps head + per-task heads (``D_i``) and encoders (``E_i``).
 
-    ``input_shape`` is (C, H, W) of the diffusion space; ``tasks`` a subset of
-    ``("label", "representation", "masked", "transition")``.
+    ``input_shape`` is (C, H, W) of the diffusion space; ``tasks`` a subset of :data:`TASKS`.
+    ``class_conditional``: the standard baseline, a label embedding added to adaLN's conditioning.
     """
 
     def __init__(self, input_shape: Sequence[int], *, patch_size: int, depth: int, hidden_size: int,
                  num_heads: int, mlp_ratio: float = 4.0, head_hidden: int = 256,
                  tasks: Sequence[str] = (), num_classes: Optional[int] = None,
-                 repr_dim: Optional[int] = None):
+                 repr_dim: Optional[int] = None, class_conditional: bool = False):
         super().__init__()
-        if len(input_shape) != 3:
-            raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; allowed: {', '.join(TASKS)}")
-        c, h, w = (int(v) for v in input_shape)
-        self.input_shape = (c, h, w)
-        self.in_channels = c
+        self._init_tasks(input_shape, tasks, num_classes, repr_dim)
+        c, h, w = self.input_shape
         self.input_size = h if h == w else (h, w)
-        # Fixed order (the config's), so outputs and state_dict keys never depend on input order.
-        self.task_names: list[str] = [t for t in TASKS if t in tasks]
-        self.num_classes = num_classes
-        self.repr_dim = repr_dim
         self.head_hidden = head_hidden
-
+        self.class_conditional = class_conditional
         self.backbone = DiTBackbone((h, w), c, patch_size, depth, hidden_size, num_heads, mlp_ratio)
+        # index num_classes is the "null" label of classifier-free guidance
+        self.class_embed = nn.Embedding(num_classes + 1, hidden_size) if class_conditional else None
         grid = self.backbone.grid
         self.eps_head = ImageHead(hidden_size, patch_size, c, grid)
         self.heads = nn.ModuleDict()
-        self.encoders = nn.ModuleDict()
         for name in self.task_names:
             if name == "label":
-                if not num_classes:
-                    raise ValueError("tasks.label is enabled but num_classes was not given")
-                self.encoders[name] = LabelEncoder(num_classes, self.input_shape)
                 self.heads[name] = PooledHead(hidden_size, head_hidden, num_classes, zero_init_out=True)
             elif name == "representation":
-                if not repr_dim:
-                    raise ValueError("tasks.representation is enabled but repr_dim was not given "
-                                     "(read it from representations/meta.json 'dim')")
-                self.encoders[name] = RepresentationEncoder(repr_dim, self.input_shape)
                 self.heads[name] = PooledHead(hidden_size, head_hidden, repr_dim)
-            else:  # masked / transition: image-valued task data already in the diffusion space
-                self.encoders[name] = IdentityEncoder(name, self.input_shape)
+            else:
                 self.heads[name] = ImageHead(hidden_size, patch_size, c, grid)
 
-    # -- reverse-process network ---------------------------------------------------------------
-    def features(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, z_t: torch.Tensor, t: torch.Tensor,
+                 class_labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared ``h_t`` (B, N, D) and conditioning vector ``c`` (B, D)."""
-        if z_t.ndim != 4 or tuple(z_t.shape[1:]) != self.input_shape:
-            raise ValueError(f"z_t: expected shape (B, {', '.join(map(str, self.input_shape))}), "
-                             f"got {tuple(z_t.shape)}")
-        if t.ndim == 0:
-            t = t.expand(z_t.shape[0])
-        elif t.ndim != 1 or t.shape[0] != z_t.shape[0]:
-            raise ValueError(f"t: expected shape ({z_t.shape[0]},) or a scalar, got {tuple(t.shape)}")
-        # t is 1-based int64 in [1, T]; the sinusoidal embedding takes it as a float.
-        return self.backbone(z_t, t)
+        t = self._check_inputs(z_t, t)
+        extra = None
+        if self.class_embed is not None:
+            if class_labels is None:  # unconditional: the null label
+                class_labels = torch.full_like(t, self.num_classes)
+            extra = self.class_embed(class_labels)
+        return self.backbone(z_t, t, extra)
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor,
+                class_labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """``{"eps": (B,C,H,W), <task>: prediction}`` for every enabled task (M5's heads)."""
-        h, c = self.features(z_t, t)
+        h, c = self.features(z_t, t, class_labels)
         out = {"eps": self.eps_head(h, c)}
         for name in self.task_names:
             out[name] = self.heads[name](h, c)
         return out
-
-    # -- forward-process encoders ----------------------------------------------------------------
-    def encode(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``E_name(x)`` -> (B, C, H, W)."""
-        if name not in self.encoders:
-            raise KeyError(f"task '{name}' is not enabled in this model (enabled: {self.task_names})")
-        return self.encoders[name](x)
-
-    def aggregate(self, task_inputs: Mapping[str, Optional[torch.Tensor]], *,
-                  batch_size: Optional[int] = None, like: Optional[torch.Tensor] = None,
-                  strict: bool = False) -> torch.Tensor:
-        """(M2) ``A = sum_i E_i(x_i)`` over the enabled tasks present in ``task_inputs``.
-
-        Keys that are not enabled tasks (or map to ``None``) are skipped, so a training batch dict
-        can be passed as is; ``strict=True`` makes a key that is not an enabled task an error.
-        With nothing to aggregate returns zeros (B, C, H, W): B from ``batch_size``, ``like`` or any
-        tensor in ``task_inputs``; dtype/device from ``like``, else the model's parameters.
-        """
-        if strict:
-            extra = [k for k in task_inputs if k not in self.encoders]
-            if extra:
-                raise KeyError(f"aggregate: {extra} are not enabled tasks (enabled: {self.task_names})")
-        total: Optional[torch.Tensor] = None
-        for name in self.task_names:
-            x = task_inputs.get(name)
-            if x is None:
-                continue
-            e = self.encoders[name](x)
-            total = e if total is None else total + e
-        if total is not None:
-            if batch_size is not None and total.shape[0] != batch_size:
-                raise ValueError(f"aggregate: task inputs have batch size {total.shape[0]}, "
-                                 f"batch_size={batch_size} was asked for")
-            if like is not None:
-                total = total.to(like.dtype)
-            return total
-        if batch_size is None:
-            if like is not None:
-                batch_size = like.shape[0]
-            else:
-                tensors = [v for v in task_inputs.values() if isinstance(v, torch.Tensor) and v.ndim > 0]
-                if not tensors:
-                    raise ValueError("aggregate: no task inputs to infer the batch size from; "
-                                     "pass batch_size= or like=")
-                batch_size = tensors[0].shape[0]
-        ref = like if like is not None else next(self.parameters())
-        return torch.zeros(batch_size, *self.input_shape, dtype=ref.dtype, device=ref.device)
 
 
 def input_shape_from_params(params) -> tuple[int, int, int]:
@@ -148,19 +84,24 @@ def input_shape_from_params(params) -> tuple[int, int, int]:
 
 
 def build_model(params, repr_dim: Optional[int], num_classes: int, *,
-                input_shape: Optional[Sequence[int]] = None) -> MTDiT:
-    """MTDiT from ``params.model`` (sizes), ``params.tasks.enabled`` and the data shape.
+                input_shape: Optional[Sequence[int]] = None) -> TaskModel:
+    """MTUNet or MTDiT (``params.model.backbone``) for ``params.tasks.enabled`` and the data shape.
 
     ``input_shape`` overrides the (C, H, W) derived from params (e.g. from latents ``meta.json``).
     """
-    depth, hidden, heads = params.model.dims
+    mc = params.model
     shape = tuple(input_shape) if input_shape is not None else input_shape_from_params(params)
-    if shape[1] % params.model.patch_size or shape[2] % params.model.patch_size:
-        raise ValueError(f"model.patch_size {params.model.patch_size} must divide the input size "
-                         f"{shape[1]}x{shape[2]}")
-    return MTDiT(shape, patch_size=params.model.patch_size, depth=depth, hidden_size=hidden,
-                 num_heads=heads, mlp_ratio=params.model.mlp_ratio, head_hidden=params.model.head_hidden,
-                 tasks=params.tasks.enabled, num_classes=num_classes, repr_dim=repr_dim)
+    common = dict(head_hidden=mc.head_hidden, tasks=params.tasks.enabled, num_classes=num_classes,
+                  repr_dim=repr_dim, class_conditional=mc.class_conditional)
+    if mc.backbone == "unet":
+        return MTUNet(shape, base_channels=mc.channels, channel_mult=mc.channel_mult,
+                      num_res_blocks=mc.num_res_blocks, attn_resolutions=mc.attn_resolutions,
+                      num_heads=mc.num_heads, dropout=mc.dropout, label_feedback=mc.label_feedback, **common)
+    if shape[1] % mc.patch_size or shape[2] % mc.patch_size:
+        raise ValueError(f"model.patch_size {mc.patch_size} must divide the input size {shape[1]}x{shape[2]}")
+    depth, hidden, heads = mc.dims
+    return MTDiT(shape, patch_size=mc.patch_size, depth=depth, hidden_size=hidden, num_heads=heads,
+                 mlp_ratio=mc.mlp_ratio, **common)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -168,14 +109,18 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def flops_per_image(model: MTDiT) -> float:
-    """Analytic forward FLOPs per image (multiply-add = 2 FLOPs) of backbone + all heads.
+def flops_per_image(model: TaskModel) -> float:
+    """Forward FLOPs per image (multiply-add = 2 FLOPs) of backbone + all heads.
+
+    MTUNet: counted by ``FlopCounterMode`` on one image (convs and matmuls). MTDiT: analytic.
 
     Counts the matmul/conv work (patch embed, t-MLP, per block: adaLN, qkv, attention scores and
     A@V, proj, MLP; each image head's adaLN + linear; the pooled heads' MLPs). Norms, activations,
     softmax and elementwise ops are ignored, as in DiT's Gflops and FlopCounterMode. Encoders
     (``aggregate``) are not part of the forward pass and are not counted.
     """
+    if isinstance(model, MTUNet):
+        return _counted_flops(model)
     bb = model.backbone
     c = model.in_channels
     p = bb.patch_size
@@ -201,3 +146,11 @@ def flops_per_image(model: MTDiT) -> float:
         else:
             flops += 2 * (d * head.fc1.out_features + head.fc1.out_features * head.fc2.out_features)
     return float(flops)
+
+
+def _counted_flops(model: nn.Module) -> float:
+    p = next(model.parameters())
+    z = torch.zeros(1, *model.input_shape, device=p.device, dtype=p.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(z, torch.ones(1, dtype=torch.long, device=p.device))
+    return float(counter.get_total_flops())

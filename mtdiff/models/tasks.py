@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import Mapping, Optional, Sequence
+
+from mtdiff.config import TASKS
 from mtdiff.models.dit import FinalLayer, unpatchify
 
 RMS_EPS = 1e-12  # only guards an all-zero code; far below any trained code's mean square
@@ -143,3 +146,87 @@ class ImageHead(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return unpatchify(self.final(h, c), self.out_channels, self.patch_size, *self.grid)
 
+
+
+class TaskModel(nn.Module):
+    """The encoder side shared by every backbone: ``E_i`` per enabled task and ``A = sum_i E_i(x_i)`` (M2).
+
+    Subclasses build the backbone and heads and implement ``forward(z_t, t, class_labels=None)``.
+    ``class_conditional`` marks the standard class-conditional baseline (label into the norms).
+    """
+
+    class_conditional = False
+
+    def _init_tasks(self, input_shape: Sequence[int], tasks: Sequence[str], num_classes: Optional[int],
+                    repr_dim: Optional[int]) -> None:
+        if len(input_shape) != 3:
+            raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; allowed: {', '.join(TASKS)}")
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.in_channels = self.input_shape[0]
+        # Fixed (the config's) order, so outputs and state_dict keys never depend on input order.
+        self.task_names: list[str] = [t for t in TASKS if t in tasks]
+        self.num_classes = num_classes
+        self.repr_dim = repr_dim
+        self.encoders = nn.ModuleDict()
+        for name in self.task_names:
+            if name == "label":
+                if not num_classes:
+                    raise ValueError("tasks.label is enabled but num_classes was not given")
+                self.encoders[name] = LabelEncoder(num_classes, self.input_shape)
+            elif name == "representation":
+                if not repr_dim:
+                    raise ValueError("tasks.representation is enabled but repr_dim was not given "
+                                     "(read it from representations/meta.json 'dim')")
+                self.encoders[name] = RepresentationEncoder(repr_dim, self.input_shape)
+            else:  # masked / transition: image-valued task data already in the diffusion space
+                self.encoders[name] = IdentityEncoder(name, self.input_shape)
+
+    def _check_inputs(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Shapes only (no value check, so no host sync); returns ``t`` as (B,)."""
+        if z_t.ndim != 4 or tuple(z_t.shape[1:]) != self.input_shape:
+            raise ValueError(f"z_t: expected shape (B, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(z_t.shape)}")
+        if t.ndim == 0:
+            return t.expand(z_t.shape[0])
+        if t.ndim != 1 or t.shape[0] != z_t.shape[0]:
+            raise ValueError(f"t: expected shape ({z_t.shape[0]},) or a scalar, got {tuple(t.shape)}")
+        return t
+
+    def encode(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``E_name(x)`` -> (B, C, H, W)."""
+        if name not in self.encoders:
+            raise KeyError(f"task '{name}' is not enabled in this model (enabled: {self.task_names})")
+        return self.encoders[name](x)
+
+    def aggregate(self, task_inputs: Mapping[str, Optional[torch.Tensor]], *,
+                  batch_size: Optional[int] = None, like: Optional[torch.Tensor] = None,
+                  strict: bool = False) -> torch.Tensor:
+        """(M2) ``A = sum_i E_i(x_i)`` over the enabled tasks present in ``task_inputs``.
+
+        Keys that are not enabled tasks (or map to ``None``) are skipped, so a training batch dict
+        can be passed as is; ``strict=True`` makes a key that is not an enabled task an error.
+        With nothing to aggregate returns zeros (B, C, H, W): B from ``batch_size``, ``like`` or any
+        tensor in ``task_inputs``; dtype/device from ``like``, else the model's parameters.
+        """
+        if strict:
+            extra = [k for k in task_inputs if k not in self.encoders]
+            if extra:
+                raise KeyError(f"aggregate: {extra} are not enabled tasks (enabled: {self.task_names})")
+        codes = [self.encoders[n](task_inputs[n]) for n in self.task_names if task_inputs.get(n) is not None]
+        if codes:
+            total = torch.stack(codes).sum(0) if len(codes) > 1 else codes[0]
+            if batch_size is not None and total.shape[0] != batch_size:
+                raise ValueError(f"aggregate: task inputs have batch size {total.shape[0]}, "
+                                 f"batch_size={batch_size} was asked for")
+            return total.to(like.dtype) if like is not None else total
+        if batch_size is None:
+            tensors = [v for v in task_inputs.values() if isinstance(v, torch.Tensor) and v.ndim > 0]
+            if like is None and not tensors:
+                raise ValueError("aggregate: no task inputs to infer the batch size from; "
+                                 "pass batch_size= or like=")
+            batch_size = like.shape[0] if like is not None else tensors[0].shape[0]
+        ref = like if like is not None else next(self.parameters())
+        return torch.zeros(batch_size, *self.input_shape, dtype=ref.dtype, device=ref.device)
