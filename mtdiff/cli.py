@@ -2,7 +2,7 @@
 
     mtdiff stage <name> [key=value ...]   run one pipeline stage (same as python -m mtdiff.stages.<name>)
     mtdiff config [key=value ...]         print the validated, merged params
-    mtdiff bench {train,data,sample} ...  benchmarks (see mtdiff.bench)
+    mtdiff bench {train,sample} ...       benchmarks (see mtdiff.bench)
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("overrides", nargs="*", help="key.sub=value")
     cfg = sub.add_parser("config", help="print the validated params")
     cfg.add_argument("overrides", nargs="*")
-    sub.add_parser("bench", help="benchmarks: mtdiff bench {train,data,sample} --help")
+    sub.add_parser("bench", help="benchmarks: mtdiff bench {train,sample} --help")
     args = parser.parse_args(argv)
 
     from mtdiff.config import ConfigError, load_params

@@ -1,4 +1,4 @@
-"""Benchmarks: ``mtdiff bench train|sample|data`` run in-process with tiny settings.
+"""Benchmarks: ``mtdiff bench train|sample`` run in-process with tiny settings.
 
 These check that the numbers exist, have the right types and sane ranges; the performance targets
 themselves are shown by the benchmark output, not asserted (timings on a shared CI box are noise).
@@ -6,13 +6,13 @@ themselves are shown by the benchmark output, not asserted (timings on a shared 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from mtdiff import bench
-from mtdiff.bench import common as C
+from mtdiff.models import input_shape_from_params
+from mtdiff.training import TrainStep
 
 TRAIN_KEYS = {"mfu": float, "img_per_s": float, "peak_mem_mb": float, "device": str, "dtype": str,
               "flops_per_img": float, "matmul_flops": float, "threads": int, "batch_size": int, "params": int,
@@ -37,7 +37,7 @@ def test_train_quick_json(workdir, capsys):
     assert 0 < r["mfu"] < 1.5
     assert r["img_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["matmul_flops"] > 1e8
     assert (r["device"], r["dtype"], r["batch_size"], r["steps"]) == ("cpu", "fp32", 8, 2)
-    assert r["threads"] == C.physical_cores()
+    assert r["threads"] == threads_before  # --threads not given: torch's count as found
     # MFU is exactly achieved / peak with achieved = 3 x forward FLOPs x img/s
     assert r["achieved_flops"] == pytest.approx(3 * r["flops_per_img"] * r["img_per_s"], rel=1e-9)
     assert r["mfu"] == pytest.approx(r["achieved_flops"] / r["matmul_flops"], rel=1e-9)
@@ -68,6 +68,34 @@ def test_train_all_tasks(workdir, capsys):
     assert r["loss"] > 0 and r["mfu"] > 0
 
 
+def test_train_times_the_shared_step_with_and_without_ema(workdir, capsys, monkeypatch):
+    """bench train calls mtdiff.training.TrainStep (the train stage's step), warm-up and timed steps
+    alike; --no-ema builds it without the EMA update; --profile adds the profiler's table (stderr)."""
+    built, calls = [], []
+    real_init, real_call = TrainStep.__init__, TrainStep.__call__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built.append(self)
+
+    def call(self, batch):
+        calls.append(self)
+        return real_call(self, batch)
+
+    monkeypatch.setattr(TrainStep, "__init__", init)
+    monkeypatch.setattr(TrainStep, "__call__", call)
+    args = ["train", "--json", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "4",
+            "--matmul-n", "128", "model.depth=1"]
+    assert bench.main([*args, "--no-ema", "--profile"]) == 0
+    captured = capsys.readouterr()
+    r = json.loads(captured.out.strip())
+    assert r["ema"] is False and built[-1].ema is None
+    assert len(calls) == 1 + 2 + 2  # warm-up, timed, profiled
+    assert "Self CPU" in captured.err
+    assert bench.main(args) == 0
+    assert _json_line(capsys)["ema"] is True and built[-1].ema is not None and built[-1].ema.num_updates == 3
+
+
 def test_bad_arguments_exit_2(workdir, capsys):
     assert bench.main(["train", "--device", "cpu", "--batch-size", "0", "--steps", "1"]) == 2
     assert "--batch-size" in capsys.readouterr().err
@@ -79,19 +107,20 @@ def test_bad_arguments_exit_2(workdir, capsys):
 
 
 def test_imagenet_config_shapes():
-    p = C.bench_params("imagenet256-dit-b2")
-    assert C.data_shape(p) == (4, 32, 32)
+    p = bench.bench_params("imagenet256-dit-b2")
+    assert input_shape_from_params(p) == (4, 32, 32)
     assert p.model.dims == (12, 768, 12) and p.model.patch_size == 2
-    assert C.num_classes(p) == 1000 and p.tasks.enabled == ["label"]
+    assert bench.CONFIGS["imagenet256-dit-b2"].num_classes == 1000 and p.tasks.enabled == ["label"]
     with pytest.raises(ValueError, match="--config"):
-        C.bench_params("nope")
+        bench.bench_params("nope")
 
 
-def test_physical_cores_and_matmul_peak():
-    n = C.physical_cores()
-    assert 1 <= n <= (os.cpu_count() or 1)
-    peak = C.matmul_peak(torch.device("cpu"), "fp32", n=128, reps=2)
-    assert peak["matmul_flops"] > 0 and peak["matmul_n"] == 128 and peak["matmul_dtype"] == "float32"
+def test_matmul_peak():
+    probe = bench.MatmulProbe(torch.device("cpu"), torch.float32, n=128)
+    probe.rate(reps=2)
+    info = probe.info()
+    assert info["matmul_flops"] > 0 and info["matmul_n"] == 128 and info["matmul_dtype"] == "float32"
+    assert info["matmul_samples"] == 2 and info["matmul_flops"] == max(probe.samples)  # warm-up + timed
 
 
 def test_sample_small(workdir, capsys):
@@ -102,29 +131,16 @@ def test_sample_small(workdir, capsys):
     assert r["img_per_s"] > 0 and r["seconds"] > 0 and 0 < r["mfu"] < 1.5
 
 
-def test_data_small(workdir, fmnist_dir, capsys):
-    rc = bench.main(["data", "--quick", "--json", "--device", "cpu", "--batch-size", "8", "--steps", "1",
-                     "--jpegs", "3", "--max-per-split", "64", "model.depth=1", "model.hidden_size=64",
-                     "model.num_heads=2", f"data.fashion_mnist_dir={fmnist_dir}"])
-    assert rc == 0
-    r = _json_line(capsys)
-    assert r["fmnist_decode"]["idx_images"] == 60000 and r["fmnist_decode"]["idx_img_per_s"] > 0
-    assert r["fmnist_decode"]["split_images"] == 60000 and r["fmnist_decode"]["split_img_per_s"] > 0
-    assert r["jpeg_decode"]["jpegs"] == 3 and r["jpeg_decode"]["img_per_s"] > 0
-    assert "temp slice" in r["data_source"]
-    assert r["reading"]["shards_img_per_s"] > 0 and r["reading"]["in_memory_img_per_s"] > 0
-    assert r["ratio_shards_vs_memory"] > 0 and r["ratio_latents_vs_vae"] > 0
-    lv = r["latents_vs_vae"]
-    assert "TINY RANDOM" in lv["vae"] and lv["latent_shape"] == [4, 8, 8]
-    # nothing leaked into the working directory: the slice lived in a temp folder
-    assert not (workdir / "data").exists()
+def test_decode_image_bytes_center_crops_a_jpeg(tmp_path):
+    """(Kept from the dropped ``bench data``: the prepare stage's JPEG decode + ADM center crop.)"""
+    import numpy as np
+    from PIL import Image
 
-
-def test_make_jpegs_decode_to_crop(tmp_path):
     from mtdiff import sources
-    from mtdiff.bench.data import make_jpegs
 
-    (p,) = make_jpegs(tmp_path, 1)
+    p = tmp_path / "img.jpg"
+    rgb = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(p, format="JPEG")
     d = sources.decode_image_bytes(p.read_bytes(), p.name, 64, 3)
     assert d.image is not None and d.image.shape == (64, 64, 3)
 
