@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from mtdiff.config import ConfigError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -40,13 +42,39 @@ def _umask_mode(base: int) -> int:
     return base & ~mask
 
 
+# Every folder atomic_dir writes holds this file: only such a folder (or an empty one) is ever replaced,
+# so a mistyped out dir can never wipe a folder the pipeline did not make.
+OUTPUT_MARKER = ".mtdiff-output"
+
+
+class OutputError(ConfigError):
+    """An output path that would replace something the pipeline did not write."""
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Raise :class:`OutputError` unless ``path`` is absent, an empty folder or a folder atomic_dir made."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise OutputError(f"{path} exists and is not a folder; an output folder would replace it "
+                          f"(move it away or choose another out_dir)")
+    if (path / OUTPUT_MARKER).is_file() or not any(path.iterdir()):
+        return
+    raise OutputError(f"{path} exists and was not written by an mtdiff stage (no {OUTPUT_MARKER} in it); "
+                      f"refusing to replace it: move it away or choose another out_dir")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success swap it in place of ``path``.
 
-    Temp folders a killed earlier run left behind (``.<name>.*.tmp``) are removed on entry.
+    Only a folder this function made (it holds :data:`OUTPUT_MARKER`) or an empty one is replaced;
+    anything else raises :class:`OutputError` before any work. Temp folders a killed earlier run
+    left behind (``.<name>.*.tmp``) are removed on entry.
     """
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -54,6 +82,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; outputs should follow the umask
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text("written by an mtdiff stage; replaced on its next run\n")
+        check_replaceable(path)  # again: something may have appeared there meanwhile
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from mtdiff.io import atomic_dir, atomic_path, save_npy, sha1_bytes, sha1_file, write_json
+from mtdiff.io import OUTPUT_MARKER, atomic_dir, atomic_path, save_npy, sha1_bytes, sha1_file, write_json
 
 
 def test_atomic_path_exception_keeps_old(tmp_path):
@@ -42,7 +42,7 @@ def test_atomic_dir_exception_keeps_old_and_cleans(tmp_path):
             (tmp / "a.txt").write_text("new")
             (tmp / "b.txt").write_text("partial")
             raise ValueError("boom")
-    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "a.txt"]
     assert (target / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]
 
@@ -70,7 +70,7 @@ def test_sigkill_inside_atomic_dir_keeps_old(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", code], timeout=120)
     assert proc.returncode == -signal.SIGKILL
-    assert sorted(p.name for p in target.iterdir()) == ["ok.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "ok.txt"]
     assert (target / "ok.txt").read_text() == "old"
 
 
@@ -89,9 +89,11 @@ def test_prepare_killed_mid_stage_leaves_no_output(fmnist_dir, tmp_path):
     """SIGKILL while prepare writes its temp folder: no data/prepared appears (and an old one survives)."""
     env = {**os.environ, "MTDIFF_MLFLOW": "0"}
     env.pop("MTDIFF_PARAMS", None)
-    # Upscaling all 70k images to 96 px keeps the stage busy for seconds after the temp folder exists.
+    # Upscaling every image keeps the stage busy for seconds after the temp folder exists: all 70k real
+    # images to 96 px, or the test fixture's few hundred to 256 px.
+    real = (fmnist_dir / "train-images-idx3-ubyte.gz").stat().st_size > 10_000_000
     cmd = [sys.executable, "-m", "mtdiff.stages.prepare", f"data.fashion_mnist_dir={fmnist_dir}",
-           "data.resolution=96", "data.out_dir=data"]
+           f"data.resolution={96 if real else 256}", "data.out_dir=data"]
     data = tmp_path / "data"
 
     def temp_dirs():
@@ -99,8 +101,8 @@ def test_prepare_killed_mid_stage_leaves_no_output(fmnist_dir, tmp_path):
 
     for old in (False, True):
         if old:
-            (data / "prepared").mkdir(parents=True)
-            (data / "prepared" / "marker.txt").write_text("old output")
+            with atomic_dir(data / "prepared") as prev:
+                (prev / "marker.txt").write_text("old output")
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             started = _wait_for(lambda: bool(temp_dirs()), proc, timeout=240)
@@ -113,7 +115,7 @@ def test_prepare_killed_mid_stage_leaves_no_output(fmnist_dir, tmp_path):
                 proc.kill()
             proc.stderr.close()
         if old:
-            assert sorted(p.name for p in (data / "prepared").iterdir()) == ["marker.txt"]
+            assert sorted(p.name for p in (data / "prepared").iterdir()) == [OUTPUT_MARKER, "marker.txt"]
         else:
             assert not (data / "prepared").exists()
 

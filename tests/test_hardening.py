@@ -1,0 +1,159 @@
+"""Issue 11 (hardening): bad params, bad files and dangerous paths fail early with one clear line,
+and nothing the pipeline did not make is ever deleted."""
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtdiff.config import DEFAULT_PARAMS, ConfigError, load_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(tmp_path, monkeypatch, **over):
+    """Params rooted in a fresh project folder (dvc.yaml present) ``tmp_path/proj`` as the cwd."""
+    proj = tmp_path / "proj"
+    proj.mkdir(exist_ok=True)
+    (proj / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(proj)
+    monkeypatch.delenv("MTDIFF_OUTPUT_ROOTS", raising=False)
+    return load_params(DEFAULT_PARAMS, overrides=over)
+
+
+# -- 18: a fresh machine runs the data tests on a generated IDX fixture -------------------------
+def test_fixture_idx_is_real_fashion_mnist_format(tmp_path):
+    from fixtures import fmnist_idx
+
+    from mtdiff import sources
+
+    folder = fmnist_idx.build(tmp_path / "f", sizes={"train": 30, "test": 20})
+    imgs = sources.read_idx(folder / "train-images-idx3-ubyte.gz")
+    labels = sources.read_idx(folder / "train-labels-idx1-ubyte.gz")
+    assert imgs.shape == (30, 28, 28) and imgs.dtype == np.uint8 and labels.shape == (30,)
+    raw = gzip.decompress((folder / "t10k-images-idx3-ubyte.gz").read_bytes())
+    assert raw[:4] == bytes([0, 0, 8, 3]) and int.from_bytes(raw[4:8], "big") == 20
+    again = fmnist_idx.build(tmp_path / "g", sizes={"train": 30, "test": 20})
+    assert (again / "train-images-idx3-ubyte.gz").read_bytes() == (folder / "train-images-idx3-ubyte.gz").read_bytes()
+
+
+def test_fmnist_dir_env_points_params_at_the_fixture(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTDIFF_FMNIST_DIR", str(tmp_path / "idx"))
+    assert load_params(DEFAULT_PARAMS).data.fashion_mnist_dir == str(tmp_path / "idx")
+    # an explicit key=value override still wins
+    assert load_params(DEFAULT_PARAMS, overrides=["data.fashion_mnist_dir=/x"]).data.fashion_mnist_dir == "/x"
+
+
+# -- 1: output folders -------------------------------------------------------------------------
+@pytest.mark.parametrize("over, words", [
+    ({"sample.out_dir": "checkpoints"}, "overlap"),
+    ({"evaluate.out_dir": "data/metrics"}, "overlap"),
+    ({"train.out_dir": "~/ckpt"}, "outside the project"),
+    ({"sample.out_dir": "../elsewhere"}, "outside the project"),
+    ({"sample.out_dir": "/tmp/../etc"}, "outside the project"),
+    ({"evaluate.out_dir": "."}, "project folder"),
+    ({"evaluate.out_dir": "mtdiff"}, "part of the project"),
+    ({"data.out_dir": "in", "data.fashion_mnist_dir": "in/fmnist"}, "input"),
+])
+def test_dangerous_out_dirs_are_refused_at_load(tmp_path, monkeypatch, over, words):
+    with pytest.raises(ConfigError, match=words):
+        _load(tmp_path, monkeypatch, **over)
+
+
+def test_out_dir_symlinked_onto_another_output_is_refused(tmp_path, monkeypatch):
+    proj = tmp_path / "proj"
+    (proj / "checkpoints").mkdir(parents=True)
+    (proj / "samples").symlink_to(proj / "checkpoints", target_is_directory=True)
+    with pytest.raises(ConfigError, match="overlap"):
+        _load(tmp_path, monkeypatch)
+
+
+def test_sample_out_dir_checkpoints_cannot_delete_last_pt(tmp_path, monkeypatch):
+    """Even past the params check, atomic_dir never replaces a folder it did not make."""
+    from mtdiff.io import OutputError, atomic_dir
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "last.pt").write_bytes(b"weights")
+    with pytest.raises(OutputError, match="not written by an mtdiff stage"):
+        with atomic_dir(ckpt) as tmp:
+            (tmp / "samples.npz").write_bytes(b"x")
+    assert (ckpt / "last.pt").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
+def test_outputs_inside_the_project_or_allowed_roots_load(tmp_path, monkeypatch):
+    params = _load(tmp_path, monkeypatch)
+    assert params.samples_dir == Path("samples")
+    monkeypatch.setenv("MTDIFF_OUTPUT_ROOTS", str(tmp_path / "scratch"))
+    load_params(DEFAULT_PARAMS, overrides={"data.out_dir": str(tmp_path / "scratch" / "data")})
+
+
+# -- 7: malformed params.yaml ------------------------------------------------------------------
+@pytest.mark.parametrize("content, words", [
+    (b"train:\n  steps: [1, 2\n", "malformed YAML"),
+    (b"train:\n\tsteps: 3\n", "malformed YAML"),
+    (b"seed: 0\ndata:\n  out_dir: d\xe9j\xe0\n", "not UTF-8"),
+])
+def test_malformed_params_yaml_is_one_line_exit_2(tmp_path, content, words):
+    bad = tmp_path / "params.yaml"
+    bad.write_bytes(content)
+    with pytest.raises(ConfigError, match=words):
+        load_params(bad)
+    env = {**os.environ, "MTDIFF_PARAMS": str(bad), "MTDIFF_MLFLOW": "0"}
+    proc = subprocess.run([sys.executable, "-m", "mtdiff.stages.prepare"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and str(bad) in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_config_failure_is_not_retried_by_the_flow():
+    from mtdiff.dvc_runner import StageConfigError, failure_for
+
+    lines = ["ERROR: failed to reproduce 'prepare': failed to run: python -m mtdiff.stages.prepare, exited with 2"]
+    assert isinstance(failure_for("prepare", 1, lines), StageConfigError)
+
+
+# -- 10: strict types and cross-checks at load time ----------------------------------------------
+@pytest.mark.parametrize("over, words", [
+    ({"seed": True}, "seed"),
+    ({"seed": 2**63}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"train.steps": "3000"}, "train.steps"),
+    ({"train.tf32": 1}, "train.tf32"),
+    ({"train.lr": "0.1"}, "train.lr"),
+    ({"evaluate.classify_t": [0, 10]}, "classify_t"),
+    ({"evaluate.classify_t": [1, 1001]}, "classify_t"),
+    ({"data.resolution": 30}, "patch_size"),
+    ({"diffusion.mode": "latent", "data.resolution": 64, "model.patch_size": 16}, "patch_size"),
+])
+def test_bad_types_and_values_fail_at_load(over, words):
+    with pytest.raises(ConfigError, match=words):
+        load_params(DEFAULT_PARAMS, overrides=over)
+
+
+def test_int_for_float_and_exponent_floats_still_load(tmp_path):
+    p = load_params(DEFAULT_PARAMS, overrides=["train.lr=1", "train.weight_decay=1e-4"])
+    assert p.train.lr == 1.0 and p.train.weight_decay == pytest.approx(1e-4)
+    f = tmp_path / "params.yaml"
+    f.write_text(DEFAULT_PARAMS.read_text().replace("lr: 0.001", "lr: 1e-3"))
+    assert load_params(f).train.lr == pytest.approx(1e-3)
+
+
+# -- 11: profiles are plain names in configs/ ----------------------------------------------------
+@pytest.mark.parametrize("profile", ["../../somewhere/evil", "/etc/passwd", "sub/x", "..", ".hidden"])
+def test_profile_must_be_a_plain_name(tmp_path, profile):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("seed: 7\n")
+    with pytest.raises(ConfigError, match="profile"):
+        load_params(DEFAULT_PARAMS, overrides={"profile": profile})
+
+
+def test_known_profile_still_loads():
+    assert load_params(DEFAULT_PARAMS, overrides={"profile": "imagenet256", "data.imagenet_dir": "/x"}).profile == "imagenet256"
