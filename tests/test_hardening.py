@@ -130,8 +130,9 @@ def test_config_failure_is_not_retried_by_the_flow():
     ({"train.lr": "0.1"}, "train.lr"),
     ({"evaluate.classify_t": [0, 10]}, "classify_t"),
     ({"evaluate.classify_t": [1, 1001]}, "classify_t"),
-    ({"data.resolution": 30}, "patch_size"),
-    ({"diffusion.mode": "latent", "data.resolution": 64, "model.patch_size": 16}, "patch_size"),
+    ({"model.backbone": "dit", "data.resolution": 30}, "patch_size"),
+    ({"model.backbone": "dit", "diffusion.mode": "latent", "data.resolution": 64, "model.patch_size": 16},
+     "patch_size"),
 ])
 def test_bad_types_and_values_fail_at_load(over, words):
     with pytest.raises(ConfigError, match=words):
