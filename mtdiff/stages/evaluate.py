@@ -42,18 +42,22 @@ import csv
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from mtdiff.checkpoint import load_for_inference
 from mtdiff.config import Params, resolve_path
 from mtdiff.data import load_prepared
+from mtdiff.encoders import load_fmnist_encoder
 from mtdiff.evaluation import accuracy as acc
 from mtdiff.evaluation import fidelity as fid
 from mtdiff.io import atomic_path, write_json
 from mtdiff.stages import stage_main
+from mtdiff.tracking import stage_run
 from mtdiff.utils import get_logger, pick_device, seed_everything
 
 log = get_logger("mtdiff.evaluate")
@@ -71,14 +75,10 @@ PSNR_CAP_DB = 100.0
 # -- loading (module-level functions so tests can stub the model / encoder) ---------------------
 def load_model(params: Params, device: torch.device):
     """(model, diffusion, meta) with EMA weights; FileNotFoundError when there is no checkpoint."""
-    from mtdiff.checkpoint import load_for_inference
-
     return load_for_inference(params, device=device)
 
 
 def load_domain_encoder(path: Path) -> torch.nn.Module:
-    from mtdiff.encoders import load_fmnist_encoder
-
     return load_fmnist_encoder(path)
 
 
@@ -108,6 +108,53 @@ def _test_z0(params: Params, images: np.ndarray, n: int) -> Optional[np.ndarray]
     return None
 
 
+@dataclass
+class _Inputs:
+    """What the metric groups read: the first n samples, their reference images and the test split."""
+
+    params: Params
+    device: torch.device
+    arrays: dict[str, np.ndarray]  # samples.npz
+    condition: str
+    samples: np.ndarray  # uint8 NHWC, the first n
+    reference: np.ndarray  # the real images the samples are compared with
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def n_test(self) -> int:
+        return min(self.params.evaluate.num_samples, len(self.test_images))
+
+    def name(self, metric: str, space: str = "") -> str:
+        return fid.metric_name(metric, self.n, space)
+
+    def fidelity_kwargs(self) -> dict[str, Any]:
+        ev = self.params.evaluate
+        return dict(cache_root=resolve_path(self.params.data.out_dir) / "fidelity_cache", device=self.device,
+                    batch_size=ev.batch_size, seed=self.params.seed)
+
+
+def _load_inputs(params: Params) -> _Inputs:
+    arrays, sample_meta = _read_samples(params)
+    condition = str(sample_meta.get("condition") or params.sample.condition)
+    test_images, test_labels, classes = load_prepared(params, "test")
+    samples = fid.as_nhwc_uint8(arrays["arr_0"], "samples.npz arr_0")
+    n = min(params.evaluate.num_samples, len(samples))
+    if condition == "transition":
+        if "reference" not in arrays:
+            raise ValueError("samples.npz: condition 'transition' but no 'reference' targets")
+        reference = fid.as_nhwc_uint8(arrays["reference"][:n], "samples.npz reference")
+    else:
+        reference = test_images[:min(n, len(test_images))]  # an mmap slice: read per image, never copied whole
+    return _Inputs(params, pick_device(params.train.device), arrays, condition, samples[:n], reference,
+                   test_images, test_labels, classes)
+
+
 # -- outputs -------------------------------------------------------------------------------------
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     with atomic_path(path) as tmp:
@@ -127,138 +174,143 @@ def _psnr(mse: float) -> float:
     return min(PSNR_CAP_DB, acc.psnr(mse))
 
 
-# -- the stage -----------------------------------------------------------------------------------
-def compute(params: Params) -> tuple[dict[str, Any], dict[str, list[list[Any]]]]:
-    """All metrics that apply to ``params``: (flat metrics dict, plot rows by file name)."""
-    ev = params.evaluate
-    seed_everything(params.seed)
-    device = pick_device(params.train.device)
-    arrays, sample_meta = _read_samples(params)
-    condition = str(sample_meta.get("condition") or params.sample.condition)
-    test_images, test_labels, classes = load_prepared(params, "test")
+# -- the metric groups --------------------------------------------------------------------------
+Plots = dict[str, list[list[Any]]]
 
-    samples = fid.as_nhwc_uint8(arrays["arr_0"], "samples.npz arr_0")
-    n = min(ev.num_samples, len(samples))
-    samples = samples[:n]
-    if condition == "transition":
-        if "reference" not in arrays:
-            raise ValueError("samples.npz: condition 'transition' but no 'reference' targets")
-        reference = fid.as_nhwc_uint8(arrays["reference"][:n], "samples.npz reference")
-    else:
-        reference = test_images[:min(n, len(test_images))]  # an mmap slice: read per image, never copied whole
-    n_test = min(ev.num_samples, len(test_images))
-    tag = fid.count_tag(n)
-    name = lambda metric, space="": fid.metric_name(metric, n, space)  # noqa: E731
 
-    m: dict[str, Any] = {
-        "num_samples": float(n), "num_reference": float(len(reference)), "num_test_eval": float(n_test),
-        "condition": condition, "data_source": params.data.source,
-        "inception_skipped_reason": "", "domain_skipped_reason": "", "label_head_skipped_reason": "",
-    }
-    plots: dict[str, list[list[Any]]] = {ACC_VS_T: [], PER_CLASS: [], PER_CLASS_SAMPLES: []}
-    cache_root = resolve_path(params.data.out_dir) / "fidelity_cache"
-    common = dict(cache_root=cache_root, device=device, batch_size=ev.batch_size, seed=params.seed)
-
-    # Inception FID / KID / PR (/ IS on ImageNet) and the ADM reference batch
-    reason = ""
+def _inception_metrics(inp: _Inputs) -> tuple[dict[str, Any], str]:
+    """Inception FID / KID / PR (/ IS on ImageNet) and the ADM reference batch; or why they are skipped."""
+    ev, params = inp.params.evaluate, inp.params
     if not ev.inception:
-        reason = "evaluate.inception is false"
-    else:
-        weights, reason = fid.inception_weights(ev.feature_extractor_weights_path)
-        if weights is not None:
-            reason = ""
-            m.update(fid.fidelity_metrics(samples, reference, extractor=fid.INCEPTION, weights_path=weights,
-                                          isc=params.data.source == "imagenet", ref_stats_npz=ev.ref_stats_npz,
-                                          **common))
-    if reason:
-        log.warning("Inception metrics skipped: %s", reason)
-    m["inception_skipped_reason"] = reason or ""
+        return {}, "evaluate.inception is false"
+    weights, reason = fid.inception_weights(ev.feature_extractor_weights_path)
+    if weights is None:
+        return {}, reason or "no Inception weights"
+    return fid.fidelity_metrics(inp.samples, inp.reference, extractor=fid.INCEPTION, weights_path=weights,
+                                isc=params.data.source == "imagenet", ref_stats_npz=ev.ref_stats_npz,
+                                **inp.fidelity_kwargs()), ""
 
-    # Domain FID with the project's Fashion-MNIST encoder, and the encoder as a classifier of the samples
-    reason = ""
-    encoder = None
+
+def _domain_metrics(inp: _Inputs) -> tuple[dict[str, Any], Plots, str]:
+    """Domain FID with the project's Fashion-MNIST encoder, and the encoder as a classifier of the samples."""
+    params = inp.params
     enc_path = params.representations_dir / "encoder.pt"
     if params.data.source != "fashion_mnist" or params.data.channels != 1:
-        reason = f"no domain encoder for data.source {params.data.source!r} (Fashion-MNIST only)"
-    elif not enc_path.is_file():
-        reason = f"{enc_path} missing (run the representations stage)"
-    else:
-        encoder = load_domain_encoder(enc_path).to(device).eval()
-        ext = fid.register_module_extractor(encoder, DOMAIN)
-        m.update(fid.fidelity_metrics(samples, reference, extractor=ext, space=DOMAIN, **common))
-        labels = arrays.get("labels")
-        if labels is not None and condition in ("label", "uncond"):
-            a, per_class = acc.classifier_accuracy(encoder, samples, labels[:n], batch_size=ev.batch_size,
-                                                   device=device)
-            key = "cond_acc" if condition == "label" else "joint_label_acc"
-            m[name(key, DOMAIN)] = a
-            plots[PER_CLASS_SAMPLES] = _per_class_rows(per_class, classes)
-    if reason:
-        log.warning("domain (Fashion-MNIST CNN) metrics skipped: %s", reason)
-    m["domain_skipped_reason"] = reason
+        return {}, {}, f"no domain encoder for data.source {params.data.source!r} (Fashion-MNIST only)"
+    if not enc_path.is_file():
+        return {}, {}, f"{enc_path} missing (run the representations stage)"
+    encoder = load_domain_encoder(enc_path).to(inp.device).eval()
+    extractor = fid.register_module_extractor(encoder, DOMAIN)
+    m = fid.fidelity_metrics(inp.samples, inp.reference, extractor=extractor, space=DOMAIN, **inp.fidelity_kwargs())
+    plots: Plots = {}
+    labels = inp.arrays.get("labels")
+    if labels is not None and inp.condition in ("label", "uncond"):
+        accuracy, per_class = acc.classifier_accuracy(encoder, inp.samples, labels[:inp.n],
+                                                      batch_size=params.evaluate.batch_size, device=inp.device)
+        m[inp.name("cond_acc" if inp.condition == "label" else "joint_label_acc", DOMAIN)] = accuracy
+        plots[PER_CLASS_SAMPLES] = _per_class_rows(per_class, inp.classes)
+    return m, plots, ""
 
-    # Masked / transition reconstructions against their references
-    if condition == "masked":
-        if not {"reference", "mask"} <= set(arrays):
+
+def _reconstruction_metrics(inp: _Inputs) -> dict[str, Any]:
+    """Masked / transition samples against their references (MSE in [0, 1] units, PSNR)."""
+    if inp.condition == "masked":
+        if not {"reference", "mask"} <= set(inp.arrays):
             raise ValueError("samples.npz: condition 'masked' needs 'reference' and 'mask' arrays")
-        mse = acc.masked_region_mse(samples, arrays["reference"][:n], arrays["mask"][:n])
-        m[name("masked_mse")], m[name("masked_psnr")] = mse, _psnr(mse)
-    elif condition == "transition":
-        mse = acc.image_mse(samples, reference)
-        m[name("transition_mse")], m[name("transition_psnr")] = mse, _psnr(mse)
+        mse = acc.masked_region_mse(inp.samples, inp.arrays["reference"][:inp.n], inp.arrays["mask"][:inp.n])
+    elif inp.condition == "transition":
+        mse = acc.image_mse(inp.samples, inp.reference)
+    else:
+        return {}
+    return {inp.name(f"{inp.condition}_mse"): mse, inp.name(f"{inp.condition}_psnr"): _psnr(mse)}
 
-    # Heads of the model on the real test split
-    wants_heads = params.tasks.label.enabled or params.tasks.representation.enabled
+
+def _head_metrics(inp: _Inputs) -> tuple[dict[str, Any], Plots, str]:
+    """The model's label and representation heads on the real test split; or why the label head is skipped."""
+    params = inp.params
     reason = "" if params.tasks.label.enabled else "tasks.label.enabled is false"
-    if wants_heads:
-        try:
-            model, diffusion, model_meta = load_model(params, device)
-        except FileNotFoundError as exc:
-            model = None
-            reason = reason or f"no checkpoint ({exc})"
-        z0 = _test_z0(params, test_images, n_test) if model is not None else None
-        if model is not None and z0 is None:
-            reason = reason or f"no test latents at {params.latents_dir / 'test'} (run the latents stage)"
-        if model is not None and z0 is not None:
-            n_tag = lambda metric: fid.metric_name(metric, n_test)  # noqa: E731
-            if params.tasks.label.enabled:
-                topk = (1, 5) if params.data.source == "imagenet" and int(model_meta.get("num_classes", 0)) >= 5 \
-                    else (1,)
-                T = diffusion.T
-                curve_t = sorted({t for t in CURVE_T if t <= T} | {T} | set(ev.classify_t))
-                res = acc.label_head_accuracy(model, diffusion, z0, test_labels[:n_test], curve_t,
-                                              ensemble_t=ev.classify_t, topk=topk, batch_size=ev.batch_size,
-                                              device=device, seed=params.seed)
-                for t in ev.classify_t:
-                    m[n_tag(f"label_acc_t{t}")] = res.per_t[t][1]
-                    if 5 in topk:
-                        m[n_tag(f"label_top5_t{t}")] = res.per_t[t][5]
-                m[n_tag("label_acc_ens")] = res.ensemble[1]
-                if 5 in topk:
-                    m[n_tag("label_top5_ens")] = res.ensemble[5]
-                plots[ACC_VS_T] = [[t, round(res.per_t[t][1], 6)] for t in curve_t]
-                plots[PER_CLASS] = _per_class_rows(res.per_class, classes)
-            rep_path = params.representations_dir / "test.npy"
-            if params.tasks.representation.enabled:
-                if not rep_path.is_file():
-                    raise FileNotFoundError(f"{rep_path}: tasks.representation is enabled but there are no "
-                                            f"test features (run the representations stage)")
-                feats = np.load(rep_path, mmap_mode="r")[:n_test]
-                cos = acc.representation_similarity(model, diffusion, z0, feats, ev.classify_t,
-                                                    batch_size=ev.batch_size, device=device, seed=params.seed)
-                for t, c in cos.items():
-                    m[n_tag(f"repr_cos_t{t}")] = c
-    if reason:
-        log.warning("label-head metrics skipped: %s", reason)
-    m["label_head_skipped_reason"] = reason
-    log.info("evaluated %s samples (tag %s), condition %s", n, tag, condition)
+    if not (params.tasks.label.enabled or params.tasks.representation.enabled):
+        return {}, {}, reason
+    try:
+        model, diffusion, model_meta = load_model(params, inp.device)
+    except FileNotFoundError as exc:
+        return {}, {}, reason or f"no checkpoint ({exc})"
+    z0 = _test_z0(params, inp.test_images, inp.n_test)
+    if z0 is None:
+        return {}, {}, reason or f"no test latents at {params.latents_dir / 'test'} (run the latents stage)"
+    m: dict[str, Any] = {}
+    plots: Plots = {}
+    if params.tasks.label.enabled:
+        m, plots = _label_head_metrics(inp, model, diffusion, int(model_meta.get("num_classes", 0)), z0)
+    if params.tasks.representation.enabled:
+        m.update(_representation_head_metrics(inp, model, diffusion, z0))
+    return m, plots, reason
+
+
+def _label_head_metrics(inp: _Inputs, model: Any, diffusion: Any, num_classes: int,
+                        z0: np.ndarray) -> tuple[dict[str, Any], Plots]:
+    """Top-1 (and on ImageNet top-5) accuracy of the label head per t in classify_t and their ensemble."""
+    ev = inp.params.evaluate
+    top5 = inp.params.data.source == "imagenet" and num_classes >= 5
+    topk = (1, 5) if top5 else (1,)
+    T = diffusion.T
+    curve_t = sorted({t for t in CURVE_T if t <= T} | {T} | set(ev.classify_t))
+    res = acc.label_head_accuracy(model, diffusion, z0, inp.test_labels[:inp.n_test], curve_t,
+                                  ensemble_t=ev.classify_t, topk=topk, batch_size=ev.batch_size,
+                                  device=inp.device, seed=inp.params.seed)
+    name = lambda metric: fid.metric_name(metric, inp.n_test)  # noqa: E731
+    m: dict[str, Any] = {}
+    for t in ev.classify_t:
+        m[name(f"label_acc_t{t}")] = res.per_t[t][1]
+        if top5:
+            m[name(f"label_top5_t{t}")] = res.per_t[t][5]
+    m[name("label_acc_ens")] = res.ensemble[1]
+    if top5:
+        m[name("label_top5_ens")] = res.ensemble[5]
+    plots = {ACC_VS_T: [[t, round(res.per_t[t][1], 6)] for t in curve_t],
+             PER_CLASS: _per_class_rows(res.per_class, inp.classes)}
+    return m, plots
+
+
+def _representation_head_metrics(inp: _Inputs, model: Any, diffusion: Any, z0: np.ndarray) -> dict[str, Any]:
+    """Mean cosine between the representation head and the encoder's test features, per t in classify_t."""
+    ev = inp.params.evaluate
+    rep_path = inp.params.representations_dir / "test.npy"
+    if not rep_path.is_file():
+        raise FileNotFoundError(f"{rep_path}: tasks.representation is enabled but there are no "
+                                f"test features (run the representations stage)")
+    feats = np.load(rep_path, mmap_mode="r")[:inp.n_test]
+    cos = acc.representation_similarity(model, diffusion, z0, feats, ev.classify_t, batch_size=ev.batch_size,
+                                        device=inp.device, seed=inp.params.seed)
+    return {fid.metric_name(f"repr_cos_t{t}", inp.n_test): c for t, c in cos.items()}
+
+
+# -- the stage -----------------------------------------------------------------------------------
+def compute(params: Params) -> tuple[dict[str, Any], Plots]:
+    """All metrics that apply to ``params``: (flat metrics dict, plot rows by file name)."""
+    seed_everything(params.seed)
+    inp = _load_inputs(params)
+    m: dict[str, Any] = {
+        "num_samples": float(inp.n), "num_reference": float(len(inp.reference)), "num_test_eval": float(inp.n_test),
+        "condition": inp.condition, "data_source": params.data.source,
+    }
+    plots: Plots = {ACC_VS_T: [], PER_CLASS: [], PER_CLASS_SAMPLES: []}
+    inception, m["inception_skipped_reason"] = _inception_metrics(inp)
+    domain, domain_plots, m["domain_skipped_reason"] = _domain_metrics(inp)
+    reconstruction = _reconstruction_metrics(inp)
+    heads, head_plots, m["label_head_skipped_reason"] = _head_metrics(inp)
+    for part, what in (("inception", "Inception"), ("domain", "domain (Fashion-MNIST CNN)"),
+                       ("label_head", "label-head")):
+        if m[f"{part}_skipped_reason"]:
+            log.warning("%s metrics skipped: %s", what, m[f"{part}_skipped_reason"])
+    m.update({**inception, **domain, **reconstruction, **heads})
+    plots.update({**domain_plots, **head_plots})
+    log.info("evaluated %s samples (tag %s), condition %s", inp.n, fid.count_tag(inp.n), inp.condition)
     return m, plots
 
 
 def run(params: Params) -> dict[str, Any]:
     """Compute the metrics that apply, write ``evaluate.json`` and the plot CSVs, log them to MLflow."""
-    from mtdiff.tracking import stage_run
-
     t0 = time.time()
     out_dir = params.metrics_dir
     metrics, plots = compute(params)
