@@ -15,26 +15,29 @@
 
 Writes ``params.samples_dir`` atomically as one folder: ``samples.npz`` (``arr_0`` uint8 NHWC,
 ADM's format, plus ``labels`` and the per-condition arrays), ``grid.png``, ``png/000000.png ...``
-and ``meta.json``. Noise comes from one generator seeded with ``params.seed``: same seed and
-params, same images.
+and ``meta.json``. Noise comes from one generator seeded from ``params.seed`` (``derive_seed``),
+the masks from another: same seed and params, same images.
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from mtdiff.checkpoint import load_for_inference
 from mtdiff.config import Params
 from mtdiff.data import pair_images, random_patch_mask
+from mtdiff.encoders import decode_latents_vae, load_vae
 from mtdiff.io import atomic_dir, save_npz, write_json
 from mtdiff.sampling_io import (gather_with_blanks, image_grid, interleave_rows, label_grid_indices,
                                 save_png, to_pil, to_uint8_nhwc)
 from mtdiff.stages import stage_main
+from mtdiff.tracking import stage_run
 from mtdiff.training import autocast, autocast_dtype
-from mtdiff.utils import get_logger
+from mtdiff.utils import derive_seed, get_logger
 
 log = get_logger("mtdiff.sample")
 GRID_SIDE = 10
@@ -70,8 +73,6 @@ def _decoder(params: Params, device: torch.device):
     applied to ``z0 / latents.scale`` (latent mode; grayscale data gets the RGB mean)."""
     if params.diffusion.mode == "pixel":
         return to_uint8_nhwc
-    from mtdiff.encoders import decode_latents_vae, load_vae
-
     vae = load_vae(params.latents.vae, device=device)
     return lambda z: decode_latents_vae(vae, z, params.latents.scale, channels=params.data.channels)
 
@@ -84,87 +85,106 @@ def _pixel_mask(mask: torch.Tensor, image_hw: tuple[int, int]) -> np.ndarray:
     return (m[:, 0] > 0.5).to(torch.uint8).cpu().numpy()
 
 
-def run(params: Params) -> dict[str, Any]:
-    """Generate ``sample.num_samples`` images; returns a summary with the output paths."""
-    from mtdiff.tracking import stage_run
+class _Conditions:
+    """The ``given`` task inputs of each batch for ``sample.condition``, and the arrays saved beside
+    the samples (``reference``, ``mask``, ``source``)."""
 
+    def __init__(self, params: Params, meta: dict[str, Any], device: torch.device):
+        self.params, self.device = params, device
+        self.condition = params.sample.condition
+        self.shape = tuple(int(s) for s in meta["shape"])
+        self.num_classes = int(meta["num_classes"])
+        needs_test = self.condition in ("masked", "transition")
+        self.test = _TestSplit(params, need_pair=self.condition == "transition") if needs_test else None
+        # its own generator: the masks do not depend on how the samples are split into batches
+        self.mask_gen = torch.Generator().manual_seed(derive_seed(params.seed, "sample/mask"))
+        self.extras: dict[str, list[np.ndarray]] = {}
+
+    def __call__(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        if self.condition == "label":
+            return {"label": torch.arange(start, start + count, device=self.device, dtype=torch.long) % self.num_classes}
+        if self.condition == "masked":
+            return self._masked(start, count)
+        if self.condition == "transition":
+            return self._transition(start, count)
+        return {}
+
+    def _save(self, **arrays: np.ndarray) -> None:
+        for name, arr in arrays.items():
+            self.extras.setdefault(name, []).append(arr)
+
+    def _masked(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        idx = self.test.indices(start, count)
+        z_test = torch.from_numpy(np.asarray(self.test.z[idx], dtype=np.float32)).to(self.device)
+        mask = random_patch_mask(count, self.shape, self.params.tasks.masked.mask_ratio, self.params.model.patch_size,
+                                 generator=self.mask_gen, device=self.device).to(z_test.dtype)
+        ref = np.asarray(self.test.images[idx])
+        self._save(reference=ref, mask=_pixel_mask(mask, ref.shape[1:3]))
+        return {"masked": z_test * mask}
+
+    def _transition(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        # Training pairs (mtdiff.data.TrainDataset): z0 = the image, task input "transition" = its
+        # paired image (pair_images: rot90 / edges). So the paired image is the source that
+        # conditions, and the test image is the target the sample should match.
+        idx = self.test.indices(start, count)
+        ref = np.asarray(self.test.images[idx])
+        self._save(source=pair_images(ref, self.params.tasks.transition.pairing), reference=ref)
+        return {"transition": torch.from_numpy(np.asarray(self.test.pair[idx], dtype=np.float32)).to(self.device)}
+
+
+def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict[str, Any],
+              device: torch.device) -> tuple[dict[str, np.ndarray], Optional[float]]:
+    """``sample.num_samples`` images in batches: the samples.npz arrays, and how often the label head
+    agreed with the given labels (condition ``label``; None otherwise)."""
     sc = params.sample
-    t0 = time.time()
-    model, diffusion, meta = load_for_inference(params)
-    device = next(model.parameters()).device
     amp = autocast_dtype(device, params.train.precision)
-    shape = tuple(int(s) for s in meta["shape"])
-    K = int(meta["num_classes"])
-    n = sc.num_samples
-    cond = sc.condition
     decode = _decoder(params, device)
-    test = _TestSplit(params, need_pair=cond == "transition") if cond in ("masked", "transition") else None
-    gen = torch.Generator(device=device).manual_seed(params.seed)
-    mask_gen = torch.Generator().manual_seed(params.seed + 1)  # masks independent of the batch split
-
-    samples: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    given_labels = cond == "label"
-    extras: dict[str, list[np.ndarray]] = {}
-    agree = []
-    log.info("sampling %d images (%s, %s, %d steps, eta %s) from %s step %s on %s", n, cond, sc.sampler,
-             sc.steps, sc.eta, meta.get("path"), meta.get("step"), device)
-    from tqdm.auto import tqdm
-
-    t_sample = time.perf_counter()
-    for start in tqdm(range(0, n, sc.batch_size), desc="sample", unit="batch", disable=None):
-        b = min(sc.batch_size, n - start)
-        given: dict[str, torch.Tensor] = {}
-        if cond == "label":
-            given["label"] = torch.arange(start, start + b, device=device, dtype=torch.long) % K
-        elif cond == "masked":
-            idx = test.indices(start, b)
-            z_test = torch.from_numpy(np.asarray(test.z[idx], dtype=np.float32)).to(device)
-            mask = random_patch_mask(b, shape, params.tasks.masked.mask_ratio, params.model.patch_size,
-                                     generator=mask_gen, device=device).to(z_test.dtype)
-            given["masked"] = z_test * mask
-            ref = np.asarray(test.images[idx])
-            extras.setdefault("reference", []).append(ref)
-            extras.setdefault("mask", []).append(_pixel_mask(mask, ref.shape[1:3]))
-        elif cond == "transition":
-            # Training pairs (mtdiff.data.TrainDataset): z0 = the image, task input "transition" =
-            # its paired image (pair_images: rot90 / edges). So the paired image is the source that
-            # conditions, and the test image is the target the sample should match.
-            idx = test.indices(start, b)
-            given["transition"] = torch.from_numpy(np.asarray(test.pair[idx], dtype=np.float32)).to(device)
-            ref = np.asarray(test.images[idx])
-            extras.setdefault("source", []).append(pair_images(ref, params.tasks.transition.pairing))
-            extras.setdefault("reference", []).append(ref)
+    conditions = _Conditions(params, meta, device)
+    noise_gen = torch.Generator(device=device).manual_seed(derive_seed(params.seed, "sample/noise"))
+    samples, labels, agree = [], [], []
+    for start in tqdm(range(0, sc.num_samples, sc.batch_size), desc="sample", unit="batch", disable=None):
+        count = min(sc.batch_size, sc.num_samples - start)
+        given = conditions(start, count)
         with autocast(device, amp):
-            out = diffusion.sample(model, (b, *shape), given=given, steps=sc.steps, sampler=sc.sampler,
-                                   eta=sc.eta, generator=gen, tasks_cfg=params.tasks, device=device)
+            out = diffusion.sample(model, (count, *conditions.shape), given=given, steps=sc.steps,
+                                   sampler=sc.sampler, eta=sc.eta, generator=noise_gen, tasks_cfg=params.tasks,
+                                   device=device)
         samples.append(decode(out["z0"]))
         if "label" in out:
             labels.append(out["label"].long().cpu().numpy())
-            if given_labels and "label_probs" in out:
+            if "label" in given and "label_probs" in out:
                 agree.append((out["label_probs"].argmax(-1) == given["label"]).float().cpu().numpy())
-    sample_time = time.perf_counter() - t_sample
-
-    arr = np.concatenate(samples)
-    npz: dict[str, np.ndarray] = {"arr_0": arr}
+    npz = {"arr_0": np.concatenate(samples)}
     if labels:
         npz["labels"] = np.concatenate(labels).astype(np.int64)
-    for k, v in extras.items():
-        npz[k] = np.concatenate(v)
+    npz.update({k: np.concatenate(v) for k, v in conditions.extras.items()})
+    return npz, float(np.concatenate(agree).mean()) if agree else None
 
-    grid = _make_grid(arr, npz, cond, K)
-    out_dir = params.samples_dir
+
+def run(params: Params) -> dict[str, Any]:
+    """Generate ``sample.num_samples`` images; returns a summary with the output paths."""
+    sc, out_dir = params.sample, params.samples_dir
+    t0 = time.time()
+    model, diffusion, meta = load_for_inference(params)
+    device = next(model.parameters()).device
+    log.info("sampling %d images (%s, %s, %d steps, eta %s) from %s step %s on %s", sc.num_samples, sc.condition,
+             sc.sampler, sc.steps, sc.eta, meta.get("path"), meta.get("step"), device)
+    t_sample = time.perf_counter()
+    npz, agreement = _generate(params, model, diffusion, meta, device)
+    sample_time = time.perf_counter() - t_sample
+    arr = npz["arr_0"]
     summary: dict[str, Any] = {
-        "num_samples": int(len(arr)), "shape": list(arr.shape), "condition": cond, "sampler": sc.sampler,
+        "num_samples": int(len(arr)), "shape": list(arr.shape), "condition": sc.condition, "sampler": sc.sampler,
         "steps": sc.steps, "eta": sc.eta, "seed": params.seed, "mode": params.diffusion.mode,
         "checkpoint": meta.get("path"), "checkpoint_step": meta.get("step"), "params_hash": meta.get("params_hash"),
-        "labels": ("given" if given_labels else "predicted") if labels else None,
-        "label_head_agreement": float(np.concatenate(agree).mean()) if agree else None,
+        "labels": ("given" if sc.condition == "label" else "predicted") if "labels" in npz else None,
+        "label_head_agreement": agreement,
         "sample_time_s": sample_time, "img_per_s": len(arr) / max(sample_time, 1e-9),
         "wall_time_s": None, "device": str(device),
         "samples_npz": str(out_dir / "samples.npz"), "grid": str(out_dir / "grid.png"),
         "png_dir": str(out_dir / "png"),
     }
+    grid = _make_grid(arr, npz, sc.condition, int(meta["num_classes"]))
     with atomic_dir(out_dir) as tmp:
         save_npz(tmp / "samples.npz", **npz)
         to_pil(grid).save(tmp / "grid.png", format="PNG")
@@ -174,15 +194,19 @@ def run(params: Params) -> dict[str, Any]:
         summary["wall_time_s"] = time.time() - t0
         write_json(tmp / "meta.json", summary)
     # MLflow after the folder swap, so a pending-log file (tracking down) lands in the new folder
-    with stage_run(params, "sample", out_dir) as mlrun:
-        mlrun.log_metrics({"sample/img_per_s": summary["img_per_s"], "sample/wall_time_s": summary["wall_time_s"],
-                           **({"sample/label_head_agreement": summary["label_head_agreement"]}
-                              if summary["label_head_agreement"] is not None else {})})
-        mlrun.set_tags({"samples_dir": str(out_dir), "checkpoint": str(meta.get("path"))})
-        mlrun.log_image(to_pil(grid), "grid.png")
+    _log_to_mlflow(params, summary, grid)
     log.info("wrote %d samples to %s (%.1f img/s, wall %.1f s)", len(arr), out_dir, summary["img_per_s"],
              summary["wall_time_s"])
     return summary
+
+
+def _log_to_mlflow(params: Params, summary: dict[str, Any], grid: np.ndarray) -> None:
+    agreement = summary["label_head_agreement"]
+    with stage_run(params, "sample", params.samples_dir) as mlrun:
+        mlrun.log_metrics({"sample/img_per_s": summary["img_per_s"], "sample/wall_time_s": summary["wall_time_s"],
+                           **({"sample/label_head_agreement": agreement} if agreement is not None else {})})
+        mlrun.set_tags({"samples_dir": str(params.samples_dir), "checkpoint": str(summary["checkpoint"])})
+        mlrun.log_image(to_pil(grid), "grid.png")
 
 
 def _make_grid(arr: np.ndarray, npz: dict[str, np.ndarray], cond: str, num_classes: int) -> np.ndarray:
