@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mtdiff.config import Params
+from mtdiff.config import ConfigError, Params
 from mtdiff.io import save_torch
+
+log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 EMA = "ema.pt"
@@ -103,18 +107,86 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return save_torch(path, state)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """``torch.load(weights_only=True)``: no arbitrary unpickling of checkpoint files."""
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be used (corrupt, truncated, not a checkpoint): the message names
+    the file and what to do. The file is never deleted; retrying cannot help (a ConfigError: exit 2)."""
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: no arbitrary unpickling of checkpoint files.
+
+    A zero-byte, truncated or garbage file raises :class:`CheckpointError` naming it; it is left in
+    place (``mmap=True`` maps the tensors lazily: cheap when only ``step`` & co. are read).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; run the train stage first")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    size = path.stat().st_size
+    try:
+        if size == 0:
+            raise EOFError("the file is empty (0 bytes)")
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle, EOF, runtime errors: all mean "unreadable"
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint ({size} bytes; {type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            f"It was left untouched: restore it (`dvc checkout`) or move it away (e.g. `mv {path} {path}.bad`) "
+            f"to train from scratch") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not an mtdiff checkpoint (holds a {type(state).__name__}, not a dict); "
+                              f"left untouched: move it away to train from scratch")
+    return state
+
+
+def _peek(path: Path) -> dict[str, Any] | None:
+    """``step`` and ``params_hash`` of a checkpoint, read lazily; None when unreadable."""
+    try:
+        state = load_checkpoint(path, mmap=True)
+    except (CheckpointError, OSError):
+        return None
+    return {"step": state.get("step"), "params_hash": state.get("params_hash")}
 
 
 def default_inference_path(params: Params) -> Path:
-    """``ema.pt`` (small) when present, else ``last.pt``."""
-    ema = params.checkpoints_dir / EMA
-    return ema if ema.exists() else params.checkpoints_dir / LAST
+    """``ema.pt`` (small) when it belongs to ``last.pt``, else ``last.pt`` (which holds the EMA too).
+
+    A run killed between writing ``last.pt`` and ``ema.pt`` leaves an older ``ema.pt``: its step (or
+    params hash) differs from ``last.pt``'s, and the newer EMA inside ``last.pt`` is used instead.
+    """
+    ema, last = params.checkpoints_dir / EMA, params.checkpoints_dir / LAST
+    if not ema.exists():
+        return last
+    if not last.exists():
+        return ema
+    e, l = _peek(ema), _peek(last)
+    if e is None or l is None or e != l:
+        log.warning("%s (%s) does not match %s (%s): a run stopped between writing the two; using %s",
+                    ema, e, last, l, last)
+        return last
+    return ema
+
+
+def move_aside(ckpt_dir: str | os.PathLike, reason: str, names: tuple[str, ...] = (LAST, EMA)) -> list[Path]:
+    """Move ``names`` in ``ckpt_dir`` to ``<name>.stale.<n>`` (n = 1 + the highest kept so far), never
+    overwriting an earlier set-aside checkpoint; logs where each went. Returns the new paths."""
+    ckpt_dir = Path(ckpt_dir)
+    present = [ckpt_dir / n for n in names if (ckpt_dir / n).exists()]
+    if not present:
+        return []
+    taken = [0]
+    for n in names:
+        pattern = re.compile(rf"^{re.escape(n)}\.stale(?:\.(\d+))?$")
+        taken += [int(m.group(1) or 0) for f in ckpt_dir.iterdir() if (m := pattern.match(f.name))]
+    number = max(taken) + 1
+    while any(src.with_name(f"{src.name}.stale.{number}").exists() for src in present):
+        number += 1
+    moved = []
+    for src in present:
+        dst = src.with_name(f"{src.name}.stale.{number}")
+        os.replace(src, dst)
+        log.warning("%s: %s; kept as %s, starting fresh", src, reason, dst)
+        moved.append(dst)
+    return moved
 
 
 def _check_arch(stored: dict[str, Any] | None, params: Params, path: Path) -> None:

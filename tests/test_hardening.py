@@ -158,3 +158,70 @@ def test_profile_must_be_a_plain_name(tmp_path, profile):
 
 def test_known_profile_still_loads():
     assert load_params(DEFAULT_PARAMS, overrides={"profile": "imagenet256", "data.imagenet_dir": "/x"}).profile == "imagenet256"
+
+
+# -- 8: a corrupt checkpoint is named, kept, and not retried ------------------------------------
+def _real_checkpoint(path: Path, step: int = 3, phash: str = "h") -> bytes:
+    import torch
+
+    from mtdiff.checkpoint import save_checkpoint
+
+    save_checkpoint(path, {"step": step, "params_hash": phash, "ema": {"w": torch.ones(64, 64) * step},
+                           "meta": {}})
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "not_a_dict"])
+def test_corrupt_checkpoint_is_named_and_kept(tmp_path, kind):
+    import torch
+
+    from mtdiff.checkpoint import CheckpointError, load_checkpoint
+
+    path = tmp_path / "last.pt"
+    good = _real_checkpoint(path)
+    content = {"empty": b"", "truncated": good[: len(good) // 2], "garbage": os.urandom(4096)}.get(kind)
+    if content is None:
+        torch.save([1, 2, 3], path)
+        content = path.read_bytes()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert str(path) in msg and "move it away" in msg and "\n" not in msg
+    assert isinstance(err.value, ConfigError)  # stage_main: exit 2; the flow does not retry it
+    assert path.read_bytes() == content  # never deleted or changed
+
+
+# -- 6: ema.pt older than last.pt (killed between the two writes) ------------------------------
+def test_inference_skips_an_ema_pt_that_does_not_match_last_pt(tmp_path, monkeypatch):
+    from mtdiff.checkpoint import EMA, LAST, default_inference_path
+
+    params = load_params(DEFAULT_PARAMS, overrides={"train.out_dir": str(tmp_path / "ck")})
+    ck = tmp_path / "ck"
+    _real_checkpoint(ck / LAST, step=8)
+    _real_checkpoint(ck / EMA, step=8)
+    assert default_inference_path(params) == ck / EMA
+    _real_checkpoint(ck / LAST, step=12)  # the kill came before ema.pt of step 12 was written
+    assert default_inference_path(params) == ck / LAST
+    (ck / EMA).write_bytes(b"junk")  # a broken ema.pt: the EMA inside last.pt is used
+    assert default_inference_path(params) == ck / LAST
+    (ck / LAST).unlink()
+    assert default_inference_path(params) == ck / EMA
+
+
+# -- 4: every set-aside checkpoint is kept -------------------------------------------------------
+def test_move_aside_keeps_every_checkpoint_it_sets_aside(tmp_path, caplog):
+    from mtdiff.checkpoint import EMA, LAST, move_aside
+
+    (tmp_path / "last.pt.stale").write_text("legacy")  # the old single name is never overwritten either
+    for n in range(3):
+        (tmp_path / LAST).write_text(f"last {n}")
+        (tmp_path / EMA).write_text(f"ema {n}")
+        with caplog.at_level("WARNING"):
+            moved = move_aside(tmp_path, f"params changed {n}")
+        assert [p.name for p in moved] == [f"last.pt.stale.{n + 1}", f"ema.pt.stale.{n + 1}"]
+        assert str(moved[0]) in caplog.text
+    assert (tmp_path / "last.pt.stale").read_text() == "legacy"
+    assert [(tmp_path / f"last.pt.stale.{n + 1}").read_text() for n in range(3)] == ["last 0", "last 1", "last 2"]
+    assert not (tmp_path / LAST).exists() and move_aside(tmp_path, "nothing there") == []
