@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -26,9 +27,11 @@ from tqdm import tqdm
 from mtdiff.config import Params
 from mtdiff.data import SPLITS, load_prepared
 from mtdiff.encoders import FashionCNN, images_to_unit_range, load_image_encoder, save_fmnist_encoder
+from mtdiff.evaluation.accuracy import classifier_accuracy
 from mtdiff.io import atomic_dir, write_json
 from mtdiff.stages import stage_main
 from mtdiff.tracking import stage_run
+from mtdiff.training import autocast
 from mtdiff.utils import get_logger, pick_device, seed_everything
 
 log = get_logger("mtdiff.representations")
@@ -97,25 +100,50 @@ def train_fmnist_cnn(params: Params, tracker, device: torch.device) -> tuple[Fas
             running += loss.item() * len(idx)
             seen += len(idx)
         losses.append(running / max(seen, 1))
-        acc = evaluate_classifier(model, test_images, test_labels, device)
+        acc = test_accuracy(model, test_images, test_labels, device)
         log.info("fmnist_cnn epoch %d/%d: train loss %.4f, test accuracy %.4f (%.0fs)",
                  epoch + 1, cfg.epochs, losses[-1], acc, time.time() - t0)
         tracker.log_metrics({"representations/train_loss": losses[-1], "representations/test_accuracy": acc},
                             step=epoch + 1)
     model.eval()
-    acc = evaluate_classifier(model, test_images, test_labels, device)
+    acc = test_accuracy(model, test_images, test_labels, device)
     return model, {"test_accuracy": acc, "train_loss": losses[-1] if losses else None,
                    "train_seconds": round(time.time() - t0, 2), "epochs": cfg.epochs}
 
 
-@torch.no_grad()
-def evaluate_classifier(model: FashionCNN, images: np.ndarray, labels: np.ndarray, device: torch.device) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(images), EVAL_BATCH):
-        xb = images_to_unit_range(np.asarray(images[start:start + EVAL_BATCH])).to(device)
-        correct += int((model(xb).argmax(1).cpu().numpy() == labels[start:start + EVAL_BATCH]).sum())
-    return correct / max(len(images), 1)
+def test_accuracy(model: FashionCNN, images: np.ndarray, labels: np.ndarray, device: torch.device) -> float:
+    """Top-1 accuracy of the encoder's classifier head (the evaluate stage's ``classifier_accuracy``)."""
+    return classifier_accuracy(model, images, labels, batch_size=EVAL_BATCH, device=device)[0]
+
+
+FeatureFn = Callable[[np.ndarray], torch.Tensor]
+
+
+def _fmnist_features(params: Params, tracker: Any, device: torch.device,
+                     out_dir: Path) -> tuple[FeatureFn, int, dict[str, Any], dict[str, Any]]:
+    """Train FashionCNN, save it as ``encoder.pt``; (features fn, dim, meta, metrics)."""
+    model, metrics = train_fmnist_cnn(params, tracker, device)
+    save_fmnist_encoder(model, out_dir / "encoder.pt", classes=load_prepared(params, "train")[2],
+                        test_accuracy=metrics["test_accuracy"], seed=params.seed)
+
+    def features(batch: np.ndarray) -> torch.Tensor:
+        return model.features(images_to_unit_range(batch).to(device))
+
+    meta = {"checkpoint": "encoder.pt", "test_accuracy": metrics["test_accuracy"]}
+    return features, params.representations.dim, meta, metrics
+
+
+def _pretrained_features(params: Params, device: torch.device) -> tuple[FeatureFn, int, dict[str, Any]]:
+    """A frozen timm encoder (bf16 autocast on CUDA); (features fn, dim, meta)."""
+    cfg = params.representations
+    encoder, preprocess, dim = load_image_encoder(cfg.encoder, cfg.name, cfg.weights_path, device)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def features(batch: np.ndarray) -> torch.Tensor:
+        with autocast(device, amp_dtype):
+            return encoder(preprocess(batch))
+
+    return features, dim, {"name": cfg.name, "weights_path": cfg.weights_path}
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -129,34 +157,18 @@ def run(params: Params) -> dict[str, Any]:
     metrics: dict[str, Any] = {"encoder": cfg.encoder}
     with stage_run(params, "representations", out.parent) as tracker:
         with atomic_dir(out) as tmp:
-            meta: dict[str, Any] = {"encoder": cfg.encoder}
             if cfg.encoder == "fmnist_cnn":
-                model, train_metrics = train_fmnist_cnn(params, tracker, device)
+                features, dim, meta, train_metrics = _fmnist_features(params, tracker, device, tmp)
                 metrics.update(train_metrics)
-                save_fmnist_encoder(model, tmp / "encoder.pt", classes=load_prepared(params, "train")[2],
-                                    test_accuracy=train_metrics["test_accuracy"], seed=params.seed)
-
-                def fn(batch: np.ndarray) -> torch.Tensor:
-                    return model.features(images_to_unit_range(batch).to(device))
-
-                dim, batch_size = cfg.dim, EVAL_BATCH
-                meta.update({"checkpoint": "encoder.pt", "test_accuracy": train_metrics["test_accuracy"]})
+                batch_size = EVAL_BATCH
             else:
-                enc, preprocess, dim = load_image_encoder(cfg.encoder, cfg.name, cfg.weights_path, device)
-                amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-
-                def fn(batch: np.ndarray) -> torch.Tensor:
-                    if amp is None:
-                        return enc(preprocess(batch))
-                    with amp:
-                        return enc(preprocess(batch))
-
+                features, dim, meta = _pretrained_features(params, device)
                 batch_size = cfg.batch_size
-                meta.update({"name": cfg.name, "weights_path": cfg.weights_path})
+            meta = {"encoder": cfg.encoder, **meta}
             feats: dict[str, np.ndarray] = {}
             for split in SPLITS:
                 images, labels, _ = load_prepared(params, split)
-                feats[split] = _extract(fn, images, batch_size, f"features {split}")
+                feats[split] = _extract(features, images, batch_size, f"features {split}")
                 if feats[split].shape != (len(images), dim):
                     raise RuntimeError(f"{cfg.encoder}: features {feats[split].shape}, expected ({len(images)}, {dim})")
                 np.save(tmp / f"{split}.npy", feats[split])
