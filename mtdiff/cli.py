@@ -12,13 +12,15 @@ import sys
 
 import yaml
 
+from mtdiff.config import ConfigError, load_params
+
 STAGES = ("prepare", "latents", "representations", "train", "sample", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from mtdiff import bench
+        from mtdiff import bench  # lazy: torch and the model code load only for benchmarks
 
         return bench.main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="mtdiff", description=__doc__,
@@ -31,9 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg.add_argument("overrides", nargs="*")
     sub.add_parser("bench", help="benchmarks: mtdiff bench {train,sample} --help")
     args = parser.parse_args(argv)
-
-    from mtdiff.config import ConfigError, load_params
-
     try:
         if args.command == "config":
             print(yaml.safe_dump(load_params(overrides=args.overrides).model_dump(), sort_keys=False))

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from mtdiff.config import Params
 from mtdiff.data import SPLITS, load_prepared, pair_images
+from mtdiff.encoders import encode_images_vae, load_vae
 from mtdiff.io import atomic_dir
 from mtdiff.stages import stage_main
 from mtdiff.tracking import stage_run
@@ -54,8 +55,6 @@ def _pixel_encoder(batch: np.ndarray) -> tuple[np.ndarray, None]:
 
 
 def _make_vae_encoder(params: Params, device: torch.device) -> tuple[Callable, Any]:
-    from mtdiff.encoders import encode_images_vae, load_vae
-
     vae = load_vae(params.latents.vae, device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     res = params.data.resolution
