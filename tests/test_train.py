@@ -162,6 +162,49 @@ def test_resumable_batch_sampler_skips_done_batches():
     assert list(ResumableBatchSampler(s, 6)) != full  # a new permutation each epoch
 
 
+def test_meter_window_means_throughput_and_non_finite_check(monkeypatch):
+    from mtdiff import training
+    from mtdiff.training import DistInfo, NonFiniteLossError, StepOutput, TrainMeter
+
+    clock = iter([0.0, 2.0, 2.0, 5.0, 5.0])  # window 1: 2 s; window 2: 3 s minus 1 s excluded
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    info = DistInfo(0, 1, 0, torch.device("cpu"), False)
+    meter = TrainMeter(["loss", "eps", "label"], images_per_step=8, info=info)
+
+    def out(loss: float, eps: float, label: float, gnorm: float) -> StepOutput:
+        return StepOutput({"loss": torch.tensor(loss), "eps": torch.tensor(eps), "label": torch.tensor(label)},
+                          torch.tensor(gnorm))
+
+    meter.add(1, out(1.0, 0.5, 2.0, 1.0))
+    meter.add(2, out(3.0, 1.5, 4.0, 3.0))
+    meter.check_finite()
+    w = meter.flush()
+    assert w.losses == pytest.approx({"loss": 2.0, "eps": 1.0, "label": 3.0}) and w.grad_norm == pytest.approx(2.0)
+    assert (w.images, w.seconds, w.img_per_s) == (16, 2.0, 8.0)
+    meter.add(3, out(1.0, 1.0, 1.0, 1.0))
+    meter.exclude(1.0)
+    w = meter.flush()
+    assert (w.images, w.seconds) == (8, 2.0)
+    assert meter.session.img_per_s == pytest.approx(24 / 4.0) and meter.steady.img_per_s == pytest.approx(4.0)
+
+    meter.add(4, out(1.0, 1.0, 1.0, 1.0))
+    meter.add(5, out(float("nan"), 0.25, 1.0, 1.0))
+    meter.add(6, out(float("inf"), 1.0, 1.0, 1.0))  # the first bad step is the one reported
+    with pytest.raises(NonFiniteLossError, match=r"step 5: per-task losses \{'loss': nan, 'eps': 0.25, "
+                                                 r"'label': 1.0\}; kept"):
+        meter.check_finite("; kept")
+
+
+def test_derive_seed_streams_are_distinct_and_stable():
+    from mtdiff.utils import derive_seed
+
+    seeds = {derive_seed(s, stream, rank) for s in (0, 1) for stream in ("noise", "global", "loader/0")
+             for rank in (0, 1)}
+    assert len(seeds) == 12 and all(0 <= v < 2**63 for v in seeds)
+    assert derive_seed(0, "noise", 1) == derive_seed(0, "noise", 1)
+    torch.Generator().manual_seed(max(seeds))  # every derived seed is a valid torch seed
+
+
 # -- inference loading --------------------------------------------------------------------------
 
 def test_load_for_inference_uses_ema_weights_and_checks_params(root):
