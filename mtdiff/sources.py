@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,6 +47,13 @@ _EXT_FORMATS = {".jpeg": "JPEG", ".jpg": "JPEG", ".jpe": "JPEG", ".png": "PNG", 
 # torchvision's FashionMNIST mirror, probed before importing torchvision for the download.
 FMNIST_MIRROR_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"
 MAX_LISTED_SKIPS = 1000  # report.json lists at most this many skipped files per split (counts are exact)
+# Refuse files above this size before reading them: ImageNet's largest JPEG is ~15 MB; a 64 MiB cap
+# leaves room for PNG/TIFF sources while bounding one worker's memory on a hostile or broken tree.
+MAX_FILE_BYTES = 64 * 2**20
+# PIL's decompression-bomb limit, set explicitly (a library may have lifted it): ~89.5M pixels is
+# PIL's default; images above it are refused as "too_large" (ImageNet's largest is ~ 60M pixels).
+MAX_IMAGE_PIXELS = 89_478_485
+MANIFEST_HEX_PREFIX = "hex:"  # a source path that is not valid UTF-8, as the hex of its raw bytes
 
 
 class DataSourceError(RuntimeError):
@@ -73,14 +81,22 @@ class SplitResult:
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (``.gz`` or raw): uint8 array shaped by its header."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    hint = "re-install the data (`apt-get install --reinstall dataset-fashion-mnist`) or fix data.fashion_mnist_dir"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if path.suffix == ".gz" or data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataSourceError(f"{path}: unreadable IDX file ({type(exc).__name__}: {exc}; truncated or not "
+                              f"gzip?); {hint}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataSourceError(f"{path}: not an IDX file (bad magic)")
+        raise DataSourceError(f"{path}: not an IDX file (bad magic); {hint}")
     dtype_code, ndim = data[2], data[3]
     if dtype_code != 0x08:
         raise DataSourceError(f"{path}: IDX dtype 0x{dtype_code:02x} unsupported (want 0x08 = uint8)")
+    if ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise DataSourceError(f"{path}: IDX header too short ({len(data)} bytes for {ndim} dimensions); {hint}")
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
@@ -208,11 +224,12 @@ def decode_image_bytes(data: bytes, name: str, resolution: int, channels: int) -
         return Decoded(None, sha1, "empty", "0 bytes")
     try:
         with warnings.catch_warnings():
-            # A huge image is still an image; PIL's bomb *error* (>2x the limit) is caught below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Above the limit is refused; PIL only raises past 2x it, so its warning is made an error too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             img = Image.open(io.BytesIO(data))
             img.load()  # forces the full decode, so truncation surfaces here and not later
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return Decoded(None, sha1, "too_large", str(exc))
     except Image.UnidentifiedImageError as exc:
         return Decoded(None, sha1, "not_an_image", str(exc))
@@ -251,8 +268,13 @@ def _init_worker(resolution: int, channels: int) -> None:
 def _decode_file(path: str) -> Decoded:
     resolution, channels = _WORKER_CFG
     try:
+        size = os.stat(path).st_size
+        if size > MAX_FILE_BYTES:
+            return Decoded(None, None, "file_too_large", f"{size} bytes > {MAX_FILE_BYTES} (sources.MAX_FILE_BYTES)")
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:  # grew since the stat
+            return Decoded(None, None, "file_too_large", f"> {MAX_FILE_BYTES} bytes (sources.MAX_FILE_BYTES)")
     except OSError as exc:
         return Decoded(None, None, "unreadable", f"{type(exc).__name__}: {exc}")
     return decode_image_bytes(data, path, resolution, channels)
@@ -261,31 +283,67 @@ def _decode_file(path: str) -> Decoded:
 def imagenet_classes(root: str | os.PathLike) -> list[str]:
     """Class folder names (wnids) under ``root/train``, sorted as torchvision's ImageFolder does."""
     train = Path(root).expanduser() / "train"
-    if not train.is_dir():
-        raise DataSourceError(f"data.imagenet_dir {root}: no train/ folder (expected ImageFolder layout "
-                              f"train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
+    # the whole layout is checked before any decoding (a missing val/ must not wait for train's decode)
+    for split_dir in _IMAGENET_DIRS.values():
+        if not (Path(root).expanduser() / split_dir).is_dir():
+            raise DataSourceError(f"data.imagenet_dir {root}: no {split_dir}/ folder (expected ImageFolder layout "
+                                  f"train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
     classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataSourceError(f"{train}: no class folders")
     return classes
 
 
-def list_imagenet_split(root: str | os.PathLike, split: str, classes: list[str]) -> tuple[list[tuple[str, int]], int]:
+def list_imagenet_split(root: str | os.PathLike, split: str, classes: list[str],
+                        refused: list[str] | None = None) -> tuple[list[tuple[str, int]], int]:
     """(path, class_index) for every non-hidden file of a split in ImageFolder order; also the count of
-    files in class folders unknown to train/ (they are skipped)."""
+    files in class folders unknown to train/ (they are skipped).
+
+    Symlinks (files or class folders) that lead outside the split's folder are not followed: their paths are
+    appended to ``refused`` (counted as ``symlink_outside`` in report.json).
+    """
     folder = Path(root).expanduser() / _IMAGENET_DIRS[split]
     if not folder.is_dir():
         raise DataSourceError(f"data.imagenet_dir {root}: no {_IMAGENET_DIRS[split]}/ folder for split '{split}'")
+    tree = folder.resolve()  # the split's real folder (it may itself be a link to another disk)
+    refused = [] if refused is None else refused
+
+    def inside(p: Path, parent: Path) -> bool:
+        if not p.is_symlink() and p.parent == parent:
+            return True  # a plain entry of a folder already checked: no resolve() per file
+        real = p.resolve()
+        ok = real == tree or tree in real.parents
+        if not ok:
+            refused.append(str(p))
+        return ok
+
     index = {c: i for i, c in enumerate(classes)}
     items: list[tuple[str, int]] = []
     unknown = 0
     for cdir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in cdir.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not inside(cdir, folder):
+            continue
+        files = sorted(f for f in cdir.rglob("*") if f.is_file() and not f.name.startswith(".") and inside(f, cdir))
         if cdir.name not in index:
             unknown += len(files)
             continue
         items.extend((str(f), index[cdir.name]) for f in files)
     return items, unknown
+
+
+def manifest_path(path: str) -> str:
+    """A source path as stored in manifest.parquet: itself when it is valid UTF-8, else
+    ``hex:<its raw bytes>`` (lossless; :func:`manifest_path_to_fs` turns it back into the file name)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:  # os.fsdecode kept undecodable bytes as surrogates
+        return MANIFEST_HEX_PREFIX + os.fsencode(path).hex()
+
+
+def manifest_path_to_fs(stored: str) -> str | bytes:
+    """Inverse of :func:`manifest_path`: the path, or the raw bytes of a non-UTF-8 one."""
+    return bytes.fromhex(stored[len(MANIFEST_HEX_PREFIX):]) if stored.startswith(MANIFEST_HEX_PREFIX) else stored
 
 
 def stratified_head(items: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
@@ -362,8 +420,9 @@ def _npy_header_len(shape: tuple[int, ...], dtype: np.dtype) -> int:
 def write_imagenet_split(params: Params, split: str, images_path: Path, classes: list[str]) -> SplitResult:
     """Decode a split of the ImageFolder with a process pool into ``images_path`` (a memmapped .npy)."""
     root = params.data.imagenet_dir
-    items, unknown = list_imagenet_split(root, split, classes)
-    listed = len(items) + unknown
+    refused: list[str] = []
+    items, unknown = list_imagenet_split(root, split, classes, refused)
+    listed = len(items) + unknown + len(refused)
     if params.data.max_per_split is not None:
         items = stratified_head(items, params.data.max_per_split)
     res, channels = params.data.resolution, params.data.channels
@@ -375,7 +434,12 @@ def write_imagenet_split(params: Params, split: str, images_path: Path, classes:
     src_paths: list[str] = []
     sha1s: list[str] = []
     skipped: dict[str, int] = {"unknown_class": unknown} if unknown else {}
-    skipped_files: list[dict[str, str]] = []
+    if refused:
+        skipped["symlink_outside"] = len(refused)
+        log.warning("%s: %d symlink(s) leading outside %s not followed", split, len(refused), root)
+    skipped_files: list[dict[str, str]] = [{"path": manifest_path(p), "reason": "symlink_outside", "error": ""}
+                                           for p in refused[:MAX_LISTED_SKIPS]]
+    non_utf8: list[str] = []
     converted: dict[str, int] = {}
     mismatched: dict[str, int] = {}
     workers = min(params.prepare.num_workers, os.cpu_count() or 1)
@@ -387,14 +451,17 @@ def write_imagenet_split(params: Params, split: str, images_path: Path, classes:
         if dec.image is None:
             skipped[dec.reason] = skipped.get(dec.reason, 0) + 1
             if len(skipped_files) < MAX_LISTED_SKIPS:
-                skipped_files.append({"path": path, "reason": dec.reason, "error": dec.error or ""})
+                skipped_files.append({"path": manifest_path(path), "reason": dec.reason, "error": dec.error or ""})
             continue
         out[n] = dec.image
         n += 1
         if n % params.prepare.shard_size == 0:
             out.flush()  # bound dirty pages held in memory
         labels.append(cls)
-        src_paths.append(path)
+        stored = manifest_path(path)
+        if stored != path:
+            non_utf8.append(stored)
+        src_paths.append(stored)
         sha1s.append(dec.sha1)
         if dec.converted_from:
             converted[dec.converted_from] = converted.get(dec.converted_from, 0) + 1
@@ -405,10 +472,14 @@ def write_imagenet_split(params: Params, split: str, images_path: Path, classes:
     _shrink_npy(images_path, n, (res, res, channels))
     if skipped:
         log.warning("%s: skipped %d file(s): %s", split, sum(skipped.values()), skipped)
+    if non_utf8:
+        log.warning("%s: %d file name(s) are not UTF-8; kept, stored in manifest.parquet as %s<hex bytes>",
+                    split, len(non_utf8), MANIFEST_HEX_PREFIX)
     report = {"listed": listed, "selected": len(items), "decoded": n,
               "converted": sum(converted.values()), "converted_by_mode": converted,
               "extension_mismatch": sum(mismatched.values()), "extension_mismatch_by_format": mismatched,
-              "skipped": skipped, "skipped_files": skipped_files}
+              "skipped": skipped, "skipped_files": skipped_files,
+              "non_utf8_names": len(non_utf8), "non_utf8_files": non_utf8[:MAX_LISTED_SKIPS]}
     return SplitResult(split, np.asarray(labels, dtype=np.int64), src_paths, sha1s, report)
 
 

@@ -225,3 +225,97 @@ def test_move_aside_keeps_every_checkpoint_it_sets_aside(tmp_path, caplog):
     assert (tmp_path / "last.pt.stale").read_text() == "legacy"
     assert [(tmp_path / f"last.pt.stale.{n + 1}").read_text() for n in range(3)] == ["last 0", "last 1", "last 2"]
     assert not (tmp_path / LAST).exists() and move_aside(tmp_path, "nothing there") == []
+
+
+# -- 9: broken IDX files are named ----------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["truncated_gzip", "not_gzip", "short_header", "empty"])
+def test_broken_idx_file_is_named(tmp_path, kind):
+    from mtdiff import sources
+
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    full = gzip.compress(bytes([0, 0, 8, 3]) + (2).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\1" * 1568)
+    bad.write_bytes({"truncated_gzip": full[: len(full) // 2], "not_gzip": b"PK\3\4 this is a zip" * 10,
+                     "short_header": gzip.compress(bytes([0, 0, 8, 3, 0, 0])), "empty": b""}[kind])
+    with pytest.raises(sources.DataSourceError) as err:
+        sources.read_idx(bad)
+    assert str(bad) in str(err.value)
+
+
+# -- 2, 3, 14: the ImageNet reader ---------------------------------------------------------------
+from test_prepare import _jpeg_bytes, _noise_image, tiny_imagenet  # noqa: E402,F401
+
+
+def test_missing_val_is_found_before_decoding(tiny_imagenet, make_params, monkeypatch):
+    import shutil
+
+    from mtdiff import sources
+    from mtdiff.stages import prepare
+
+    shutil.rmtree(tiny_imagenet / "val")
+    calls = []
+    monkeypatch.setattr(sources, "write_imagenet_split", lambda *a, **k: calls.append(a) or 1 / 0)
+    params = make_params({"data.source": "imagenet", "data.imagenet_dir": str(tiny_imagenet),
+                          "data.resolution": 32, "data.channels": 3})
+    with pytest.raises(sources.DataSourceError, match="no val/ folder"):
+        prepare.run(params)
+    assert calls == []  # no split was decoded
+
+
+def test_non_utf8_file_names_are_kept_losslessly(tiny_imagenet, make_params):
+    import json
+
+    import pandas as pd
+
+    from mtdiff import sources
+    from mtdiff.stages import prepare
+
+    raw_name = b"n01440764_caf\xe9.JPEG"  # Latin-1, not UTF-8
+    folder = os.fsencode(tiny_imagenet / "train" / "n01440764")
+    with open(os.path.join(folder, raw_name), "wb") as f:
+        f.write(_jpeg_bytes(_noise_image(np.random.default_rng(1), 64, 64)))
+    params = make_params({"data.source": "imagenet", "data.imagenet_dir": str(tiny_imagenet),
+                          "data.resolution": 32, "data.channels": 3, "prepare.num_workers": 0})
+    prepare.run(params)
+    man = pd.read_parquet(params.prepared_dir / "manifest.parquet")
+    stored = [p for p in man.source_path if p.startswith(sources.MANIFEST_HEX_PREFIX)]
+    assert len(stored) == 1
+    assert sources.manifest_path_to_fs(stored[0]) == os.path.join(folder, raw_name)
+    report = json.loads((params.prepared_dir / "report.json").read_text())
+    assert report["splits"]["train"]["non_utf8_names"] == 1
+
+
+def test_symlinks_out_of_the_tree_and_huge_files_are_refused(tiny_imagenet, make_params, tmp_path, monkeypatch):
+    import json
+
+    from mtdiff import sources
+    from mtdiff.stages import prepare
+
+    secret = tmp_path / "outside.JPEG"
+    secret.write_bytes(_jpeg_bytes(_noise_image(np.random.default_rng(2), 64, 64)))
+    cls = tiny_imagenet / "train" / "n01443537"
+    (cls / "leak.JPEG").symlink_to(secret)
+    (cls / "inside_link.JPEG").symlink_to(cls / "gray.JPEG")  # a link within the tree is fine
+    largest = max(f.stat().st_size for f in tiny_imagenet.rglob("*") if f.is_file())
+    (cls / "big.JPEG").write_bytes(b"\xff" * (largest + 1000))
+    monkeypatch.setattr(sources, "MAX_FILE_BYTES", largest + 500)
+    params = make_params({"data.source": "imagenet", "data.imagenet_dir": str(tiny_imagenet),
+                          "data.resolution": 32, "data.channels": 3, "prepare.num_workers": 0})
+    prepare.run(params)
+    rep = json.loads((params.prepared_dir / "report.json").read_text())["splits"]["train"]
+    assert rep["skipped"]["symlink_outside"] == 1 and rep["skipped"]["file_too_large"] == 1
+    assert any(f["path"].endswith("leak.JPEG") for f in rep["skipped_files"])
+
+
+def test_decompression_bomb_limit_is_enforced(monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from mtdiff import sources
+
+    buf = io.BytesIO()
+    Image.new("L", (300, 300)).save(buf, format="PNG")
+    monkeypatch.setattr(sources, "MAX_IMAGE_PIXELS", 200 * 200)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a library lifted PIL's limit
+    dec = sources.decode_image_bytes(buf.getvalue(), "x.png", 32, 3)
+    assert dec.image is None and dec.reason == "too_large"
