@@ -305,6 +305,8 @@ def make_targets(batch: Mapping[str, torch.Tensor], params: Params,
                 raise KeyError(f"tasks.{name} is enabled but the training batch has no '{name}' "
                                f"(batch keys: {sorted(batch)}); re-run the data stages")
             targets[name] = batch[name]
+    if params.model.class_conditional:  # the class-conditional baseline's label (not an M2 task input)
+        targets["class_label"] = batch["label"]
     return z0, targets
 
 

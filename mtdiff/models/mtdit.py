@@ -31,9 +31,10 @@ class MTDiT(TaskModel):
     def __init__(self, input_shape: Sequence[int], *, patch_size: int, depth: int, hidden_size: int,
                  num_heads: int, mlp_ratio: float = 4.0, head_hidden: int = 256,
                  tasks: Sequence[str] = (), num_classes: Optional[int] = None,
-                 repr_dim: Optional[int] = None, class_conditional: bool = False):
+                 repr_dim: Optional[int] = None, class_conditional: bool = False, class_dropout: float = 0.0):
         super().__init__()
         self._init_tasks(input_shape, tasks, num_classes, repr_dim)
+        self.class_dropout = class_dropout
         c, h, w = self.input_shape
         self.input_size = h if h == w else (h, w)
         self.head_hidden = head_hidden
@@ -92,7 +93,7 @@ def build_model(params, repr_dim: Optional[int], num_classes: int, *,
     mc = params.model
     shape = tuple(input_shape) if input_shape is not None else input_shape_from_params(params)
     common = dict(head_hidden=mc.head_hidden, tasks=params.tasks.enabled, num_classes=num_classes,
-                  repr_dim=repr_dim, class_conditional=mc.class_conditional)
+                  repr_dim=repr_dim, class_conditional=mc.class_conditional, class_dropout=mc.class_dropout)
     if mc.backbone == "unet":
         return MTUNet(shape, base_channels=mc.channels, channel_mult=mc.channel_mult,
                       num_res_blocks=mc.num_res_blocks, attn_resolutions=mc.attn_resolutions,

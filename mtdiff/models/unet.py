@@ -239,9 +239,11 @@ class MTUNet(TaskModel):
     def __init__(self, input_shape: Sequence[int], *, base_channels: int, channel_mult: Sequence[int],
                  num_res_blocks: int, attn_resolutions: Sequence[int], num_heads: int, head_hidden: int,
                  dropout: float = 0.0, tasks: Sequence[str] = (), num_classes: Optional[int] = None,
-                 repr_dim: Optional[int] = None, class_conditional: bool = False, label_feedback: bool = False):
+                 repr_dim: Optional[int] = None, class_conditional: bool = False, class_dropout: float = 0.0,
+                 label_feedback: bool = False):
         super().__init__()
         self._init_tasks(input_shape, tasks, num_classes, repr_dim)
+        self.class_dropout = class_dropout  # P(null label) in training: classifier-free guidance
         c, h, w = self.input_shape
         self.class_conditional = class_conditional
         self.label_feedback = label_feedback and "label" in self.task_names
