@@ -148,7 +148,7 @@ def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict
         with autocast(device, amp):
             out = diffusion.sample(model, (count, *conditions.shape), given=given, steps=sc.steps,
                                    sampler=sc.sampler, eta=sc.eta, generator=noise_gen, tasks_cfg=params.tasks,
-                                   device=device)
+                                   device=device, cfg_scale=sc.cfg_scale, task_guidance=sc.task_guidance)
         samples.append(decode(out["z0"]))
         if "label" in out:
             labels.append(out["label"].long().cpu().numpy())
