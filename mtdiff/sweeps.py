@@ -92,7 +92,10 @@ def expand_points(base: dict[str, Any], points: dict[str, dict[str, Any]] | None
     out: list[SweepPoint] = []
     for (pname, pover), (gname, gover) in itertools.product(named, combos):
         name = "__".join(n for n in (pname, gname) if n) or "base"
-        out.append(SweepPoint(name, {**base, **pover, **gover}))
+        merged = {**base, **pover, **gover}
+        for key, value in merged.items():
+            check_override(key, value)
+        out.append(SweepPoint(name, merged))
     names = [p.name for p in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -146,6 +149,10 @@ def load_sweep(config: str | Path | dict[str, Any], name: str | None = None,
     for key, value in (("metrics", metrics), ("targets", targets)):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{source}: {key}: expected a list of strings")
+    for target in targets:
+        if not target.strip() or target.lstrip().startswith("-"):
+            raise ConfigError(f"{source}: targets: {target!r} is not a DVC stage or dvc.yaml path "
+                              f"(a leading '-' would be read as a dvc option)")
     return SweepConfig(name=name, points=expand_points(_overrides(config.get("base"), f"{source}: base"),
                                                        points, grid),
                        metrics=metrics, targets=targets, description=str(config.get("description") or ""),
@@ -203,10 +210,32 @@ def hydra_value(value: Any) -> str:
     raise ConfigError(f"cannot pass {value!r} ({type(value).__name__}) to dvc exp run -S")
 
 
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def check_override(key: str, value: Any) -> None:
+    """Refuse what ``dvc exp run -S`` would not pass through literally: keys that are no dotted names
+    and string values holding ``${...}`` (DVC/Hydra interpolation would replace them)."""
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ConfigError(f"sweep override key {key!r}: expected a dotted name like train.steps")
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str) and "${" in v:
+            raise ConfigError(f"sweep override {key}={v!r}: '${{...}}' would be interpolated by DVC/Hydra; "
+                              f"use the literal value")
+        if isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+
+
 def set_param_args(overrides: dict[str, Any]) -> list[str]:
     """``{"train.steps": 5}`` -> ``["-S", "++train.steps=5"]`` (``++``: add the key if params.yaml lacks it)."""
     args: list[str] = []
     for key, value in overrides.items():
+        check_override(key, value)
         args += ["-S", f"++{key}={hydra_value(value)}"]
     return args
 
@@ -221,6 +250,9 @@ def exp_run_args(exp_name: str, overrides: dict[str, Any], targets: Sequence[str
                  copy_paths: Sequence[str] | None = None) -> list[str]:
     """``exp run --temp --name <exp> [-C path ...] -S ++k=v ... [targets]`` (after ``dvc``): a temporary
     copy of the repo, so the workspace is untouched and DVC's run-cache restores unchanged stages."""
+    for target in targets:
+        if target.startswith("-"):
+            raise ConfigError(f"target {target!r}: a leading '-' would be read as a dvc option")
     copies = [arg for path in copy_paths or [] for arg in ("-C", path)]
     return ["exp", "run", "--temp", "--name", exp_name, *copies, *set_param_args(overrides), *targets]
 

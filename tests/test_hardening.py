@@ -319,3 +319,28 @@ def test_decompression_bomb_limit_is_enforced(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a library lifted PIL's limit
     dec = sources.decode_image_bytes(buf.getvalue(), "x.png", 32, 3)
     assert dec.image is None and dec.reason == "too_large"
+
+
+# -- 12: sweep values and targets pass to dvc literally, or not at all ----------------------------
+@pytest.mark.parametrize("config, words", [
+    ({"points": {"a": {"train.out_dir": "${HOME}/x"}}}, "interpolated"),
+    ({"grid": {"sample.condition": ["label", "${oops}"]}}, "interpolated"),
+    ({"points": {"a": {"evaluate.classify_t": [1, "${x}"]}}}, "interpolated"),
+    ({"points": {"a": {"train.steps": 5}}, "targets": ["--force"]}, "dvc option"),
+    ({"points": {"a": {"train.steps": 5}}, "targets": ["-f"]}, "dvc option"),
+])
+def test_sweep_refuses_interpolation_and_option_targets(config, words):
+    from mtdiff.sweeps import load_sweep
+
+    with pytest.raises(ConfigError, match=words):
+        load_sweep(config)
+
+
+def test_exp_run_args_refuse_option_like_targets_and_interpolation():
+    from mtdiff.sweeps import exp_run_args
+
+    with pytest.raises(ConfigError):
+        exp_run_args("e", {"train.steps": 5}, ["--run-all"])
+    with pytest.raises(ConfigError):
+        exp_run_args("e", {"train.out_dir": "${x}"})
+    assert exp_run_args("e", {"train.steps": 5}, ["train"])[-1] == "train"
