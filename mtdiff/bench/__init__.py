@@ -398,7 +398,8 @@ def format_sample(r: dict[str, Any]) -> str:
         f"bench sample  config={r['config']}  device={r['device']} ({r['device_name']})  dtype={r['dtype']}  "
         f"threads={r['threads']}",
         f"  model       {r['params']:,} params ({r['weights']}), condition {r['condition']}, sampler {r['sampler']}",
-        f"  batch       {r['num']} images x {r['steps']} steps in {r['seconds']:.2f} s ({r['ms_per_step']:.0f} ms/step)",
+        f"  batch       {r['num']} images x {r['steps']} steps in {r['seconds']:.2f} s "
+        f"({r['ms_per_step']:.0f} ms/step)",
         f"  throughput  {r['img_per_s']:.2f} img/s at {r['steps']} steps",
         f"  MFU         {r['mfu']:.3f}  ({fmt_si(r['achieved_flops'], 'FLOP/s')} = forward FLOPs/img x steps x img/s;"
         f" matmul peak {fmt_si(r['matmul_flops'], 'FLOP/s')})",
@@ -436,9 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="training throughput and MFU")
     _common_arguments(train)
     train.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile)")
-    train.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size (capped by --quick on CPU)")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help="default: train.batch_size (capped by --quick on CPU)")
     train.add_argument("--steps", type=int, default=None, help=f"timed steps ({FULL_STEPS}; --quick {QUICK_STEPS})")
-    train.add_argument("--warmup", type=int, default=None, help=f"untimed steps first ({FULL_WARMUP}; --quick {QUICK_WARMUP})")
+    train.add_argument("--warmup", type=int, default=None,
+                       help=f"untimed steps first ({FULL_WARMUP}; --quick {QUICK_WARMUP})")
     train.add_argument("--no-ema", action="store_true", help="leave the EMA update out of the step")
     train.add_argument("--matmul-n", type=int, default=None, help=f"size of the square matmul peak {MATMUL_N}")
     train.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops for 2 steps")

@@ -102,7 +102,8 @@ class _Conditions:
 
     def __call__(self, start: int, count: int) -> dict[str, torch.Tensor]:
         if self.condition == "label":
-            return {"label": torch.arange(start, start + count, device=self.device, dtype=torch.long) % self.num_classes}
+            labels = torch.arange(start, start + count, device=self.device, dtype=torch.long)
+            return {"label": labels % self.num_classes}
         if self.condition == "masked":
             return self._masked(start, count)
         if self.condition == "transition":

@@ -63,7 +63,7 @@ class TrainResult:
 
 
 @dataclass
-class _Run:
+class _Session:
     """What setup fixes for the whole session: data, sampler, the step (model + optimizer state)."""
 
     params: Params
@@ -127,7 +127,7 @@ def dataset_meta(dataset: TrainDataset, params: Params) -> dict[str, Any]:
 
 # -- setup / resume -----------------------------------------------------------------------------
 
-def _setup(params: Params, info: DistInfo) -> _Run:
+def _setup(params: Params, info: DistInfo) -> _Session:
     """Data, model and the training step, seeded identically on every rank."""
     started = time.time()
     tc, device = params.train, info.device
@@ -151,35 +151,35 @@ def _setup(params: Params, info: DistInfo) -> _Run:
                      amp_dtype=autocast_dtype(device, tc.precision), compile_model=tc.compile,
                      ddp=info.distributed)
     seed_everything(derive_seed(params.seed, "global", info.rank))  # distinct global RNG streams per rank
-    return _Run(params, info, dataset, sampler, batch_size, steps_per_epoch, meta, phash, step, noise_gen, started)
+    return _Session(params, info, dataset, sampler, batch_size, steps_per_epoch, meta, phash, step, noise_gen, started)
 
 
-def _resume(run: _Run) -> _Progress:
+def _resume(session: _Session) -> _Progress:
     """Progress restored from ``last.pt`` of the same run, else a fresh start (old files moved aside)."""
     progress = _Progress()
-    info, steps = run.info, run.params.train.steps
-    if run.last_path.exists():
-        state = ckpt_mod.load_checkpoint(run.last_path, map_location="cpu")
-        same_run = state.get("params_hash") == run.params_hash
+    info, steps = session.info, session.params.train.steps
+    if session.last_path.exists():
+        state = ckpt_mod.load_checkpoint(session.last_path, map_location="cpu")
+        same_run = state.get("params_hash") == session.params_hash
         # steps is outside the hash so a longer run extends a shorter one; a checkpoint already past
         # train.steps belongs to a longer run, and reusing it would break a fixed training budget.
         past_budget = same_run and int(state["step"]) > steps
         if same_run and not past_budget:
-            progress = _restore(run, state)
+            progress = _restore(session, state)
         else:
             barrier(info)
             if info.is_main:
                 reason = (f"checkpoint step {state['step']} is past train.steps {steps}" if past_budget
-                          else f"params hash {state.get('params_hash')} != current {run.params_hash}")
-                _move_aside(run.ckpt_dir, reason)
+                          else f"params hash {state.get('params_hash')} != current {session.params_hash}")
+                _move_aside(session.ckpt_dir, reason)
         del state
     barrier(info)
     return progress
 
 
-def _restore(run: _Run, state: dict[str, Any]) -> _Progress:
-    info = run.info
-    run.step.load_state_dict(state)
+def _restore(session: _Session, state: dict[str, Any]) -> _Progress:
+    info = session.info
+    session.step.load_state_dict(state)
     progress = _Progress(step=int(state["step"]), epoch=int(state["epoch"]),
                          batch_in_epoch=int(state["batch_in_epoch"]),
                          stats=dict(state.get("stats") or _Progress().stats))
@@ -187,14 +187,14 @@ def _restore(run: _Run, state: dict[str, Any]) -> _Progress:
     rngs = state["rng"]
     if len(rngs) == info.world_size:
         ckpt_mod.restore_rng_state(rngs[info.rank]["global"])
-        run.noise_gen.set_state(rngs[info.rank]["noise"].cpu())  # generator states are CPU byte tensors
+        session.noise_gen.set_state(rngs[info.rank]["noise"].cpu())  # generator states are CPU byte tensors
     else:
         log.warning("checkpoint was written by %d processes, now %d: weights and data order "
                     "resume exactly, the noise stream does not", len(rngs), info.world_size)
     if info.is_main:
-        log.info("resuming from %s at step %d (epoch %d, batch %d)", run.last_path, progress.step,
+        log.info("resuming from %s at step %d (epoch %d, batch %d)", session.last_path, progress.step,
                  progress.epoch, progress.batch_in_epoch)
-        if progress.step == run.params.train.steps:
+        if progress.step == session.params.train.steps:
             log.info("the checkpoint is at train.steps %d already: nothing to train "
                      "(raise train.steps to continue)", progress.step)
     return progress
@@ -219,123 +219,126 @@ def _gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
-def _save_checkpoint(run: _Run, progress: _Progress) -> None:
+def _save_checkpoint(session: _Session, progress: _Progress) -> None:
     """``last.pt`` (everything to resume, every rank's RNGs) and ``ema.pt``, written by rank 0."""
-    rngs = _gather_objects({"global": ckpt_mod.capture_rng_state(), "noise": run.noise_gen.get_state()}, run.info)
-    epoch, batch = progress.position(run.steps_per_epoch)
-    params, step = run.params, progress.step
-    if run.info.is_main:
-        state = {**run.step.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch, "rng": rngs,
+    rng_state = {"global": ckpt_mod.capture_rng_state(), "noise": session.noise_gen.get_state()}
+    rngs = _gather_objects(rng_state, session.info)
+    epoch, batch = progress.position(session.steps_per_epoch)
+    params, step = session.params, progress.step
+    if session.info.is_main:
+        state = {**session.step.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch, "rng": rngs,
                  "sampler": {"seed": params.seed, "epoch": epoch, "batch_in_epoch": batch,
-                             "world_size": run.info.world_size},
-                 "params_hash": run.params_hash, "meta": run.meta, "stats": dict(progress.stats),
+                             "world_size": session.info.world_size},
+                 "params_hash": session.params_hash, "meta": session.meta, "stats": dict(progress.stats),
                  "params": params.model_dump(mode="json")}
-        ckpt_mod.save_checkpoint(run.last_path, state)
-        ckpt_mod.save_checkpoint(run.ckpt_dir / ckpt_mod.EMA, {
-            "ema": run.step.ema.state_dict(), "step": step, "params_hash": run.params_hash, "meta": run.meta})
+        ckpt_mod.save_checkpoint(session.last_path, state)
+        ckpt_mod.save_checkpoint(session.ckpt_dir / ckpt_mod.EMA, {
+            "ema": session.step.ema.state_dict(), "step": step, "params_hash": session.params_hash,
+            "meta": session.meta})
     progress.last_saved_step = step
 
 
 # -- the loop -----------------------------------------------------------------------------------
 
-def _epoch_loader(run: _Run, epoch: int, start_batch: int) -> DataLoader:
+def _epoch_loader(session: _Session, epoch: int, start_batch: int) -> DataLoader:
     """This rank's batches of ``epoch`` from batch ``start_batch`` on (the permutation depends on (seed, epoch))."""
-    run.sampler.set_epoch(epoch)
-    tc = run.params.train
-    return DataLoader(run.dataset, batch_sampler=ResumableBatchSampler(run.sampler, run.batch_size, start_batch),
-                      collate_fn=collate_batch, num_workers=tc.num_workers,
-                      pin_memory=run.info.device.type == "cuda",
-                      # its own generator: creating a loader must not draw from the global RNG
-                      generator=torch.Generator().manual_seed(derive_seed(run.params.seed, f"loader/{epoch}")))
+    session.sampler.set_epoch(epoch)
+    tc = session.params.train
+    batches = ResumableBatchSampler(session.sampler, session.batch_size, start_batch)
+    # its own generator: creating a loader must not draw from the global RNG
+    generator = torch.Generator().manual_seed(derive_seed(session.params.seed, f"loader/{epoch}"))
+    return DataLoader(session.dataset, batch_sampler=batches, collate_fn=collate_batch, num_workers=tc.num_workers,
+                      pin_memory=session.info.device.type == "cuda", generator=generator)
 
 
-def _loop(run: _Run, progress: _Progress, tracker: Any, on_step: Optional[Callable[[int], None]]) -> TrainMeter:
+def _loop(session: _Session, progress: _Progress, tracker: Any,
+          on_step: Optional[Callable[[int], None]]) -> TrainMeter:
     """Train from ``progress`` to ``train.steps``, logging and checkpointing on the way."""
-    tc = run.params.train
-    meter = TrainMeter(["loss", "eps", *run.params.tasks.enabled], tc.batch_size, run.info)
+    tc = session.params.train
+    meter = TrainMeter(["loss", "eps", *session.params.tasks.enabled], tc.batch_size, session.info)
     bar = tqdm(total=tc.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=(not run.info.is_main) or None, mininterval=1.0)
+               disable=(not session.info.is_main) or None, mininterval=1.0)
     while progress.step < tc.steps:
-        for batch in _epoch_loader(run, progress.epoch, progress.batch_in_epoch):
-            out = run.step(to_device(batch, run.info.device))
+        for batch in _epoch_loader(session, progress.epoch, progress.batch_in_epoch):
+            out = session.step(to_device(batch, session.info.device))
             progress.step += 1
             progress.batch_in_epoch += 1
             meter.add(progress.step, out)
             bar.update(1)
-            _end_of_step(run, progress, meter, tracker, bar)
+            _end_of_step(session, progress, meter, tracker, bar)
             if on_step is not None:
                 on_step(progress.step)
             if progress.step >= tc.steps:
                 break
-        if progress.batch_in_epoch >= run.steps_per_epoch:
+        if progress.batch_in_epoch >= session.steps_per_epoch:
             progress.epoch += 1
             progress.batch_in_epoch = 0
     bar.close()
     return meter
 
 
-def _end_of_step(run: _Run, progress: _Progress, meter: TrainMeter, tracker: Any, bar: tqdm) -> None:
+def _end_of_step(session: _Session, progress: _Progress, meter: TrainMeter, tracker: Any, bar: tqdm) -> None:
     """Every ``log_every`` steps: check the losses are finite and log the window; every
     ``ckpt_every`` steps (and at the end): also checkpoint. The checkpoint's time is not training time."""
-    tc, step = run.params.train, progress.step
+    tc, step = session.params.train, progress.step
     is_last = step >= tc.steps
     save_now = step % tc.ckpt_every == 0 or is_last
     if not (save_now or step % tc.log_every == 0):
         return
     kept = progress.last_saved_step if progress.last_saved_step is not None else "none"
-    meter.check_finite(f"; stopped without saving, the last good checkpoint ({run.last_path}, step {kept}) "
+    meter.check_finite(f"; stopped without saving, the last good checkpoint ({session.last_path}, step {kept}) "
                        "is kept. Lower train.lr, raise train.warmup_steps, or use train.precision fp32/bf16.")
     window = meter.flush()
     progress.record(window)
-    if run.info.is_main:
-        _log_window(run, progress, window, tracker, bar)
+    if session.info.is_main:
+        _log_window(session, progress, window, tracker, bar)
     if save_now:
         t0 = time.perf_counter()
-        _save_checkpoint(run, progress)
+        _save_checkpoint(session, progress)
         meter.exclude(time.perf_counter() - t0)
 
 
-def _log_window(run: _Run, progress: _Progress, window: Window, tracker: Any, bar: tqdm) -> None:
-    lr = run.step.scheduler.get_last_lr()[0]
+def _log_window(session: _Session, progress: _Progress, window: Window, tracker: Any, bar: tqdm) -> None:
+    lr = session.step.scheduler.get_last_lr()[0]
     loss = window.losses["loss"]
     metrics = {f"loss/{n}" if n != "loss" else "loss": v for n, v in window.losses.items()}
     metrics.update({"lr": lr, "img_per_s": window.img_per_s, "grad_norm": window.grad_norm, "epoch": progress.epoch})
     tracker.log_metrics(metrics, step=progress.step)
     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{window.img_per_s:.0f}", refresh=False)
     per_task = " ".join(f"{n} {v:.4f}" for n, v in window.losses.items() if n != "loss")
-    log.info("step %d/%d loss %.4f (%s) lr %.2e grad %.3f %.0f img/s", progress.step, run.params.train.steps,
+    log.info("step %d/%d loss %.4f (%s) lr %.2e grad %.3f %.0f img/s", progress.step, session.params.train.steps,
              loss, per_task, lr, window.grad_norm, window.img_per_s)
 
 
 # -- summary ------------------------------------------------------------------------------------
 
-def _summary(run: _Run, progress: _Progress, meter: TrainMeter, in_sync: bool) -> dict[str, Any]:
-    tc, stats = run.params.train, progress.stats
-    model = run.step.model
+def _summary(session: _Session, progress: _Progress, meter: TrainMeter, in_sync: bool) -> dict[str, Any]:
+    tc, stats = session.params.train, progress.stats
+    model = session.step.model
     fpi = flops_per_image(model)
     last = stats.get("last_losses") or {}
     steady = meter.steady
     return {
         "steps": progress.step, "resumed_from_step": progress.resumed_from,
-        "epochs": progress.epoch + progress.batch_in_epoch / run.steps_per_epoch,
+        "epochs": progress.epoch + progress.batch_in_epoch / session.steps_per_epoch,
         "final_loss": last.get("loss"), "final_losses": {k: v for k, v in last.items() if k != "loss"},
         "img_per_s": meter.session.img_per_s, "img_per_s_steady": steady.img_per_s,
         "img_per_s_all_sessions": (stats["images"] / stats["train_time_s"]) if stats["train_time_s"] else None,
-        "train_time_s": stats["train_time_s"], "wall_time_s": time.time() - run.started,
-        "images_seen": stats["images"], "world_size": run.info.world_size, "device": str(run.info.device),
-        "precision": tc.precision if run.step.amp_dtype else "fp32", "global_batch_size": tc.batch_size,
+        "train_time_s": stats["train_time_s"], "wall_time_s": time.time() - session.started,
+        "images_seen": stats["images"], "world_size": session.info.world_size, "device": str(session.info.device),
+        "precision": tc.precision if session.step.amp_dtype else "fp32", "global_batch_size": tc.batch_size,
         "params_count": count_params(model), "flops_per_image": fpi,
         "train_tflops_per_s": (TRAIN_FLOPS_PER_FORWARD * fpi * steady.img_per_s / 1e12) if steady.img_per_s else None,
-        "params_hash": run.params_hash, "ranks_in_sync": in_sync,
-        "checkpoint": str(run.last_path), "ema_checkpoint": str(run.ckpt_dir / ckpt_mod.EMA),
+        "params_hash": session.params_hash, "ranks_in_sync": in_sync,
+        "checkpoint": str(session.last_path), "ema_checkpoint": str(session.ckpt_dir / ckpt_mod.EMA),
     }
 
 
-def _report(run: _Run, summary: dict[str, Any], tracker: Any) -> None:
+def _report(session: _Session, summary: dict[str, Any], tracker: Any) -> None:
     """train.json, the run's final MLflow metrics/tags and one log line (rank 0)."""
-    metrics_path = write_json(run.params.metrics_dir / "train.json", summary)
+    metrics_path = write_json(session.params.metrics_dir / "train.json", summary)
     resumed = summary["resumed_from_step"]
-    tracker.set_tags({"checkpoint": str(run.last_path), "params_hash": run.params_hash,
+    tracker.set_tags({"checkpoint": str(session.last_path), "params_hash": session.params_hash,
                       "resumed_from_step": resumed if resumed is not None else "none"})
     tracker.log_metrics({k: summary[k] for k in ("img_per_s", "wall_time_s", "train_time_s")
                          if summary[k] is not None}, step=summary["steps"])
@@ -343,16 +346,16 @@ def _report(run: _Run, summary: dict[str, Any], tracker: Any) -> None:
     final = summary["final_loss"]
     log.info("done: %d steps, final loss %s, %.1f img/s, wall %.1f s -> %s", summary["steps"],
              f"{final:.4f}" if final is not None else "n/a", summary["img_per_s"] or float("nan"),
-             summary["wall_time_s"], run.last_path)
+             summary["wall_time_s"], session.last_path)
 
 
-def _log_start(run: _Run, progress: _Progress, tracker: Any) -> None:
-    tc, model = run.params.train, run.step.model
+def _log_start(session: _Session, progress: _Progress, tracker: Any) -> None:
+    tc, model = session.params.train, session.step.model
     n_params, fpi = count_params(model), flops_per_image(model)
     tracker.log_metrics({"model/params": n_params, "model/gflops_per_image": fpi / 1e9}, step=progress.step)
     log.info("training %s params (%.3f GFLOPs/img) on %s x%d, %d steps, global batch %d, %d steps/epoch",
-             f"{n_params:,}", fpi / 1e9, run.info.device, run.info.world_size, tc.steps, tc.batch_size,
-             run.steps_per_epoch)
+             f"{n_params:,}", fpi / 1e9, session.info.device, session.info.world_size, tc.steps, tc.batch_size,
+             session.steps_per_epoch)
 
 
 def _open_tracking(params: Params, info: DistInfo, out_dir: Path) -> ContextManager[Any]:
@@ -367,20 +370,21 @@ def train(params: Params, on_step: Optional[Callable[[int], None]] = None) -> Tr
     """Train per ``params.train``; ``on_step(step)`` is called after every completed step (tests/bench)."""
     info = init_distributed(params.train.device)
     try:
-        run_ = _setup(params, info)
-        progress = _resume(run_)
-        with _open_tracking(params, info, run_.ckpt_dir) as tracker:
+        session = _setup(params, info)
+        progress = _resume(session)
+        with _open_tracking(params, info, session.ckpt_dir) as tracker:
             if info.is_main:
-                _log_start(run_, progress, tracker)
-            meter = _loop(run_, progress, tracker, on_step)
-            in_sync = ranks_in_sync(run_.step.model.state_dict(), info) and ranks_in_sync(run_.step.ema.shadow, info)
+                _log_start(session, progress, tracker)
+            meter = _loop(session, progress, tracker, on_step)
+            step = session.step
+            in_sync = ranks_in_sync(step.model.state_dict(), info) and ranks_in_sync(step.ema.shadow, info)
             if not in_sync:
                 raise RuntimeError("DDP ranks ended with different weights; the checkpoint is not trustworthy")
-            summary = _summary(run_, progress, meter, in_sync)
+            summary = _summary(session, progress, meter, in_sync)
             if info.is_main:
-                _report(run_, summary, tracker)
+                _report(session, summary, tracker)
             barrier(info)
-        return TrainResult(model=run_.step.model, ema=run_.step.ema, summary=summary)
+        return TrainResult(model=session.step.model, ema=session.step.ema, summary=summary)
     finally:
         shutdown_distributed(info)
 
