@@ -218,6 +218,8 @@ class SampleConfig(_Section):
 
 class EvaluateConfig(_Section):
     num_samples: int = Field(1000, ge=1)
+    # test images used as the fidelity reference and by the task heads; null: the whole test split
+    num_ref: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(250, ge=1)
     inception: bool = True
     feature_extractor_weights_path: Optional[str] = None

@@ -155,7 +155,8 @@ def read_csv(path):
 
 
 TINY = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 1, "model.head_hidden": 16,
-        "diffusion.timesteps": 100, "sample.steps": 10, "evaluate.num_samples": 32, "evaluate.batch_size": 16}
+        "diffusion.timesteps": 100, "sample.steps": 10, "evaluate.num_samples": 32, "evaluate.num_ref": 32,
+        "evaluate.batch_size": 16}
 
 
 def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir):
@@ -203,7 +204,7 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     assert len(read_csv(plots / "per_class_sample_accuracy.csv")) == 1 + K
 
     # MLflow off: what would have been logged is kept beside the metrics
-    pending = [json.loads(line) for line in (params.metrics_dir / "mlflow_pending.jsonl").read_text().splitlines()]
+    pending = [json.loads(line) for line in __import__("mtdiff.tracking").tracking.pending_file("evaluate").read_text().splitlines()]
     logged = [r for r in pending if r["what"] == "log_metrics"]
     assert logged and "eval/fid_fmnist_cnn_32" in logged[0]["args"][0]
 

@@ -2,13 +2,14 @@
 
 Inputs: ``samples/samples.npz`` (+ ``meta.json``), ``data/prepared/test_*``, ``data/latents/test``,
 ``data/representations/{test.npy,encoder.pt}`` and the checkpoint (``load_for_inference``), each
-only where a metric needs it. ``evaluate.num_samples`` caps the generated samples and the test
-images used; n below is that count and every figure's name ends in ``count_tag(n)`` (``1k``, ``500`` ...).
+only where a metric needs it. ``evaluate.num_samples`` caps the generated samples (n below) and
+``evaluate.num_ref`` the test images (the fidelity reference and the heads' test set; null: the
+whole split, m below); every figure's name ends in its count (``count_tag``: ``1k``, ``10k``, ``500``).
 
 ``evaluate.json`` schema (flat; for a given config the same keys every run):
 
 always
-    ``num_samples`` n, ``num_reference`` (real images in the fidelity reference: the first n test
+    ``num_samples`` n, ``num_reference`` (real images in the fidelity reference: the first m test
     images, or the paired targets for ``transition``), ``num_test_eval`` (test images for the
     heads), ``condition``, ``data_source`` (strings) and three strings that are ``""`` when the
     part ran, else why it did not: ``inception_skipped_reason``, ``domain_skipped_reason``,
@@ -21,10 +22,10 @@ Domain (Fashion-MNIST CNN of the representations stage, default profile)
     (condition ``label``: the CNN's accuracy against the asked labels) or
     ``joint_label_acc_fmnist_cnn_<n>`` (unconditional: agreement with the jointly generated labels).
 Label head (tasks.label)
-    ``label_acc_t<t>_<n>`` for t in ``evaluate.classify_t``, ``label_acc_ens_<n>`` (softmax
-    averaged over those t), ImageNet also ``label_top5_t<t>_<n>``, ``label_top5_ens_<n>``.
+    ``label_acc_t<t>_<m>`` for t in ``evaluate.classify_t``, ``label_acc_ens_<m>`` (softmax
+    averaged over those t), ImageNet also ``label_top5_t<t>_<m>``, ``label_top5_ens_<m>``.
 Representation head (tasks.representation)
-    ``repr_cos_t<t>_<n>``: mean cosine to the encoder's test features.
+    ``repr_cos_t<t>_<m>``: mean cosine to the encoder's test features.
 Masked / transition samples
     ``masked_mse_<n>``, ``masked_psnr_<n>`` (hidden pixels only) / ``transition_mse_<n>``,
     ``transition_psnr_<n>`` (MSE in [0,1] pixel units, PSNR in dB, capped at 100).
@@ -108,6 +109,11 @@ def _test_z0(params: Params, images: np.ndarray, n: int) -> Optional[np.ndarray]
     return None
 
 
+def _num_ref(params: Params, available: int) -> int:
+    """Test images for the fidelity reference and the heads: ``evaluate.num_ref`` (null: all)."""
+    return min(params.evaluate.num_ref or available, available)
+
+
 @dataclass
 class _Inputs:
     """What the metric groups read: the first n samples, their reference images and the test split."""
@@ -128,7 +134,7 @@ class _Inputs:
 
     @property
     def n_test(self) -> int:
-        return min(self.params.evaluate.num_samples, len(self.test_images))
+        return _num_ref(self.params, len(self.test_images))
 
     def name(self, metric: str, space: str = "") -> str:
         return fid.metric_name(metric, self.n, space)
@@ -150,7 +156,8 @@ def _load_inputs(params: Params) -> _Inputs:
             raise ValueError("samples.npz: condition 'transition' but no 'reference' targets")
         reference = fid.as_nhwc_uint8(arrays["reference"][:n], "samples.npz reference")
     else:
-        reference = test_images[:min(n, len(test_images))]  # an mmap slice: read per image, never copied whole
+        # an mmap slice: read per image, never copied whole
+        reference = test_images[:_num_ref(params, len(test_images))]
     return _Inputs(params, pick_device(params.train.device), arrays, condition, samples[:n], reference,
                    test_images, test_labels, classes)
 
