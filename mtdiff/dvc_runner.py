@@ -258,8 +258,11 @@ def summary_text(root: Path, params: Params, results: list[dict], metrics: dict[
         lines.append(f"    {key} = {metrics[key]:.6g}")
     if len(keys) > SUMMARY_METRICS:
         lines.append(f"    ... {len(keys) - SUMMARY_METRICS} more: `dvc metrics show`, or the MLflow run below")
-    lines.append(f"  MLflow:       {uri}  parent run {run_id or '(not tracked)'}"
-                 f"  -> mlflow ui --backend-store-uri {uri}")
+    from mtdiff.tracking import redact_uri
+
+    shown = redact_uri(uri)
+    lines.append(f"  MLflow:       {shown}  parent run {run_id or '(not tracked)'}"
+                 f"  -> mlflow ui --backend-store-uri {shown}")
     if flow_run_id:
         lines.append(f"  Prefect:      flow run {flow_run_id}")
     return "\n".join(lines)

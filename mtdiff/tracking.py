@@ -4,7 +4,8 @@
 parent run when ``MTDIFF_PARENT_RUN_ID`` (or ``MLFLOW_PARENT_RUN_ID``) is set, logs the flattened
 params and tags, and yields a :class:`StageRun` whose ``log_*`` methods never raise: when the
 tracking server is down the stage warns and goes on, and what it could not send is appended to
-``<out_dir>/mlflow_pending.jsonl`` so nothing is lost (``replay_pending`` sends it later).
+``<project>/.mtdiff/mlflow_pending/<stage>.jsonl`` (outside every DVC output, gitignored) so nothing is
+lost (``replay_pending`` sends it later).
 """
 from __future__ import annotations
 
@@ -20,13 +21,32 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from mtdiff.config import REPO_ROOT, Params
+from mtdiff.config import REPO_ROOT, Params, project_root
 
 # plain logging (not mtdiff.utils) so importing tracking does not pull in torch
 log = logging.getLogger(__name__)
 PARENT_ENV_VARS = ("MTDIFF_PARENT_RUN_ID", "MLFLOW_PARENT_RUN_ID")
 PENDING_FILE = "mlflow_pending.jsonl"
 PENDING_IMAGES = "mlflow_pending_images"
+PENDING_DIR = Path(".mtdiff") / "mlflow_pending"  # under the project root: never inside a DVC output
+
+
+def pending_file(stage: str, root: str | os.PathLike | None = None) -> Path:
+    """Where a stage keeps what it could not send: ``<project>/.mtdiff/mlflow_pending/<stage>.jsonl``."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stage) or "stage"
+    return Path(root or project_root()) / PENDING_DIR / f"{safe}.jsonl"
+
+
+_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
+_SECRET_QUERY_RE = re.compile(r"(?i)([?&](?:password|passwd|token|access_token|api_key|apikey|secret)=)[^&#\s]*")
+
+
+def redact_uri(uri: Any) -> Any:
+    """``https://user:secret@host/x`` -> ``https://***@host/x`` (also ``?token=...``): tracking URIs can carry
+    credentials, so they are never printed, logged or stored as params in the clear. Non-strings pass."""
+    if not isinstance(uri, str):
+        return uri
+    return _SECRET_QUERY_RE.sub(r"\1***", _USERINFO_RE.sub(lambda m: f"{m['scheme']}***@", uri))
 
 
 def tracking_uri(params: Params | None = None) -> str:
@@ -96,9 +116,9 @@ class StageRun:
     """
 
     def __init__(self, run_id: str | None, pending_dir: Path | None, *, key: str | None = None,
-                 stage: str | None = None):
+                 stage: str | None = None, pending_path: Path | None = None):
         self.run_id = run_id
-        self.pending_path = None if pending_dir is None else Path(pending_dir) / PENDING_FILE
+        self.pending_path = pending_path or (None if pending_dir is None else Path(pending_dir) / PENDING_FILE)
         self.key = key or uuid.uuid4().hex
         self.stage = stage
 
@@ -137,7 +157,7 @@ class StageRun:
         self._call("log_metrics", clean, step=step)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._call("log_params", {k: str(v)[:6000] for k, v in params.items()})
+        self._call("log_params", {k: str(redact_uri(v))[:6000] for k, v in params.items()})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._call("set_tags", {k: str(v) for k, v in tags.items()})
@@ -239,7 +259,7 @@ def start_client_run(name: str, *, tags: dict[str, Any] | None = None, parent_ru
         run = client.create_run(exp_id, tags=all_tags, run_name=name)
         return ClientRun(client, run.info.run_id, pending, stage=name)
     except Exception as exc:
-        log.warning("MLflow unavailable at %s (%s); run '%s' is not tracked", uri, exc, name)
+        log.warning("MLflow unavailable at %s (%s); run '%s' is not tracked", redact_uri(uri), redact_uri(str(exc)), name)
         out = ClientRun(None, None, pending, stage=name)
         out._keep("start_run", (), {"run_name": name, "tags": all_tags, "experiment": experiment})
         return out
@@ -281,10 +301,11 @@ def env_tags() -> dict[str, str]:
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, out_dir: str | os.PathLike = ".",
               extra_tags: dict[str, Any] | None = None) -> Iterator[StageRun]:
-    """One MLflow run for ``stage``; yields a StageRun that logs, or keeps locally when it cannot."""
-    out_dir = Path(out_dir)
+    """One MLflow run for ``stage``; yields a StageRun that logs, or keeps locally when it cannot
+    (in :func:`pending_file`, never in ``out_dir``: that is a DVC output, and DVC replaces it)."""
+    pending = pending_file(stage)
     if os.environ.get("MTDIFF_MLFLOW", "1") == "0":
-        yield StageRun(None, out_dir, stage=stage)
+        yield StageRun(None, None, stage=stage, pending_path=pending)
         return
     run_id = None
     tags = {"mtdiff.stage": stage, "dvc.stage": stage, "git_commit": git_commit() or "unknown",
@@ -303,8 +324,8 @@ def stage_run(params: Params, stage: str, out_dir: str | os.PathLike = ".",
         run_id = active.info.run_id
     except Exception as exc:
         log.warning("MLflow unavailable at %s (%s); stage '%s' goes on and keeps its logs in %s",
-                    tracking_uri(params), exc, stage, out_dir / PENDING_FILE)
-    run = StageRun(run_id, out_dir, stage=stage)
+                    redact_uri(tracking_uri(params)), redact_uri(str(exc)), stage, pending)
+    run = StageRun(run_id, None, stage=stage, pending_path=pending)
     if run_id is None:
         run._keep("start_run", (), {"run_name": stage, "tags": {k: str(v) for k, v in tags.items()},
                                     "experiment": params.mlflow.experiment})
@@ -344,16 +365,106 @@ def read_pending(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def _done_path(path: Path) -> Path:
+    return path.with_name(path.name + ".done")
+
+
+def _record_id(uri: str, rec: dict) -> str:
+    return hashlib.sha1(f"{redact_uri(uri)}\n{rec.get('_line', '')}".encode()).hexdigest()
+
+
+def _read_done(path: Path) -> set[str]:
+    done = _done_path(path)
+    return set(done.read_text().split()) if done.exists() else set()
+
+
+def _group_target(client, uri: str, path: Path, key: str, recs: list[dict], mark: str,
+                  experiment: str | None) -> str | None:
+    """The run the records of group ``key`` go to (created when it never started); None when the
+    group was replayed completely before (its run carries ``mark``)."""
+    run_id = next((r["run_id"] for r in recs if r.get("run_id")), None)
+    if run_id is not None:
+        try:
+            tags = client.get_run(run_id).data.tags
+        except Exception as exc:  # e.g. replaying into another store: the run is not there
+            raise RuntimeError(f"{path}: run {run_id} of kept records not found at {redact_uri(uri)}: {exc}") from exc
+        return None if mark in tags else run_id
+    start = next((r for r in recs if r["what"] == "start_run"), None)
+    kw = start["kwargs"] if start else {}
+    exp_id = experiment_id(client, experiment or kw.get("experiment") or "mtdiff", uri)
+    found = client.search_runs([exp_id], filter_string=f"tags.`mtdiff.pending_key` = '{key}'", max_results=1)
+    if found:  # created by an earlier replay: done, or to be completed
+        return None if mark in found[0].data.tags else found[0].info.run_id
+    tags = {**kw.get("tags", {}), "mtdiff.pending_key": key, "mtdiff.replayed_from": str(path)}
+    name = kw.get("run_name") or recs[0].get("stage") or "replayed"
+    return client.create_run(exp_id, start_time=int(recs[0]["time"] * 1000), tags=tags,
+                             run_name=name).info.run_id
+
+
+def _send_record(ops: dict[str, Any], rec: dict) -> None:
+    """Send one kept record through ``ops`` (see :func:`_client_ops`); raises when it cannot."""
+    what, args, kwargs = rec["what"], rec.get("args", []), dict(rec.get("kwargs") or {})
+    if what == "log_metrics":
+        ops["log_metrics"](*args, step=kwargs.get("step"), timestamp=rec.get("time"))
+    elif what == "log_image":
+        image_path = kwargs.get("image_path")
+        if not image_path or not Path(image_path).exists():
+            raise FileNotFoundError(f"kept image {image_path!r} for {args[0]!r} is gone")
+        ops["log_artifact"](image_path, artifact_path=os.path.dirname(args[0]) or None)
+    elif what == "log_artifact":
+        if not Path(args[0]).exists():
+            raise FileNotFoundError(f"artifact {args[0]} is gone")
+        ops["log_artifact"](*args, **kwargs)
+    elif what in ops:
+        ops[what](*args, **kwargs)
+    else:
+        raise ValueError(f"unknown record kind {what!r}")
+
+
+def _replay_group(client, uri: str, path: Path, run_id: str, recs: list[dict], mark: str,
+                  done: set[str], summary: dict[str, Any]) -> None:
+    """Send the not-yet-sent records of one group; the run is marked replayed only when all went."""
+    ops = _client_ops(client, run_id)
+    end_status, failed = None, 0
+    with open(_done_path(path), "a") as done_file:
+        for rec in recs:
+            if rec["what"] == "start_run":
+                continue
+            if rec["what"] == "end_run":
+                end_status = (rec.get("kwargs") or {}).get("status", "FINISHED")
+                continue
+            rid = _record_id(uri, rec)
+            if rid in done:
+                continue
+            try:
+                _send_record(ops, rec)
+            except Exception as exc:  # one bad record must not lose the others; retried next time
+                failed += 1
+                log.warning("replay of %s into run %s failed (kept for the next replay): %s", rec["what"], run_id, exc)
+                continue
+            done_file.write(rid + "\n")
+            done_file.flush()
+            done.add(rid)
+            summary["replayed"] += 1
+    summary["failed"] += failed
+    if failed:
+        return
+    if end_status:
+        client.set_terminated(run_id, status=end_status, end_time=int(max(r["time"] for r in recs) * 1000))
+    client.set_tag(run_id, mark, "1")
+
+
 def replay_pending(path: str | os.PathLike, uri: str | None = None,
                    experiment: str | None = None) -> dict[str, Any]:
     """Send the records kept in a pending file to the tracking store at ``uri`` (default: tracking_uri()).
 
     Records of a run that never started become a new run (its kept name, tags and parent); records
-    of a run that existed go to that run. Idempotent: a replayed group is marked (tag
-    ``mtdiff.pending_key`` on new runs, ``mtdiff.replayed.<key>`` on existing ones) and skipped next
-    time, so the file can stay where it is (inside a DVC output, deleting it would change the output).
+    of a run that existed go to that run. Safe to repeat: each sent record is listed in
+    ``<file>.done``, and a group whose records all went is marked (tag ``mtdiff.replayed.<key>``) and
+    skipped next time; a group with failed records is not marked, and only its unsent records are
+    retried on the next replay.
     Returns ``{"runs": [run ids], "replayed": n_records, "skipped_groups": n, "failed": n}``.
-    Raises when the store cannot be reached (nothing is marked then).
+    Raises when the store cannot be reached.
     """
     from mlflow import MlflowClient
 
@@ -364,65 +475,14 @@ def replay_pending(path: str | os.PathLike, uri: str | None = None,
     for rec in read_pending(path):
         groups.setdefault(rec.get("key") or rec.get("run_id") or f"legacy:{path}", []).append(rec)
     summary: dict[str, Any] = {"runs": [], "replayed": 0, "skipped_groups": 0, "failed": 0}
+    done = _read_done(path)
     for key, recs in groups.items():
         mark = "mtdiff.replayed." + hashlib.sha1(key.encode()).hexdigest()[:12]
-        run_id = next((r["run_id"] for r in recs if r.get("run_id")), None)
-        if run_id is not None:
-            try:
-                existing_tags = client.get_run(run_id).data.tags
-            except Exception as exc:  # e.g. replaying into another store: the run is not there
-                raise RuntimeError(f"{path}: run {run_id} of kept records not found at {uri}: {exc}") from exc
-            if mark in existing_tags:
-                summary["skipped_groups"] += 1
-                continue
-        else:
-            start = next((r for r in recs if r["what"] == "start_run"), None)
-            kw = start["kwargs"] if start else {}
-            exp_name = experiment or kw.get("experiment") or "mtdiff"
-            exp_id = experiment_id(client, exp_name, uri)
-            found = client.search_runs([exp_id], filter_string=f"tags.`mtdiff.pending_key` = '{key}'",
-                                       max_results=1)
-            if found:
-                summary["skipped_groups"] += 1
-                continue
-            tags = {**kw.get("tags", {}), "mtdiff.pending_key": key, "mtdiff.replayed_from": str(path)}
-            name = kw.get("run_name") or recs[0].get("stage") or "replayed"
-            run_id = client.create_run(exp_id, start_time=int(recs[0]["time"] * 1000), tags=tags,
-                                       run_name=name).info.run_id
-        ops = _client_ops(client, run_id)
-        end_status = None
-        for rec in recs:
-            what, args, kwargs = rec["what"], rec.get("args", []), dict(rec.get("kwargs") or {})
-            try:
-                if what == "start_run":
-                    continue
-                if what == "end_run":
-                    end_status = kwargs.get("status", "FINISHED")
-                    continue
-                if what == "log_metrics":
-                    ops["log_metrics"](*args, step=kwargs.get("step"), timestamp=rec.get("time"))
-                elif what == "log_image":
-                    image_path = kwargs.get("image_path")
-                    if not image_path or not Path(image_path).exists():
-                        raise FileNotFoundError(f"kept image {image_path!r} for {args[0]!r} is gone")
-                    folder = os.path.dirname(args[0]) or None
-                    ops["log_artifact"](image_path, artifact_path=folder)
-                elif what == "log_artifact":
-                    if not Path(args[0]).exists():
-                        raise FileNotFoundError(f"artifact {args[0]} is gone")
-                    ops["log_artifact"](*args, **kwargs)
-                elif what in ops:
-                    ops[what](*args, **kwargs)
-                else:
-                    raise ValueError(f"unknown record kind {what!r}")
-                summary["replayed"] += 1
-            except Exception as exc:  # one bad record must not lose the others
-                summary["failed"] += 1
-                log.warning("replay of %s into run %s failed: %s", what, run_id, exc)
-        if end_status:
-            client.set_terminated(run_id, status=end_status,
-                                  end_time=int(max(r["time"] for r in recs) * 1000))
-        client.set_tag(run_id, mark, "1")
+        run_id = _group_target(client, uri, path, key, recs, mark, experiment)
+        if run_id is None:
+            summary["skipped_groups"] += 1
+            continue
+        _replay_group(client, uri, path, run_id, recs, mark, done, summary)
         summary["runs"].append(run_id)
     return summary
 

@@ -217,7 +217,7 @@ def test_pipeline_flow_retries_transient_failures_not_bad_params(prefect_harness
 
 def test_pipeline_flow_goes_on_when_tracking_server_is_down(prefect_harness, flow_env, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
-    from mtdiff.tracking import PENDING_FILE, read_pending, replay_pending
+    from mtdiff.tracking import pending_file, read_pending, replay_pending
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -228,7 +228,7 @@ def test_pipeline_flow_goes_on_when_tracking_server_is_down(prefect_harness, flo
     repo = make_repo(tmp_path / "repo")
     result = pipeline(repo=str(repo), stages=["a"], retry_delay_seconds=0)
     assert result["mlflow_run_id"] is None and result["results"][0]["outcome"] == "ran"
-    pending = repo / "out" / "a" / PENDING_FILE
+    pending = pending_file("a", repo)  # <repo>/.mtdiff/mlflow_pending/a.jsonl, outside the DVC outputs
     kinds = [r["what"] for r in read_pending(pending)]
     assert kinds == ["start_run", "log_params", "log_metrics", "end_run"]
 

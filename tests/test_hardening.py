@@ -344,3 +344,43 @@ def test_exp_run_args_refuse_option_like_targets_and_interpolation():
     with pytest.raises(ConfigError):
         exp_run_args("e", {"train.out_dir": "${x}"})
     assert exp_run_args("e", {"train.steps": 5}, ["train"])[-1] == "train"
+
+
+# -- 15: credentials in the tracking URI are never shown -----------------------------------------
+def test_tracking_uri_credentials_are_redacted(tmp_path, monkeypatch, caplog):
+    from mtdiff import tracking
+    from mtdiff.dvc_runner import summary_text
+
+    uri = "http://alice:s3cret@127.0.0.1:9/mlflow?token=abc123"
+    assert tracking.redact_uri(uri) == "http://***@127.0.0.1:9/mlflow?token=***"
+    assert tracking.redact_uri("sqlite:///x/mlflow.db") == "sqlite:///x/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MTDIFF_MLFLOW", "1")
+
+
+    def down(client, name, uri_):  # the server is down; MLflow's error repeats the URI
+        raise ConnectionError(f"API request to {uri_} failed")
+
+    monkeypatch.setattr(tracking, "experiment_id", down)
+    params = load_params(DEFAULT_PARAMS, overrides={"mlflow.tracking_uri": uri})
+    with caplog.at_level("WARNING"):
+        with tracking.stage_run(params, "prepare") as run:
+            assert run.run_id is None
+    kept = tracking.pending_file("prepare").read_text()
+    for text in (caplog.text, kept, summary_text(tmp_path, params, [], {}, uri, None, "")):
+        assert "s3cret" not in text and "abc123" not in text
+
+
+def test_pending_queue_lives_outside_stage_outputs(tmp_path, monkeypatch):
+    from mtdiff import tracking
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    monkeypatch.setenv("MTDIFF_MLFLOW", "0")  # switched off: records are still kept
+    assert tracking.pending_file("train") == tmp_path / ".mtdiff" / "mlflow_pending" / "train.jsonl"
+    params = load_params(DEFAULT_PARAMS, overrides={"train.out_dir": str(tmp_path / "checkpoints")})
+    with tracking.stage_run(params, "train", params.checkpoints_dir) as run:
+        run.log_metrics({"a": 1.0})
+    assert not params.checkpoints_dir.exists()
+    assert "log_metrics" in tracking.pending_file("train").read_text()

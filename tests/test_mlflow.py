@@ -9,7 +9,7 @@ import pytest
 
 from fixtures.mlflow_store import sqlite_store
 from mtdiff.config import DEFAULT_PARAMS, load_params
-from mtdiff.tracking import PENDING_FILE, client_run, read_pending, replay_pending, stage_run
+from mtdiff.tracking import PENDING_FILE, client_run, pending_file, read_pending, replay_pending, stage_run
 
 
 def _closed_port() -> int:
@@ -56,7 +56,8 @@ def test_mlflow_stage_continues_when_server_down_and_replay_sends_records(mlflow
         run.log_artifact(artifact)
         reached_end = True
     assert reached_end
-    records = read_pending(out / PENDING_FILE)
+    assert not out.exists()  # nothing lands in the stage's (DVC) output folder
+    records = read_pending(pending_file("train"))
     kinds = [r["what"] for r in records]
     assert kinds == ["start_run", "log_params", "log_metrics", "set_tags", "log_image", "log_artifact", "end_run"]
     assert len({r["key"] for r in records}) == 1
@@ -64,7 +65,7 @@ def test_mlflow_stage_continues_when_server_down_and_replay_sends_records(mlflow
     assert records[2]["args"][0] == {"loss": 1.5} and records[2]["kwargs"]["step"] == 3
 
     uri = _store(mlflow_down)
-    summary = replay_pending(out / PENDING_FILE, uri=uri)
+    summary = replay_pending(pending_file("train"), uri=uri)
     assert summary["failed"] == 0 and summary["replayed"] == 5 and len(summary["runs"]) == 1
     client = _client(uri)
     run = client.get_run(summary["runs"][0])
@@ -76,7 +77,7 @@ def test_mlflow_stage_continues_when_server_down_and_replay_sends_records(mlflow
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"grid.png", "summary.json"}
     assert client.get_experiment(run.info.experiment_id).name == "down"
 
-    again = replay_pending(out / PENDING_FILE, uri=uri)  # idempotent: the group is already there
+    again = replay_pending(pending_file("train"), uri=uri)  # idempotent: the group is already there
     assert again["runs"] == [] and again["skipped_groups"] == 1
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
@@ -97,15 +98,21 @@ def test_mlflow_replay_into_existing_run_and_failed_status(mlflow_down):
     summary = replay_pending(pending, uri=uri)
     assert summary == {"runs": [run_id], "replayed": 1, "skipped_groups": 0, "failed": 1}
     assert client.get_run(run_id).data.metrics == {"fid": 12.5}
+    # the failed record is retried (the group is not marked done), the sent one is not sent twice
+    again = replay_pending(pending, uri=uri)
+    assert again == {"runs": [run_id], "replayed": 0, "skipped_groups": 0, "failed": 1}
+    (mlflow_down / "gone.png").write_bytes(b"png")  # the artifact is back
+    assert replay_pending(pending, uri=uri) == {"runs": [run_id], "replayed": 1, "skipped_groups": 0, "failed": 0}
     assert replay_pending(pending, uri=uri)["skipped_groups"] == 1
     assert len(client.get_metric_history(run_id, "fid")) == 1
+    assert "gone.png" in {a.path for a in client.list_artifacts(run_id)}
 
     # a stage that raises while the server is down: its run is replayed as FAILED
     params = load_params(DEFAULT_PARAMS, overrides={"mlflow.experiment": "existing"})
     with pytest.raises(RuntimeError):
         with stage_run(params, "evaluate", mlflow_down / "ev"):
             raise RuntimeError("boom")
-    replayed = replay_pending(mlflow_down / "ev" / PENDING_FILE, uri=uri)
+    replayed = replay_pending(pending_file("evaluate"), uri=uri)
     assert client.get_run(replayed["runs"][0]).info.status == "FAILED"
 
 
