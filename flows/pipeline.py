@@ -126,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-delay", type=float, default=10.0, help="seconds between retries")
     args = parser.parse_args(argv)
     try:
-        pipeline(stages=args.stages, force=args.force, params_overrides=args.overrides or None,
-                 repo=args.repo, retry_delay_seconds=args.retry_delay)
-    except (ConfigError, StageConfigError, ValueError) as err:
+        # one pipeline per project at a time: a second `make run` fails at once instead of racing DVC's lock
+        with dvc_runner.pipeline_lock(find_repo(args.repo)):
+            pipeline(stages=args.stages, force=args.force, params_overrides=args.overrides or None,
+                     repo=args.repo, retry_delay_seconds=args.retry_delay)
+    except (ConfigError, StageConfigError, ValueError, dvc_runner.PipelineBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - the flow already logged the traceback

@@ -8,6 +8,7 @@ logging) and MLflow parent runs. A failed command raises :class:`StageFailed`, o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -109,6 +110,36 @@ def write_params_overrides(path: Path, overrides: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             ry.dump(data, f)
+
+
+class PipelineBusy(RuntimeError):
+    """Another pipeline run holds the project's lock."""
+
+
+LOCK_FILE = Path(".mtdiff") / "pipeline.lock"
+
+
+@contextlib.contextmanager
+def pipeline_lock(root: Path):
+    """Hold ``<root>/.mtdiff/pipeline.lock`` (an flock, released when the process ends, even killed) while a
+    pipeline runs; a second run in the same project fails at once with one line naming the holder."""
+    import fcntl
+
+    path = Path(root) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise PipelineBusy(f"another pipeline run ({holder}) is running in {root}; wait for it to end "
+                               f"(the lock {path} is released when it exits)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
 
 
 # -- running DVC ----------------------------------------------------------------------------

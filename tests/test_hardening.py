@@ -384,3 +384,32 @@ def test_pending_queue_lives_outside_stage_outputs(tmp_path, monkeypatch):
         run.log_metrics({"a": 1.0})
     assert not params.checkpoints_dir.exists()
     assert "log_metrics" in tracking.pending_file("train").read_text()
+
+
+# -- 17: one pipeline run per project at a time --------------------------------------------------
+def test_second_pipeline_run_is_refused_at_once(tmp_path):
+    import textwrap
+    import time
+
+    from mtdiff.dvc_runner import PipelineBusy, pipeline_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from mtdiff.dvc_runner import pipeline_lock
+        with pipeline_lock(Path({str(tmp_path)!r})):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with pytest.raises(PipelineBusy, match=f"pid {holder.pid}"):
+            with pipeline_lock(tmp_path):
+                pass
+        assert time.monotonic() - start < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    with pipeline_lock(tmp_path):  # a killed holder leaves no stale lock behind
+        pass
