@@ -315,7 +315,7 @@ def _check_patch_divides(params: "Params") -> None:
     res = params.data.resolution
     if params.diffusion.mode == "latent":
         if res % LATENT_DOWNSAMPLE:
-            raise ValueError(f"data.resolution {res} must be divisible by {LATENT_DOWNSAMPLE} in latent mode")
+            return  # the latents stage names this one (the VAE's factor); nothing for the patch to divide
         size, what = res // LATENT_DOWNSAMPLE, f"the latent size {res // LATENT_DOWNSAMPLE} (data.resolution/8)"
     else:
         size, what = res, f"data.resolution {res}"
