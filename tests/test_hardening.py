@@ -193,6 +193,24 @@ def test_corrupt_checkpoint_is_named_and_kept(tmp_path, kind):
     assert path.read_bytes() == content  # never deleted or changed
 
 
+def test_corrupt_checkpoint_in_a_stage_is_one_line_exit_2(tmp_path):
+    """stage_main turns a ConfigError raised inside run() (here CheckpointError) into exit 2 with one
+    line, which the flow does not retry; before, it was a traceback with exit 1 (retried twice)."""
+    proj = tmp_path / "proj"
+    (proj / "checkpoints").mkdir(parents=True)
+    (proj / "dvc.yaml").write_text("stages: {}\n")
+    last = proj / "checkpoints" / "last.pt"
+    last.write_bytes(b"garbage, not a checkpoint" * 10)
+    env = {k: v for k, v in os.environ.items() if k not in ("MTDIFF_PARAMS", "MTDIFF_OUTPUT_ROOTS")}
+    env.update(MTDIFF_MLFLOW="0", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "mtdiff.stages.sample", "train.device=cpu"], cwd=proj, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "checkpoints/last.pt" in lines[0] and "Traceback" not in proc.stderr
+    assert last.read_bytes() == b"garbage, not a checkpoint" * 10  # kept as it was
+
+
 # -- 6: ema.pt older than last.pt (killed between the two writes) ------------------------------
 def test_inference_skips_an_ema_pt_that_does_not_match_last_pt(tmp_path, monkeypatch):
     from mtdiff.checkpoint import EMA, LAST, default_inference_path

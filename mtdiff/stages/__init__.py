@@ -9,11 +9,16 @@ from mtdiff.config import ConfigError, Params, load_params
 
 
 def stage_main(run: Callable[[Params], Any], argv: list[str] | None = None) -> Any:
-    """Load params (with ``key=value`` overrides from argv) and call ``run``; a bad param exits 2 with one line."""
+    """Load params (with ``key=value`` overrides from argv) and call ``run``.
+
+    A bad param, and any :class:`ConfigError` the stage raises (``CheckpointError`` for a corrupt
+    checkpoint, ``OutputError`` for an output folder it may not replace), exits 2 with one line:
+    retrying cannot help, so the flow does not retry exit 2.
+    """
     argv = sys.argv[1:] if argv is None else argv
     try:
         params = load_params(overrides=argv)
+        return run(params)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return run(params)
