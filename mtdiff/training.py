@@ -17,9 +17,11 @@ Choices (documented here, used by ``mtdiff.stages.train``):
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -29,6 +31,7 @@ from torch.utils.data import DistributedSampler, Sampler
 
 from mtdiff.config import Params
 from mtdiff.data import random_patch_mask
+from mtdiff.io import atomic_path
 from mtdiff.utils import get_logger, pick_device
 
 log = get_logger(__name__)
@@ -488,3 +491,54 @@ class TrainMeter:
         self._excluded_s = 0.0
         self._t0 = time.perf_counter()
         return window
+
+
+# Columns of the per-step training log (metrics/train_log.csv, the `dvc plots` of dvc.yaml): every
+# task has a column, empty when the task is off, so the plots' definitions fit every configuration.
+TRAIN_LOG_COLUMNS = ("step", "epoch", "loss", "eps", "label", "representation", "masked", "transition",
+                     "lr", "grad_norm", "img_per_s")
+
+
+class TrainLog:
+    """The training curve as CSV: one row per logging window (``train.log_every`` steps, the window's
+    mean losses), kept in the resumable state dir (``path``) and copied to the DVC plot output
+    (``publish_to``), so a resumed run's curve starts at step 1, not at the resume."""
+
+    def __init__(self, path: str | os.PathLike, publish_to: str | os.PathLike):
+        self.path, self.publish_to = Path(path), Path(publish_to)
+
+    def start(self, resumed_step: Optional[int]) -> None:
+        """Fresh run: an empty log. Resumed run: keep the rows up to ``resumed_step`` (later ones were
+        logged after the checkpoint that is resumed, and are redone)."""
+        rows = self.rows() if resumed_step is not None else []
+        rows = [r for r in rows if r.get("step") and int(r["step"]) <= int(resumed_step or 0)]
+        self._write(self.path, rows)
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def append(self, step: int, epoch: int, losses: Mapping[str, float], lr: float, grad_norm: float,
+               img_per_s: float) -> None:
+        row = {"step": step, "epoch": epoch, **{k: f"{v:.6g}" for k, v in losses.items() if k in TRAIN_LOG_COLUMNS},
+               "lr": f"{lr:.6g}", "grad_norm": f"{grad_norm:.6g}", "img_per_s": f"{img_per_s:.1f}"}
+        new = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=TRAIN_LOG_COLUMNS, restval="")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def publish(self) -> None:
+        """Copy the log to the plot output (atomically; a header-only file when nothing was logged)."""
+        self._write(self.publish_to, self.rows())
+
+    @staticmethod
+    def _write(path: Path, rows: list[dict[str, Any]]) -> None:
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=TRAIN_LOG_COLUMNS, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)

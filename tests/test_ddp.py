@@ -50,13 +50,13 @@ def test_ddp_two_gloo_processes(shared_data, workdir):
     summary = json.loads((workdir / "metrics" / "train.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert summary["ranks_in_sync"] is True  # fingerprints of model + EMA all-gathered and compared
-    state = load_checkpoint(workdir / "checkpoints" / "last.pt")
+    state = load_checkpoint(workdir / ".mtdiff" / "train_state" / "checkpoints" / "last.pt")
     assert state["step"] == 4 and len(state["rng"]) == 2  # one RNG bundle per rank
     # the two ranks drew different noise (distinct per-rank streams), yet hold the same weights
     assert not torch.equal(state["rng"][0]["noise"], state["rng"][1]["noise"])
     # rank 0 alone writes: exactly one set of outputs, no temp leftovers
     written = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name != "mlflow_pending.jsonl")
-    assert written == ["ema.pt", "last.pt"]
+    assert written == ["ema.pt"]  # the output; last.pt is the resumable state in .mtdiff/train_state/
     # global batch 16 over 2 ranks: 64 images -> 4 steps per epoch, so step 4 closes epoch 0
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 0)
 

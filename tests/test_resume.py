@@ -2,6 +2,9 @@
 param starts fresh; a NaN loss stops with a clear error and keeps the last good checkpoint."""
 from __future__ import annotations
 
+import csv
+import os
+
 import pytest
 import torch
 
@@ -29,6 +32,15 @@ def root(shared_data, workdir):
 def _params(root, ckpt: str, steps: int = STEPS, **over):
     return tiny_params(root, **{"train.out_dir": str(root / ckpt), "evaluate.out_dir": str(root / f"m_{ckpt}"),
                                 "train.steps": steps, **TASKS, **over})
+
+
+def _state(root, ckpt: str):
+    """The resumable state of the run writing ``root/ckpt`` (no DVC output: .mtdiff/train_state/<ckpt>)."""
+    from mtdiff.stages.train import train_state_dir
+
+    path = train_state_dir(_params(root, ckpt))
+    assert path == root / ".mtdiff" / "train_state" / ckpt
+    return path
 
 
 def _assert_same(a, b):
@@ -61,17 +73,54 @@ def test_train_resume_matches_uninterrupted(root):
 
     with pytest.raises(KeyboardInterrupt):
         train(_params(root, "int"), on_step=interrupt)
-    assert load_checkpoint(root / "int" / "last.pt")["step"] == 4
+    assert load_checkpoint(_state(root, "int") / "last.pt")["step"] == 4
     resumed = train(_params(root, "int"))
     assert resumed.summary["resumed_from_step"] == 4
     _assert_same(full, resumed)
 
     # the final checkpoints agree too, and load with weights_only=True
-    a = torch.load(root / "full" / "last.pt", weights_only=True)
-    b = torch.load(root / "int" / "last.pt", weights_only=True)
+    a = torch.load(_state(root, "full") / "last.pt", weights_only=True)
+    b = torch.load(_state(root, "int") / "last.pt", weights_only=True)
     assert (a["step"], a["epoch"], a["batch_in_epoch"]) == (b["step"], b["epoch"], b["batch_in_epoch"]) == (10, 2, 2)
     assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])
     assert torch.equal(a["rng"][0]["noise"], b["rng"][0]["noise"])
+
+    # the training curve (metrics/train_log.csv, a DVC plot) of the resumed run is the uninterrupted one's:
+    # rows from step 2 on, the rows logged after the resumed checkpoint (step 6) redone, not duplicated
+    def curve(ckpt):
+        rows = list(csv.DictReader((root / f"m_{ckpt}" / "train_log.csv").open()))
+        return [{k: r[k] for k in ("step", "epoch", "loss", "eps", "masked", "label", "lr")} for r in rows]
+
+    assert [r["step"] for r in curve("full")] == ["2", "4", "6", "8", "10"]
+    assert curve("int") == curve("full")
+    # the extended run logged its last step (5) before going on; its later windows restart there
+    assert [r["step"] for r in curve("ext")] == ["2", "4", "5", "6", "8", "10"]
+    assert curve("ext")[:2] == curve("full")[:2] and curve("ext")[-2:] == curve("full")[-2:]
+
+
+def test_output_removed_by_dvc_is_rewritten_and_legacy_state_adopted(root):
+    """DVC deletes the stage's outputs before it runs the stage: a finished run's state still resumes
+    (nothing to train) and rewrites ema.pt and the curve; a last.pt in the output folder (the layout
+    before the state dir) is moved into the state dir and resumed."""
+    import shutil
+
+    from mtdiff.checkpoint import load_checkpoint
+    from mtdiff.stages.train import train
+
+    train(_params(root, "out", steps=4))
+    shutil.rmtree(root / "out")
+    (root / "m_out" / "train_log.csv").unlink()
+    again = train(_params(root, "out", steps=4))
+    assert again.summary["resumed_from_step"] == 4
+    assert load_checkpoint(root / "out" / "ema.pt")["step"] == 4
+    assert [r["step"] for r in csv.DictReader((root / "m_out" / "train_log.csv").open())] == ["2", "4"]
+
+    (root / "out").mkdir(exist_ok=True)
+    os.replace(_state(root, "out") / "last.pt", root / "out" / "last.pt")  # the old layout
+    extended = train(_params(root, "out", steps=6))
+    assert extended.summary["resumed_from_step"] == 4
+    assert not (root / "out" / "last.pt").exists()
+    assert load_checkpoint(_state(root, "out") / "last.pt")["step"] == 6
 
 
 def test_finished_run_is_not_retrained(root):
@@ -94,8 +143,8 @@ def test_checkpoint_past_the_budget_starts_fresh(root, caplog):
         short = train(_params(root, "budget", steps=3))
     assert short.summary["resumed_from_step"] is None
     assert "past train.steps 3" in caplog.text
-    assert load_checkpoint(root / "budget" / "last.pt")["step"] == 3
-    assert load_checkpoint(root / "budget" / "last.pt.stale")["step"] == 5
+    assert load_checkpoint(_state(root, "budget") / "last.pt")["step"] == 3
+    assert load_checkpoint(_state(root, "budget") / "last.pt.stale")["step"] == 5
     _assert_same(short, train(_params(root, "budget_ref", steps=3)))
 
 
@@ -109,8 +158,8 @@ def test_changed_param_starts_fresh(root, caplog):
         result = train(changed)
     assert result.summary["resumed_from_step"] is None
     assert "starting fresh" in caplog.text
-    assert (root / "chg" / "last.pt.stale").exists()
-    assert load_checkpoint(root / "chg" / "last.pt")["params_hash"] == params_hash(changed)
+    assert (_state(root, "chg") / "last.pt.stale").exists()
+    assert load_checkpoint(_state(root, "chg") / "last.pt")["params_hash"] == params_hash(changed)
 
 
 def test_nan_loss_raises_and_keeps_last_good_checkpoint(root, monkeypatch):
@@ -132,7 +181,7 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(root, monkeypatch):
     params = _params(root, "nan", **{"train.log_every": 3})  # checks at 3, 4 (ckpt), 6: first bad = 6
     with pytest.raises(NonFiniteLossError, match=r"step 6: per-task losses \{'loss': nan, 'eps': nan"):
         train(params)
-    state = load_checkpoint(root / "nan" / "last.pt")
+    state = load_checkpoint(_state(root, "nan") / "last.pt")
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert load_checkpoint(root / "nan" / "ema.pt")["step"] == 4

@@ -42,7 +42,9 @@ def test_train_writes_checkpoints_and_metrics(root):
     assert on_disk["steps"] == 6 and on_disk["final_loss"] == pytest.approx(summary["final_loss"])
 
     # weights_only=True load of both files (load_checkpoint uses it; check torch.load directly too)
-    state = torch.load(root / "checkpoints" / "last.pt", weights_only=True)
+    # the resumable state lives outside the DVC output (which holds ema.pt only)
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["ema.pt"]
+    state = torch.load(root / ".mtdiff" / "train_state" / "checkpoints" / "last.pt", weights_only=True)
     for key in ("model", "ema", "opt", "sched", "scaler", "step", "epoch", "batch_in_epoch", "rng",
                 "params_hash", "meta"):
         assert key in state, key

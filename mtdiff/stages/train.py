@@ -1,15 +1,22 @@
 """Stage ``train``: MT-Diffusion training (M5) on the pre-extracted latents/representations.
 
 Single process or DDP under ``torchrun`` (NCCL on GPU, gloo on CPU). Writes, on rank 0 only:
-``params.checkpoints_dir/last.pt`` (resumable, every ``train.ckpt_every`` steps and at the end),
-``ema.pt`` (EMA weights + meta for inference) and ``params.metrics_dir/train.json``.
+
+- the stage's outputs (DVC caches them, so the run-cache reuses an identical run):
+  ``params.checkpoints_dir/ema.pt`` (EMA weights + meta, what inference loads; every
+  ``train.ckpt_every`` steps and at the end), ``params.metrics_dir/train.json`` and
+  ``params.metrics_dir/train_log.csv`` (the training curve, one row per ``train.log_every`` steps);
+- the resumable training state, which is no output (DVC deletes outputs before it runs a stage):
+  ``<project>/.mtdiff/train_state/<out_dir>/last.pt`` (:func:`train_state_dir`) and its
+  ``train_log.csv``, every ``train.ckpt_every`` steps and at the end.
 
 Resume: when ``last.pt`` exists and its ``params_hash`` equals the current one, training goes on
 from it exactly: same weights, optimizer, LR schedule, EMA, data order (epoch permutation from
 ``(seed, epoch)`` plus the position in the epoch) and noise (the per-rank noise generator and the
 global RNGs are restored). ``train.steps`` is not hashed, so raising it extends a finished run.
-A different hash, or a checkpoint past ``train.steps``, starts fresh and moves the old files aside
-(``last.pt.stale``).
+A different hash, or a checkpoint past ``train.steps``, starts fresh and moves the old state aside
+(``last.pt.stale`` in the state dir). A ``last.pt`` left in ``checkpoints/`` by an older version is
+moved into the state dir and resumed.
 
 A non-finite loss stops training with :class:`NonFiniteLossError` (step, per-task losses) before
 anything is saved, so the last good checkpoint stays.
@@ -20,6 +27,8 @@ The stage reads setup -> resume -> loop -> summary; the step itself is
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from mtdiff import checkpoint as ckpt_mod
-from mtdiff.config import Params
+from mtdiff.config import Params, project_root
 from mtdiff.data import TrainDataset, collate_batch
 from mtdiff.diffusion import MTDiffusion
 from mtdiff.io import write_json
@@ -40,14 +49,32 @@ from mtdiff.models import build_model, count_params, flops_per_image
 from mtdiff.stages import stage_main
 from mtdiff.tracking import stage_run
 from mtdiff.training import (EMA, DistInfo, NonFiniteLossError, ResumableBatchSampler, TrainMeter,
-                             TrainStep, Window, autocast_dtype, barrier, configure_backends,
+                             TrainLog, TrainStep, Window, autocast_dtype, barrier, configure_backends,
                              init_distributed, make_sampler, per_rank_batch, ranks_in_sync,
                              shutdown_distributed, to_device)
 from mtdiff.utils import derive_seed, get_logger, seed_everything
 
 log = get_logger("mtdiff.train")
 
-__all__ = ["NonFiniteLossError", "TrainResult", "dataset_meta", "main", "run", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "dataset_meta", "main", "run", "train", "train_state_dir"]
+
+STATE_ROOT = Path(".mtdiff") / "train_state"  # under the project root: gitignored, .dvcignored, no output
+TRAIN_LOG = "train_log.csv"
+
+
+def train_state_dir(params: Params) -> Path:
+    """Where the resumable state of the run writing ``params.checkpoints_dir`` lives:
+    ``<project>/.mtdiff/train_state/<out_dir relative to the project>`` (``checkpoints`` by default),
+    or ``<name>-<hash of the absolute path>`` for an out_dir outside the project."""
+    out = params.checkpoints_dir.resolve()
+    root = project_root().resolve()
+    try:
+        key = out.relative_to(root).as_posix().replace("/", "__")
+    except ValueError:
+        key = ""
+    if not key or key.startswith("."):
+        key = f"{out.name}-{hashlib.sha1(str(out).encode()).hexdigest()[:10]}"
+    return root / STATE_ROOT / key
 
 # Model FLOPs per trained image: the forward once plus the backward, which costs about twice it.
 TRAIN_FLOPS_PER_FORWARD = 3
@@ -78,13 +105,22 @@ class _Session:
     noise_gen: torch.Generator
     started: float
 
+    state_dir: Path
+    train_log: Optional[TrainLog] = None  # rank 0 only
+
     @property
     def ckpt_dir(self) -> Path:
+        """The stage's output folder (``ema.pt``)."""
         return self.params.checkpoints_dir
 
     @property
     def last_path(self) -> Path:
-        return self.ckpt_dir / ckpt_mod.LAST
+        """The resumable state (no DVC output)."""
+        return self.state_dir / ckpt_mod.LAST
+
+    @property
+    def ema_path(self) -> Path:
+        return self.ckpt_dir / ckpt_mod.EMA
 
 
 @dataclass
@@ -151,13 +187,26 @@ def _setup(params: Params, info: DistInfo) -> _Session:
                      amp_dtype=autocast_dtype(device, tc.precision), compile_model=tc.compile,
                      ddp=info.distributed)
     seed_everything(derive_seed(params.seed, "global", info.rank))  # distinct global RNG streams per rank
-    return _Session(params, info, dataset, sampler, batch_size, steps_per_epoch, meta, phash, step, noise_gen, started)
+    return _Session(params, info, dataset, sampler, batch_size, steps_per_epoch, meta, phash, step, noise_gen, started,
+                    train_state_dir(params))
+
+
+def _adopt_legacy_state(session: _Session) -> None:
+    """``checkpoints/last.pt`` of an older version (when it was a persistent output): move it into the
+    state dir once, so such a run still resumes and the output folder holds only ``ema.pt``."""
+    legacy = session.ckpt_dir / ckpt_mod.LAST
+    if session.info.is_main and legacy.exists() and not session.last_path.exists():
+        session.state_dir.mkdir(parents=True, exist_ok=True)
+        os.replace(legacy, session.last_path)
+        log.info("moved %s (older layout) to %s", legacy, session.last_path)
 
 
 def _resume(session: _Session) -> _Progress:
     """Progress restored from ``last.pt`` of the same run, else a fresh start (old files moved aside)."""
     progress = _Progress()
     info, steps = session.info, session.params.train.steps
+    _adopt_legacy_state(session)
+    barrier(info)
     if session.last_path.exists():
         state = ckpt_mod.load_checkpoint(session.last_path, map_location="cpu")
         same_run = state.get("params_hash") == session.params_hash
@@ -171,7 +220,7 @@ def _resume(session: _Session) -> _Progress:
             if info.is_main:
                 reason = (f"checkpoint step {state['step']} is past train.steps {steps}" if past_budget
                           else f"params hash {state.get('params_hash')} != current {session.params_hash}")
-                _move_aside(session.ckpt_dir, reason)
+                _move_aside(session, reason)
         del state
     barrier(info)
     return progress
@@ -200,13 +249,15 @@ def _restore(session: _Session, state: dict[str, Any]) -> _Progress:
     return progress
 
 
-def _move_aside(ckpt_dir: Path, reason: str) -> None:
-    for name in (ckpt_mod.LAST, ckpt_mod.EMA):
-        p = ckpt_dir / name
-        if p.exists():
-            stale = p.with_name(p.name + ".stale")
-            p.replace(stale)
-            log.warning("%s: %s; moved to %s and starting fresh", p, reason, stale)
+def _move_aside(session: _Session, reason: str) -> None:
+    """The state of another run is kept as ``last.pt.stale`` (its EMA included); its ``ema.pt`` in the
+    output folder goes (extra files there would become part of the DVC output)."""
+    p = session.last_path
+    if p.exists():
+        stale = p.with_name(p.name + ".stale")
+        p.replace(stale)
+        log.warning("%s: %s; moved to %s and starting fresh", p, reason, stale)
+    session.ema_path.unlink(missing_ok=True)
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -232,10 +283,15 @@ def _save_checkpoint(session: _Session, progress: _Progress) -> None:
                  "params_hash": session.params_hash, "meta": session.meta, "stats": dict(progress.stats),
                  "params": params.model_dump(mode="json")}
         ckpt_mod.save_checkpoint(session.last_path, state)
-        ckpt_mod.save_checkpoint(session.ckpt_dir / ckpt_mod.EMA, {
-            "ema": session.step.ema.state_dict(), "step": step, "params_hash": session.params_hash,
-            "meta": session.meta})
+        _save_ema(session, step)
     progress.last_saved_step = step
+
+
+def _save_ema(session: _Session, step: int) -> None:
+    """``ema.pt``: the stage's output, the EMA weights + meta that inference loads (rank 0)."""
+    ckpt_mod.save_checkpoint(session.ema_path, {
+        "ema": session.step.ema.state_dict(), "step": step, "params_hash": session.params_hash,
+        "meta": session.meta})
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -304,6 +360,9 @@ def _log_window(session: _Session, progress: _Progress, window: Window, tracker:
     metrics = {f"loss/{n}" if n != "loss" else "loss": v for n, v in window.losses.items()}
     metrics.update({"lr": lr, "img_per_s": window.img_per_s, "grad_norm": window.grad_norm, "epoch": progress.epoch})
     tracker.log_metrics(metrics, step=progress.step)
+    if session.train_log is not None:
+        session.train_log.append(progress.step, progress.epoch, window.losses, lr, window.grad_norm, window.img_per_s)
+        session.train_log.publish()
     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{window.img_per_s:.0f}", refresh=False)
     per_task = " ".join(f"{n} {v:.4f}" for n, v in window.losses.items() if n != "loss")
     log.info("step %d/%d loss %.4f (%s) lr %.2e grad %.3f %.0f img/s", progress.step, session.params.train.steps,
@@ -330,7 +389,7 @@ def _summary(session: _Session, progress: _Progress, meter: TrainMeter, in_sync:
         "params_count": count_params(model), "flops_per_image": fpi,
         "train_tflops_per_s": (TRAIN_FLOPS_PER_FORWARD * fpi * steady.img_per_s / 1e12) if steady.img_per_s else None,
         "params_hash": session.params_hash, "ranks_in_sync": in_sync,
-        "checkpoint": str(session.last_path), "ema_checkpoint": str(session.ckpt_dir / ckpt_mod.EMA),
+        "checkpoint": str(session.last_path), "ema_checkpoint": str(session.ema_path),
     }
 
 
@@ -372,6 +431,9 @@ def train(params: Params, on_step: Optional[Callable[[int], None]] = None) -> Tr
     try:
         session = _setup(params, info)
         progress = _resume(session)
+        if info.is_main:
+            session.train_log = TrainLog(session.state_dir / TRAIN_LOG, params.metrics_dir / TRAIN_LOG)
+            session.train_log.start(progress.resumed_from)
         with _open_tracking(params, info, session.ckpt_dir) as tracker:
             if info.is_main:
                 _log_start(session, progress, tracker)
@@ -382,6 +444,9 @@ def train(params: Params, on_step: Optional[Callable[[int], None]] = None) -> Tr
                 raise RuntimeError("DDP ranks ended with different weights; the checkpoint is not trustworthy")
             summary = _summary(session, progress, meter, in_sync)
             if info.is_main:
+                if not session.ema_path.exists():  # resumed at train.steps after DVC removed the outputs
+                    _save_ema(session, progress.step)
+                session.train_log.publish()
                 _report(session, summary, tracker)
             barrier(info)
         return TrainResult(model=session.step.model, ema=session.step.ema, summary=summary)

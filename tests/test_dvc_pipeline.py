@@ -1,0 +1,187 @@
+"""dvc.yaml against DVC itself: every file that changes a result is a dep or param of the stages it
+affects (the imagenet256 profile, mtdiff/config.py), the train stage is run-cacheable (identical
+training params train once), and the plots are declared."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures.tiny_run import ALL_TASKS, TINY, fmnist_path
+
+REPO = Path(__file__).resolve().parent.parent
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def _dvc_yaml() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def _flat_keys(d: dict, prefix: str = "", leaves: bool = False) -> set[str]:
+    """Dotted keys of ``d`` (``leaves``: only those holding a value, not a section)."""
+    out = set()
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat_keys(v, f"{prefix}{k}.", leaves)
+        if not (leaves and isinstance(v, dict)):
+            out.add(prefix + k)
+    return out
+
+
+def _covered(key: str, tracked) -> bool:
+    return any(key == t or key.startswith(t + ".") for t in tracked)
+
+
+# -- static: what dvc.yaml declares --------------------------------------------------------------
+
+def test_every_stage_tracks_config_py_and_the_profile_keys_it_reads():
+    """A profile key under (or above) a params.yaml key a stage tracks is tracked from the profile file
+    too; adding a key to configs/imagenet256.yaml without tracking it fails here."""
+    profiles = sorted((REPO / "configs").glob("*.yaml"))
+    assert profiles, "no profile in configs/"
+    for name, stage in _dvc_yaml()["stages"].items():
+        assert "mtdiff/config.py" in stage["deps"], name
+        base = [p for p in stage["params"] if isinstance(p, str)]
+        files = {k: v for p in stage["params"] if isinstance(p, dict) for k, v in p.items()}
+        for prof in profiles:
+            rel = prof.relative_to(REPO).as_posix()
+            assert rel in files, f"stage {name} does not track {rel}"
+            raw = yaml.safe_load(prof.read_text()) or {}
+            keys = _flat_keys(raw)
+            tracked = files[rel] or sorted(keys)  # an empty list tracks the whole file
+            for key in _flat_keys(raw, leaves=True):
+                if _covered(key, base) or any(b.startswith(key + ".") for b in base):
+                    assert _covered(key, tracked), \
+                        f"stage {name}: {rel}:{key} is read (params.yaml {base}) but not tracked"
+            assert all(t in keys for t in tracked), f"stage {name}: {rel} has no {set(tracked) - keys}"
+
+
+def test_train_outputs_are_cacheable_and_plots_declared():
+    dvc = _dvc_yaml()
+    outs = dvc["stages"]["train"]["outs"]
+    assert "checkpoints" in outs  # plain: no persist, so the run-cache can restore it
+    assert not any(isinstance(o, dict) and any(v.get("persist") for v in o.values()) for o in outs)
+    plots = {next(iter(p)) if isinstance(p, dict) else p: p for p in dvc["plots"]}
+    assert "samples/grid.png" in plots
+    (stage_plot,) = dvc["stages"]["train"]["plots"]
+    assert stage_plot["metrics/train_log.csv"]["y"] == "loss"
+    assert plots["loss terms"]["loss terms"]["y"] == {"metrics/train_log.csv": ["eps", *ALL_TASKS]}
+    from mtdiff.training import TRAIN_LOG_COLUMNS
+
+    for p in plots.values():
+        if isinstance(p, dict):
+            for cols in next(iter(p.values()))["y"].values():
+                assert set([cols] if isinstance(cols, str) else cols) <= set(TRAIN_LOG_COLUMNS)
+
+
+# -- DVC in a temp git repo ----------------------------------------------------------------------
+
+def _env(root: Path) -> dict:
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "MTDIFF_MLFLOW": "0",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": str(root), "HOME": str(root.parent)}
+
+
+def _sh(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(list(args), cwd=root, env=_env(root), capture_output=True, text=True, timeout=600)
+    if check:
+        assert res.returncode == 0, f"{args}: {res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def _repo_copy(root: Path, params: dict | None = None) -> Path:
+    """A git + DVC repo holding this project's pipeline definition, code and configs."""
+    root.mkdir(parents=True)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "configs", root / "configs")
+    shutil.copytree(REPO / "mtdiff", root / "mtdiff", ignore=shutil.ignore_patterns("__pycache__"))
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in (params or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _sh(root, "git", "init", "-q")
+    _sh(root, *DVC, "init", "-q")
+    return root
+
+
+def _status(root: Path) -> set[str]:
+    out = _sh(root, *DVC, "status", "--json").stdout
+    return set(json.loads(out or "{}"))
+
+
+def _edit_profile(root: Path, key: str, value) -> None:
+    path = root / "configs" / "imagenet256.yaml"
+    raw = yaml.safe_load(path.read_text())
+    section, leaf = key.split(".")
+    raw[section][leaf] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def test_editing_the_profile_or_config_py_makes_dvc_status_report_the_stages(tmp_path):
+    root = _repo_copy(tmp_path / "repo")
+    # stand-in outputs (nothing is run): `dvc commit` records deps, params and outputs as they are
+    for stage in _dvc_yaml()["stages"].values():
+        for group in ("outs", "metrics", "plots"):
+            for out in stage.get(group, []):
+                path = root / (next(iter(out)) if isinstance(out, dict) else out)
+                if path.suffix:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text("{}")
+                else:
+                    path.mkdir(parents=True, exist_ok=True)
+                    (path / "stand-in").write_text("x")
+    _sh(root, *DVC, "commit", "-f", "-q")
+    assert _status(root) == set()
+
+    _edit_profile(root, "train.lr", 0.0003)
+    assert _status(root) == {"train"}
+    _edit_profile(root, "sample.steps", 100)
+    assert _status(root) == {"train", "sample"}
+    _sh(root, *DVC, "commit", "-f", "-q")
+    _edit_profile(root, "data.channels", 1)
+    assert _status(root) == {"prepare", "latents", "train", "sample", "evaluate"}
+    _sh(root, *DVC, "commit", "-f", "-q")
+    with (root / "mtdiff" / "config.py").open("a") as f:
+        f.write("\n# edited\n")
+    assert _status(root) == set(_dvc_yaml()["stages"])
+
+
+def test_identical_training_params_train_once_via_the_run_cache(tmp_path):
+    """Two experiments that differ only downstream of train (the tasks sweep's joint_label and
+    joint_label_uncond) train once: the second restores checkpoints/ from DVC's run-cache."""
+    fmnist = fmnist_path()
+    if not (fmnist / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not at {fmnist}")
+    tiny = {**TINY, "data.fashion_mnist_dir": str(fmnist), "train.steps": 4}
+    root = _repo_copy(tmp_path / "repo", tiny)
+    _sh(root, "git", "add", "-A")
+    _sh(root, "git", "commit", "-q", "-m", "tiny pipeline")
+
+    first = _sh(root, *DVC, "exp", "run", "--temp", "-n", "a", "-S", "train.lr=0.002",
+                "-S", "sample.condition=label", "train")
+    assert "Running stage 'train'" in first.stdout, first.stdout
+    second = _sh(root, *DVC, "exp", "run", "--temp", "-n", "b", "-S", "train.lr=0.002",
+                 "-S", "sample.condition=uncond", "train")
+    assert "Stage 'train' is cached - skipping run" in second.stdout, second.stdout
+    assert "Running stage 'train'" not in second.stdout
+    # both experiments hold the same model
+    shown = json.loads(_sh(root, *DVC, "exp", "show", "--json").stdout)
+    hashes = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                if rev.get("name") in ("a", "b"):
+                    hashes[rev["name"]] = rev["data"]["outs"]["checkpoints"]["hash"]
+    assert hashes.keys() == {"a", "b"} and hashes["a"] == hashes["b"]
