@@ -5,10 +5,13 @@ Everything stored is ``torch.load(weights_only=True)``-loadable: tensors, ints, 
 bools, None, lists/tuples and dicts of those. NumPy's RNG state is stored as a tensor and plain
 ints, Python's as a list of ints.
 
-Files in ``params.checkpoints_dir``:
+Files:
 - ``last.pt``: the full training state (model, EMA, optimizer, scheduler, scaler, step, epoch,
-  batch_in_epoch, RNG states, params_hash, meta); resumed when its hash matches.
-- ``ema.pt``: the EMA weights + meta only, the small file inference loads.
+  batch_in_epoch, RNG states, params_hash, meta); resumed when its hash matches. It lives in the
+  train stage's state dir (``mtdiff.stages.train.train_state_dir``: ``.mtdiff/train_state/<out_dir>``),
+  not in the DVC output, so that the run-cache can restore the output.
+- ``ema.pt`` in ``params.checkpoints_dir`` (the train stage's DVC output): the EMA weights + meta
+  only, the small file inference loads.
 """
 from __future__ import annotations
 
