@@ -170,6 +170,69 @@ def test_fid_reference_cache_is_keyed_by_data_hash(tiny_cnn, tmp_path):
     assert r1["fid_32"] != r2["fid_32"]
 
 
+class _Payload:
+    """Unpickling this creates ``path``: what a malicious cache or weights file could do, harmlessly."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_fid_reference_cache_is_npz_and_never_unpickled(tiny_cnn, tmp_path, monkeypatch):
+    """Issue 11 item 13: the reference cache is .npz read with allow_pickle=False. Planted pickles (at
+    torch-fidelity's old .pt names and at the .npz name) are never loaded, and the metrics equal
+    torch-fidelity's calculate_metrics (no cache) with an empty cache, a bad one and a warm one."""
+    import torch_fidelity
+
+    name = fid.register_module_extractor(tiny_cnn, "fmnist_cnn")
+    samples, ref = noise_images(40), structured_images(48)
+    cache, marker = tmp_path / "cache", tmp_path / "payload_ran"
+    direct = torch_fidelity.calculate_metrics(
+        input1=fid.UInt8Images(samples), input2=fid.UInt8Images(ref), feature_extractor=name, cuda=False,
+        batch_size=16, fid=True, kid=True, prc=True, kid_subsets=100, kid_subset_size=fid.kid_subset_size(40, 48),
+        prc_neighborhood=3, save_cpu_ram=True, cache=False, verbose=False, rng_seed=2020)
+    expect = {"fid_40": direct[torch_fidelity.KEY_METRIC_FID], "kid_40": direct[torch_fidelity.KEY_METRIC_KID_MEAN],
+              "kid_std_40": direct[torch_fidelity.KEY_METRIC_KID_STD],
+              "precision_40": direct[torch_fidelity.KEY_METRIC_PRECISION],
+              "recall_40": direct[torch_fidelity.KEY_METRIC_RECALL],
+              "f_score_40": direct[torch_fidelity.KEY_METRIC_F_SCORE]}
+
+    cache.mkdir()
+    old = f"ref-{fid.images_sha1(ref)[:12]}-{name}"
+    planted = [cache / f"{old}-features-features.pt", cache / f"{old}-stat-fid-features.pt"]
+    for p in planted:
+        torch.save(_Payload(marker), p)
+    npz = fid.ref_cache_path(cache, ref, name, None)
+    assert npz.suffix == ".npz" and npz.name.startswith(old)
+    extracted = []
+    real_extract = fid._extract
+    monkeypatch.setattr(fid, "_extract", lambda images, *a: extracted.append(len(images)) or real_extract(images, *a))
+    kw = dict(extractor=name, batch_size=16)
+    for bad in ("pickle", "object_array"):
+        if bad == "pickle":
+            torch.save(_Payload(marker), npz)
+        else:
+            np.savez(npz, mu=np.zeros(16, np.float32), sigma=np.eye(16), features_features=np.array([_Payload(marker)]))
+        assert fid.fidelity_metrics(samples, ref, cache_root=cache, **kw) == expect  # recomputed, file replaced
+        with np.load(npz, allow_pickle=False) as z:
+            assert z["features_features"].shape == (48, 16) and z["sigma"].shape == (16, 16)
+    extracted.clear()
+    assert fid.fidelity_metrics(samples, ref, cache_root=cache, **kw) == expect  # warm cache
+    assert extracted == [40]  # only the samples went through the extractor
+    assert fid.fidelity_metrics(samples, ref, cache_root=tmp_path / "fresh", **kw) == expect  # no cache
+    assert not marker.exists()
+    assert all(p.is_file() for p in planted)  # never read, never deleted
+
+    # a weights file torch-fidelity would unpickle with weights_only=False is refused first
+    weights = tmp_path / "evil_inception.pth"
+    torch.save({"w": torch.zeros(2), "x": _Payload(marker)}, weights)
+    with pytest.raises(fid.ConfigError, match="not a plain tensor state dict"):
+        fid.fidelity_metrics(samples, ref, weights_path=weights, cache_root=cache)
+    assert not marker.exists()
+
+
 def test_fid_adm_reference_npz_path(tiny_cnn, tmp_path):
     name = fid.register_module_extractor(tiny_cnn, "fmnist_cnn")
     data, noise = structured_images(64), noise_images(64)

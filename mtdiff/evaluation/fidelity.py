@@ -11,10 +11,16 @@ Two feature spaces:
   torch-fidelity feature extractor with :func:`register_module_extractor`, so the same
   ``calculate_metrics`` computes FID/KID/PR in its feature space.
 
-Reference features/statistics are cached under ``cache_root`` with names holding a SHA-1 of the
-reference pixels and of the extractor weights, so a changed test split or encoder never reuses
-stale statistics. ADM reference batches (``.npz`` with ``mu``, ``sigma``) are compared with
-torch-fidelity's ``fid_statistics_to_metric``.
+Features are computed here through torch-fidelity's extractor and batching, and the metrics by
+its functions on features (``fid_statistics_to_metric``, ``kid_features_to_metric``,
+``prc_features_to_metric``, ``isc_featuresdict_to_metric``): the values are ``calculate_metrics``'s.
+torch-fidelity's own cache is off (it unpickles ``.pt`` files, which can run code). The reference
+features and FID statistics are cached under ``cache_root`` as ``.npz`` read with
+``allow_pickle=False``, named by a SHA-1 of the reference pixels and of the extractor weights
+(:func:`ref_cache_path`), so a changed test split or encoder never reuses stale statistics. A weights
+file is checked with ``torch.load(weights_only=True)`` before torch-fidelity loads it
+(:func:`check_weights_file`). ADM reference batches (``.npz`` with ``mu``, ``sigma``) are compared
+with ``fid_statistics_to_metric``.
 
 Every metric name carries the number of generated samples: ``fid_1k``, ``kid_fmnist_cnn_500`` ...
 (:func:`count_tag`).
@@ -26,7 +32,7 @@ import hashlib
 import os
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -34,12 +40,17 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 from torch_fidelity import (KEY_METRIC_F_SCORE, KEY_METRIC_FID, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD,
                             KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
-                            FeatureExtractorBase, calculate_metrics, register_feature_extractor)
+                            FeatureExtractorBase, register_feature_extractor)
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-from torch_fidelity.metric_fid import fid_input_id_to_statistics_cached, fid_statistics_to_metric
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import create_feature_extractor, resolve_feature_layer_for_metric
+from torch_fidelity.utils import (create_feature_extractor, get_featuresdict_from_dataset,
+                                  resolve_feature_layer_for_metric)
 
+from mtdiff.config import ConfigError
 from mtdiff.io import save_npz
 from mtdiff.utils import get_logger
 
@@ -47,7 +58,9 @@ log = get_logger(__name__)
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FID_LAYER = "2048"
+REF_CACHE_TAG = "features"  # reference cache file suffix (.npz; older torch-fidelity .pt files are never read)
 _WEIGHTS_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+_SAFE_WEIGHTS_MEMO: set[tuple[str, int, int]] = set()
 
 
 # -- names ---------------------------------------------------------------------------------------
@@ -242,29 +255,116 @@ def kid_subset_size(n: int, m: int) -> int:
     return max(2, min(1000, min(n, m) // 2))
 
 
-def _tf_kwargs(extractor: str, weights_path: Optional[Path], cache_root: Path, device: torch.device,
-               batch_size: int) -> dict:
-    kw = dict(feature_extractor=extractor, cuda=device.type == "cuda", batch_size=batch_size,
-              cache_root=str(cache_root), cache=True, verbose=False,
-              # in-memory sets: no DataLoader workers; PR in memory-bounded chunks
-              save_cpu_ram=True)
+def _tf_kwargs(extractor: str, weights_path: Optional[Path], device: torch.device, batch_size: int) -> dict:
+    # torch-fidelity's own cache stays off (it unpickles its .pt files); in-memory sets: no DataLoader
+    # workers, PR in memory-bounded chunks
+    kw = dict(feature_extractor=extractor, cuda=device.type == "cuda", batch_size=batch_size, cache=False,
+              verbose=False, save_cpu_ram=True)
     if weights_path is not None:
         kw["feature_extractor_weights_path"] = str(weights_path)
     return kw
 
 
-def _cache_name(kind: str, images: np.ndarray, weights_path: Optional[Path]) -> str:
-    """``{kind}-{sha1(pixels)[:12]}[-w{sha1(weights)[:8]}]``; torch-fidelity appends the extractor name.
+def check_weights_file(path: Path) -> Path:
+    """Refuse a weights file that is not a plain tensor state dict.
 
-    Registered module extractors carry their weight hash in that name; Inception's name does not,
-    so the weights file's hash goes here (a different weights file never reuses cached features).
+    torch-fidelity loads ``feature_extractor_weights_path`` with ``torch.load(weights_only=False)``,
+    which runs any code a pickle carries. Loading it first with ``weights_only=True`` runs none and
+    fails on anything but tensors and plain containers; only then is the file handed on.
     """
-    weights = f"-w{_file_sha1(weights_path)[:8]}" if weights_path is not None else ""
-    return f"{kind}-{images_sha1(images)[:12]}{weights}"
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _SAFE_WEIGHTS_MEMO:
+        return path
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{path}: not a plain tensor state dict, refusing to load it "
+                          f"({type(exc).__name__}: {first[:200]})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ConfigError(f"{path}: not a plain tensor state dict (got {type(state).__name__}), refusing to load it")
+    _SAFE_WEIGHTS_MEMO.add(key)
+    return path
+
+
+def _resolve_weights(extractor: str, weights_path: Optional[str | os.PathLike]) -> Optional[Path]:
+    """The weights file torch-fidelity will load, checked. Inception without a path: the hub-cached file
+    (:func:`inception_weights`), so that torch-fidelity never unpickles a file unchecked either."""
+    if weights_path is None and extractor == INCEPTION:
+        weights_path, reason = inception_weights(None)
+        if weights_path is None:
+            raise FileNotFoundError(reason)
+    return check_weights_file(Path(weights_path)) if weights_path is not None else None
+
+
+def _layer(extractor: str, metric: str) -> str:
+    return resolve_feature_layer_for_metric(metric, feature_extractor=extractor)
 
 
 def _fid_layer(extractor: str) -> str:
-    return resolve_feature_layer_for_metric("fid", feature_extractor=extractor)
+    return _layer(extractor, "fid")
+
+
+def _extract(images: np.ndarray, layers: list[str], kw: dict) -> dict[str, torch.Tensor]:
+    """Features of an image set at ``layers`` through torch-fidelity's extractor and batching
+    (what ``calculate_metrics`` does, without its pickle cache)."""
+    fe = create_feature_extractor(kw["feature_extractor"], sorted(set(layers)), **kw)
+    feats = get_featuresdict_from_dataset(UInt8Images(images), fe, kw["batch_size"], kw["cuda"], True, False)
+    return {k: feats[k] for k in layers}
+
+
+def _stats(features: torch.Tensor) -> dict[str, np.ndarray]:
+    return fid_features_to_statistics(features)
+
+
+def ref_cache_path(cache_root: str | os.PathLike, reference: np.ndarray, extractor: str,
+                   weights_path: Optional[Path]) -> Path:
+    """``ref-{sha1(pixels)[:12]}[-w{sha1(weights)[:8]}]-{extractor}-features.npz`` under ``cache_root``.
+
+    Registered module extractors carry their weight hash in their name; Inception's name does not,
+    so the weights file's hash goes in too (a different weights file never reuses cached features).
+    """
+    weights = f"-w{_file_sha1(weights_path)[:8]}" if weights_path is not None else ""
+    return Path(cache_root) / f"ref-{images_sha1(reference)[:12]}{weights}-{extractor}-{REF_CACHE_TAG}.npz"
+
+
+def _load_ref_cache(path: Path, layers: list[str], n: int) -> Optional[dict[str, Any]]:
+    """Cached reference features (and FID statistics) or None. ``allow_pickle=False``: a file that holds
+    anything but plain arrays is not read (and is then replaced), so loading it can run no code."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feats = {k: np.array(z[f"features_{k}"]) for k in layers}
+            mu, sigma = np.array(z["mu"]), np.array(z["sigma"])
+    except Exception as exc:
+        log.warning("%s: unusable reference cache (%s: %s); recomputing it", path, type(exc).__name__, exc)
+        return None
+    dim = feats[layers[0]].shape[-1]  # layers[0] is the FID layer
+    if not all(f.ndim == 2 and len(f) == n and f.dtype.kind == "f" for f in feats.values()) \
+            or mu.shape != (dim,) or sigma.shape != (dim, dim):
+        log.warning("%s: reference cache does not fit %d images; recomputing it", path, n)
+        return None
+    return {"features": {k: torch.from_numpy(v) for k, v in feats.items()}, "stats": {"mu": mu, "sigma": sigma}}
+
+
+def reference_features(reference: np.ndarray, extractor: str, weights_path: Optional[Path],
+                       cache_root: str | os.PathLike, kw: dict) -> dict[str, Any]:
+    """``{"features": {layer: (m, D) tensor}, "stats": {"mu", "sigma"}}`` of the reference set for
+    FID (first layer), KID and PR, from ``cache_root`` (``.npz``, see :func:`ref_cache_path`) or
+    computed and stored there. The statistics are torch-fidelity's (mu float32, sigma float64)."""
+    fid_layer = _layer(extractor, "fid")
+    layers = [fid_layer] + sorted({_layer(extractor, m) for m in ("kid", "prc")} - {fid_layer})
+    path = ref_cache_path(cache_root, reference, extractor, weights_path)
+    cached = _load_ref_cache(path, layers, len(reference))
+    if cached is not None:
+        return cached
+    feats = _extract(reference, layers, kw)
+    stats = _stats(feats[fid_layer])
+    save_npz(path, mu=stats["mu"], sigma=stats["sigma"],
+             **{f"features_{k}": v.numpy() for k, v in feats.items()})
+    return {"features": feats, "stats": stats}
 
 
 def reference_stats(reference: np.ndarray, extractor: str = INCEPTION, *,
@@ -273,12 +373,10 @@ def reference_stats(reference: np.ndarray, extractor: str = INCEPTION, *,
                     batch_size: int = 64) -> dict[str, np.ndarray]:
     """FID statistics (mu, sigma) of an image set in ``extractor``'s space, through the reference cache."""
     reference = as_nhwc_uint8(reference, "reference")
-    weights_path = Path(weights_path) if weights_path is not None else None
-    kw = _tf_kwargs(extractor, weights_path, Path(cache_root), device, batch_size)
-    layer = _fid_layer(extractor)
-    fe = create_feature_extractor(extractor, [layer], **kw)
-    name = _cache_name("ref", reference, weights_path)
-    stats = fid_input_id_to_statistics_cached(1, fe, layer, input1=UInt8Images(reference), input1_cache_name=name, **kw)
+    weights = _resolve_weights(extractor, weights_path)
+    Path(cache_root).mkdir(parents=True, exist_ok=True)
+    stats = reference_features(reference, extractor, weights, cache_root,
+                               _tf_kwargs(extractor, weights, device, batch_size))["stats"]
     return {"mu": np.asarray(stats["mu"], np.float64), "sigma": np.asarray(stats["sigma"], np.float64)}
 
 
@@ -298,60 +396,55 @@ def fidelity_metrics(samples: np.ndarray, reference: Optional[np.ndarray], *, ex
 
     ``samples`` and ``reference`` are uint8 (N,H,W[,C]) sets. Names: ``{metric}[_{space}]_{count_tag(n)}``
     with n the number of samples, e.g. ``fid_1k``, ``kid_std_fmnist_cnn_1k``, ``fid_adm_ref_1k``.
+    The values are torch-fidelity's ``calculate_metrics`` ones: the same extractor, batching and
+    metric functions, on features computed here; the samples' features are computed once, in memory.
     """
     samples = as_nhwc_uint8(samples, "samples")
     n = len(samples)
-    weights_path = Path(weights_path) if weights_path is not None else None
+    if reference is not None:
+        reference = as_nhwc_uint8(reference, "reference")
+        if reference.shape[1:3] != samples.shape[1:3]:
+            raise ValueError(f"samples {samples.shape[1:3]} and reference {reference.shape[1:3]} differ in size")
+    ref_adm = load_ref_stats(ref_stats_npz) if ref_stats_npz else None
+    metrics = ([*("fid", "kid", "prc")] if reference is not None else []) + (["isc"] if isc else []) \
+        + (["fid"] if ref_adm is not None else [])
+    if not metrics:
+        return {}
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)
-    kw = _tf_kwargs(extractor, weights_path, cache_root, device, batch_size)
+    weights = _resolve_weights(extractor, weights_path)
+    kw = _tf_kwargs(extractor, weights, device, batch_size)
     kw["rng_seed"] = seed
-    ds_samples = UInt8Images(samples)
-    # Samples are cached only when the ADM path needs their FID statistics a second time; the
-    # entries are removed afterwards (they are per-run, and large for 50k ImageNet samples).
-    samples_cache = _cache_name("samples", samples, weights_path) if ref_stats_npz else None
+    layer = {m: _layer(extractor, m) for m in metrics}
+    feats = _extract(samples, sorted(set(layer.values())), kw)
+    mine = _stats(feats[layer["fid"]]) if "fid" in layer else None
     out: dict[str, float] = {}
     name = lambda m: metric_name(m, n, space)  # noqa: E731
 
-    try:
-        tf_args = dict(kw, input1=ds_samples, input1_cache_name=samples_cache)
-        if reference is not None:
-            reference = as_nhwc_uint8(reference, "reference")
-            if reference.shape[1:3] != samples.shape[1:3]:
-                raise ValueError(f"samples {samples.shape[1:3]} and reference {reference.shape[1:3]} differ in size")
-            m = len(reference)
-            tf_args.update(input2=UInt8Images(reference), input2_cache_name=_cache_name("ref", reference, weights_path),
-                           fid=True, kid=True, prc=True, kid_subsets=kid_subsets,
-                           kid_subset_size=kid_subset_size(n, m), prc_neighborhood=min(3, n - 1, m - 1))
-        if isc:
-            tf_args.update(isc=True, isc_splits=min(10, n))
-        if reference is not None or isc:
-            res = calculate_metrics(**tf_args)
-            if reference is not None:
-                out[name("fid")] = float(res[KEY_METRIC_FID])
-                out[name("kid")] = float(res[KEY_METRIC_KID_MEAN])
-                out[name("kid_std")] = float(res[KEY_METRIC_KID_STD])
-                out[name("precision")] = float(res[KEY_METRIC_PRECISION])
-                out[name("recall")] = float(res[KEY_METRIC_RECALL])
-                out[name("f_score")] = float(res[KEY_METRIC_F_SCORE])
-            if isc:
-                out[name("isc")] = float(res[KEY_METRIC_ISC_MEAN])
-                out[name("isc_std")] = float(res[KEY_METRIC_ISC_STD])
-        if ref_stats_npz:
-            ref = load_ref_stats(ref_stats_npz)
-            layer = _fid_layer(extractor)
-            fe = create_feature_extractor(extractor, [layer], **kw)
-            stats = fid_input_id_to_statistics_cached(1, fe, layer, input1=ds_samples,
-                                                      input1_cache_name=samples_cache, **kw)
-            mine = {"mu": np.asarray(stats["mu"], np.float64), "sigma": np.asarray(stats["sigma"], np.float64)}
-            if mine["mu"].shape != ref["mu"].shape:
-                raise ValueError(f"evaluate.ref_stats_npz {ref_stats_npz}: dimension {ref['mu'].shape[0]} does not "
-                                 f"match the {extractor} feature layer {layer} ({mine['mu'].shape[0]})")
-            out[name("fid_adm_ref")] = float(fid_statistics_to_metric(mine, ref, False)[KEY_METRIC_FID])
-    finally:
-        if samples_cache:
-            for f in cache_root.glob(f"{samples_cache}-*.pt"):
-                f.unlink(missing_ok=True)
+    if reference is not None:
+        m = len(reference)
+        ref = reference_features(reference, extractor, weights, cache_root, kw)
+        res = dict(fid_statistics_to_metric(mine, ref["stats"], False))
+        res.update(kid_features_to_metric(feats[layer["kid"]], ref["features"][layer["kid"]], **kw,
+                                          kid_subsets=kid_subsets, kid_subset_size=kid_subset_size(n, m)))
+        res.update(prc_features_to_metric(feats[layer["prc"]], ref["features"][layer["prc"]], **kw,
+                                          prc_neighborhood=min(3, n - 1, m - 1)))
+        out[name("fid")] = float(res[KEY_METRIC_FID])
+        out[name("kid")] = float(res[KEY_METRIC_KID_MEAN])
+        out[name("kid_std")] = float(res[KEY_METRIC_KID_STD])
+        out[name("precision")] = float(res[KEY_METRIC_PRECISION])
+        out[name("recall")] = float(res[KEY_METRIC_RECALL])
+        out[name("f_score")] = float(res[KEY_METRIC_F_SCORE])
+    if isc:
+        res = isc_featuresdict_to_metric(feats, layer["isc"], **kw, isc_splits=min(10, n))
+        out[name("isc")] = float(res[KEY_METRIC_ISC_MEAN])
+        out[name("isc_std")] = float(res[KEY_METRIC_ISC_STD])
+    if ref_adm is not None:
+        mine64 = {"mu": np.asarray(mine["mu"], np.float64), "sigma": np.asarray(mine["sigma"], np.float64)}
+        if mine64["mu"].shape != ref_adm["mu"].shape:
+            raise ValueError(f"evaluate.ref_stats_npz {ref_stats_npz}: dimension {ref_adm['mu'].shape[0]} does not "
+                             f"match the {extractor} feature layer {layer['fid']} ({mine64['mu'].shape[0]})")
+        out[name("fid_adm_ref")] = float(fid_statistics_to_metric(mine64, ref_adm, False)[KEY_METRIC_FID])
     for k, v in out.items():
         log.info("%s = %.6g", k, v)
     return out
