@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml flows/__init__.py mtdiff/__init__.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[test]'   # the package + its test extra (pytest)
 	touch $@
 
 # Debian's real Fashion-MNIST, the embedded default data set.

@@ -1,8 +1,18 @@
-"""The ``mtdiff`` console script.
+"""The ``mtdiff`` console script: one entry point for the pipeline, its stages and its tools.
 
-    mtdiff stage <name> [key=value ...]   run one pipeline stage (same as python -m mtdiff.stages.<name>)
+    mtdiff run [--stages a,b] [--force] [key=value ...]   the whole pipeline: the Prefect flow running
+                                          each DVC stage under one MLflow run (= python -m flows.pipeline)
+    mtdiff sweep [CONFIG] [--points a,b] [--dry-run]       a sweep, one `dvc exp run` per point, and its
+                                          comparison report (= python -m flows.sweep)
+    mtdiff serve [--timezone TZ]          serve the nightly pipeline and weekly sweep schedules from this
+                                          process (= python -m flows.serve)
+    mtdiff replay FILE... [--uri URI]     send MLflow records kept while the tracking server was down
+                                          (.mtdiff/mlflow_pending/<stage>.jsonl; = python -m mtdiff.tracking replay)
+    mtdiff stage <name> [key=value ...]   run one pipeline stage (= python -m mtdiff.stages.<name>)
     mtdiff config [key=value ...]         print the validated, merged params
     mtdiff bench {train,sample} ...       benchmarks (see mtdiff.bench)
+
+`mtdiff <command> --help` shows the options of each.
 """
 from __future__ import annotations
 
@@ -16,13 +26,32 @@ from mtdiff.config import ConfigError, load_params
 
 STAGES = ("prepare", "latents", "representations", "train", "sample", "evaluate")
 
+# Commands handed on whole to an existing entry point: name -> (module, leading argv, help). The
+# modules are imported only when their command runs (Prefect loads only for run/sweep/serve).
+DELEGATED = {
+    "run": ("flows.pipeline", [], "run the pipeline: a Prefect flow running each DVC stage (dvc repro) "
+                                  "under one MLflow run (python -m flows.pipeline)"),
+    "sweep": ("flows.sweep", [], "run a sweep (default configs/sweeps/tasks.yaml): one dvc exp run per "
+                                 "point, then the comparison report (python -m flows.sweep)"),
+    "serve": ("flows.serve", [], "serve the nightly pipeline and weekly sweep schedules from this process "
+                                 "(python -m flows.serve)"),
+    "replay": ("mtdiff.tracking", ["replay"], "send MLflow records kept while the tracking server was down "
+                                              "(.mtdiff/mlflow_pending/*.jsonl) to the tracking store"),
+    "bench": ("mtdiff.bench", [], "benchmarks: mtdiff bench {train,sample} --help"),
+}
+
+
+def delegate(command: str, argv: list[str]) -> int:
+    """Run ``command`` with ``argv`` through its module's ``main`` (its own parser and --help)."""
+    module_name, lead, _ = DELEGATED[command]
+    module = importlib.import_module(module_name)
+    return module.main([*lead, *argv]) or 0
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        from mtdiff import bench  # lazy: torch and the model code load only for benchmarks
-
-        return bench.main(argv[1:]) or 0
+    if argv and argv[0] in DELEGATED:
+        return delegate(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="mtdiff", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("overrides", nargs="*", help="key.sub=value")
     cfg = sub.add_parser("config", help="print the validated params")
     cfg.add_argument("overrides", nargs="*")
-    sub.add_parser("bench", help="benchmarks: mtdiff bench {train,sample} --help")
+    for name, (_, _, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
     args = parser.parse_args(argv)
     try:
         if args.command == "config":

@@ -1,0 +1,65 @@
+"""The ``mtdiff`` console script (run / sweep / serve / replay delegate to the existing entry points)
+and the packaging facts around it (declared imports, the test extra, prefect.yaml's version)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtdiff import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_help_lists_every_command_with_what_it_does(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command, what in [("run", "Prefect flow"), ("sweep", "dvc exp run"), ("serve", "schedules"),
+                          ("replay", "mlflow_pending"), ("stage", "stage"), ("config", "params"),
+                          ("bench", "bench")]:
+        assert re.search(rf"^\s+{command}\s+.*{re.escape(what)}", out, re.M | re.S), command
+
+
+@pytest.mark.parametrize("command, module, lead", [
+    ("run", "flows.pipeline", []), ("sweep", "flows.sweep", []), ("serve", "flows.serve", []),
+    ("replay", "mtdiff.tracking", ["replay"]), ("bench", "mtdiff.bench", []),
+])
+def test_commands_delegate_their_whole_argv(monkeypatch, command, module, lead):
+    seen = {}
+    fake = types.SimpleNamespace(main=lambda argv: seen.setdefault("argv", argv) and 0)
+    monkeypatch.setattr(cli.importlib, "import_module",
+                        lambda name: fake if name == module else pytest.fail(f"imported {name}"))
+    assert cli.main([command, "--help", "x=1", "--points", "a,b"]) == 0
+    assert seen["argv"] == [*lead, "--help", "x=1", "--points", "a,b"]
+
+
+def test_replay_runs_the_tracking_replay(tmp_path, capsys):
+    assert cli.main(["replay", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such pending file" in capsys.readouterr().out
+
+
+def test_python_m_flows_entry_points_still_work():
+    for module in ("flows.pipeline", "flows.sweep"):
+        res = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0 and "usage:" in res.stdout, res.stderr[-2000:]
+
+
+def test_pyproject_declares_imports_test_extra_and_prefect_version():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = " ".join(project["dependencies"])
+    for name in ("matplotlib", "ruamel.yaml", "mlflow", "prefect", "dvc", "pandas", "pyarrow", "timm"):
+        assert name in deps, name
+    assert "pytest" not in deps and any(d.startswith("pytest") for d in project["optional-dependencies"]["test"])
+    assert "'.[test]'" in (REPO / "Makefile").read_text()
+    (prefect_req,) = [d for d in project["dependencies"] if d.startswith("prefect")]
+    lower = re.search(r">=\s*([\d.]+)", prefect_req).group(1)
+    assert yaml.safe_load((REPO / "prefect.yaml").read_text())["prefect-version"] == lower
