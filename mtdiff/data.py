@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mtdiff.config import Params
+from mtdiff.utils import derive_seed
 
 SPLITS = ("train", "test")  # the prepared splits (ImageNet val is "test"), as in mtdiff.sources
 PAIRINGS = ("rot90", "edges")
@@ -121,12 +122,17 @@ class TrainDataset(Dataset):
 
     Latent mode draws ``z0 = mean + std * randn`` from the stored VAE posterior (as fast-DiT does)
     and, with flipped copies stored, picks the flipped or unflipped encoding at random per sample.
-    Randomness uses torch's global RNG, which DataLoader seeds per worker. The memmaps are opened
+    Each sample's randomness comes from its own generator seeded by ``(seed, epoch, index)``
+    (:meth:`set_epoch`; call it before creating the epoch's DataLoader), never from a global or
+    per-worker RNG stream: a batch is the same whichever process reads it and whatever was read
+    before, so resuming mid-epoch is exact with DataLoader workers too. The memmaps are opened
     lazily per process, so the dataset pickles cheaply into DataLoader workers.
     """
 
     def __init__(self, params: Params, split: str = "train"):
         self.split = split
+        self.seed = int(params.seed)
+        self.epoch = 0
         self.dir = Path(params.latents_dir) / split
         meta_path = self.dir / "meta.json"
         if not meta_path.is_file():
@@ -186,6 +192,14 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return self.num
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose random draws (posterior sample, flip) the next reads make."""
+        self.epoch = int(epoch)
+
+    def _generators(self, idx: np.ndarray) -> list[torch.Generator]:
+        """One CPU generator per sample, seeded by ``derive_seed(seed, "data/{epoch}/{index}")``."""
+        return [torch.Generator().manual_seed(derive_seed(self.seed, f"data/{self.epoch}/{int(i)}")) for i in idx]
+
     # -- access ---------------------------------------------------------------------------------
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([int(i)])
@@ -201,7 +215,11 @@ class TrainDataset(Dataset):
         idx = idx % self.num
         a = self._open()
         b = len(idx)
-        flipped = (torch.rand(b) < 0.5).numpy() if self.flip else np.zeros(b, dtype=bool)
+        random = self.flip or self.mode == "latent"
+        gens = self._generators(idx) if random else []
+        # per sample: the flip first, then the posterior noise, from that sample's generator
+        flipped = (np.array([torch.rand((), generator=g).item() < 0.5 for g in gens], dtype=bool) if self.flip
+                   else np.zeros(b, dtype=bool))
 
         def gather(name: str, flip_name: str | None) -> np.ndarray:
             # Sorted reads are sequential on disk; the flipped subset reads from the *_flip copy.
@@ -220,7 +238,7 @@ class TrainDataset(Dataset):
         mean = torch.from_numpy(gather("mean", "mean_flip").astype(np.float32))
         if self.mode == "latent":
             std = torch.from_numpy(gather("std", "std_flip").astype(np.float32))
-            z0 = mean + std * torch.randn(mean.shape)
+            z0 = mean + std * torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens])
         else:
             z0 = mean
         order = np.argsort(idx, kind="stable")

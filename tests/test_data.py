@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from mtdiff.data import TrainDataset, collate_batch, pair_images, random_patch_mask
 from mtdiff.stages import latents, prepare
+from mtdiff.utils import derive_seed
 
 
 @pytest.fixture
@@ -102,13 +103,24 @@ def test_latent_mode_draws_mean_plus_std_noise(tmp_path, make_params, monkeypatc
     idx = [7, 2, 9]
     torch.manual_seed(123)
     b = ds.__getitems__(idx)
-    torch.manual_seed(123)
-    expected = torch.from_numpy(mean[idx].astype(np.float32)) + torch.from_numpy(std[idx].astype(np.float32)) * torch.randn(3, *shape)
+
+    def draw(i: int, epoch: int) -> torch.Tensor:  # each sample's own generator: (seed, epoch, index)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(params.seed, f"data/{epoch}/{i}")))
+
+    expected = torch.from_numpy(mean[idx].astype(np.float32)) + torch.from_numpy(std[idx].astype(np.float32)) \
+        * torch.stack([draw(i, 0) for i in idx])
     torch.testing.assert_close(b["z0"], expected)
     torch.testing.assert_close(b["representation"], torch.from_numpy(reps[idx]))
     assert b["label"].tolist() == [1, 2, 0]
-    # Fresh noise on every read.
+    # The same (epoch, index) draws the same, whatever the global RNG and the batch neighbours ...
+    torch.manual_seed(7)
+    assert torch.equal(ds.__getitems__(idx)["z0"], b["z0"])
+    assert torch.equal(ds.__getitems__([9, 0])["z0"][0], b["z0"][2])
+    # ... and a new epoch draws fresh noise.
+    ds.set_epoch(1)
     assert not torch.equal(ds.__getitems__(idx)["z0"], b["z0"])
+    torch.testing.assert_close(ds[2]["z0"], torch.from_numpy(mean[2].astype(np.float32))
+                               + torch.from_numpy(std[2].astype(np.float32)) * draw(2, 1))
 
 
 def test_missing_inputs_say_which_stage(make_params):

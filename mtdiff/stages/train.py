@@ -299,6 +299,7 @@ def _save_ema(session: _Session, step: int) -> None:
 def _epoch_loader(session: _Session, epoch: int, start_batch: int) -> DataLoader:
     """This rank's batches of ``epoch`` from batch ``start_batch`` on (the permutation depends on (seed, epoch))."""
     session.sampler.set_epoch(epoch)
+    session.dataset.set_epoch(epoch)  # per-sample draws seeded by (seed, epoch, index): exact resume with workers
     tc = session.params.train
     batches = ResumableBatchSampler(session.sampler, session.batch_size, start_batch)
     # its own generator: creating a loader must not draw from the global RNG
