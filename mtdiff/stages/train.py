@@ -32,7 +32,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,8 @@ from mtdiff.diffusion import MTDiffusion
 from mtdiff.io import write_json
 from mtdiff.models import build_model, count_params, flops_per_image
 from mtdiff.stages import stage_main
-from mtdiff.tracking import stage_run
+from mtdiff import registry
+from mtdiff.tracking import parent_run_id, stage_run
 from mtdiff.training import (EMA, DistInfo, NonFiniteLossError, ResumableBatchSampler, TrainMeter,
                              TrainLog, TrainStep, Window, autocast_dtype, barrier, configure_backends,
                              init_distributed, make_sampler, per_rank_batch, ranks_in_sync,
@@ -418,10 +419,39 @@ def _log_start(session: _Session, progress: _Progress, tracker: Any) -> None:
              session.steps_per_epoch)
 
 
-def _open_tracking(params: Params, info: DistInfo, out_dir: Path) -> ContextManager[Any]:
+SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
+
+
+@contextlib.contextmanager
+def _system_metrics() -> Any:
+    """MLflow's system metrics (CPU, memory, GPU) on the train run, unless the environment says
+    otherwise; the setting is restored afterwards (it is process-global)."""
+    before = os.environ.get(SYSTEM_METRICS_ENV)
+    os.environ.setdefault(SYSTEM_METRICS_ENV, "true")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SYSTEM_METRICS_ENV, None)
+
+
+@contextlib.contextmanager
+def _open_tracking(params: Params, info: DistInfo, out_dir: Path) -> Any:
     if not info.is_main:
-        return contextlib.nullcontext(_NullRun())
-    return stage_run(params, "train", out_dir)
+        yield _NullRun()
+        return
+    with _system_metrics(), stage_run(params, "train", out_dir) as run:
+        yield run
+
+
+def _log_model_and_data(session: _Session, summary: dict[str, Any], tracker: Any) -> None:
+    """The data set as the run's input and the EMA model in the registry (rank 0, MLflow on)."""
+    if getattr(tracker, "run_id", None) is None:
+        return
+    digest = registry.log_dataset(session.params)
+    if digest:
+        tracker.set_tags({"data_digest": digest})
+    registry.log_model(session.params, session.ema_path, summary, parent_run_id=parent_run_id())
 
 
 # -- entry points -------------------------------------------------------------------------------
@@ -449,6 +479,7 @@ def train(params: Params, on_step: Optional[Callable[[int], None]] = None) -> Tr
                     _save_ema(session, progress.step)
                 session.train_log.publish()
                 _report(session, summary, tracker)
+                _log_model_and_data(session, summary, tracker)
             barrier(info)
         return TrainResult(model=session.step.model, ema=session.step.ema, summary=summary)
     finally:

@@ -1,0 +1,146 @@
+"""MLflow models and data sets of a training run: the EMA model in the model registry, the data set as
+the run's input.
+
+Called by the train stage (rank 0) inside its MLflow run, after ``ema.pt`` is written:
+
+- :func:`log_dataset`: ``mlflow.log_input`` of ``data/prepared/manifest.parquet`` (one row per image:
+  split, index, class, source, sha1) with its file digest, context ``training``;
+- :func:`log_model`: ``mlflow.pytorch.log_model`` of :class:`MTDiffSampler` (the EMA weights of
+  ``ema.pt`` + the diffusion schedule + the sampling settings of ``params.sample``) with a signature
+  and an input example, registered as model ``mtdiff`` (:data:`MODEL_NAME`): one version per training
+  run, tagged with the params hash, steps, final loss and the pipeline's parent run.
+
+Load and sample (pixel mode: images in [-1, 1]; latent mode: SD-VAE latents)::
+
+    sampler = mlflow.pytorch.load_model("models:/mtdiff/latest")
+    images = sampler(torch.tensor([0, 1, 2]))               # one image per class label
+    images = sampler(torch.tensor([0, 1]), steps=20, seed=1)
+
+Both never fail the stage: a registry or store error is a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtdiff.config import Params
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "mtdiff"
+ARTIFACT_NAME = "model"
+MANIFEST = "manifest.parquet"
+
+
+class MTDiffSampler(nn.Module):
+    """The trained network and its reverse process as one module: ``forward(labels)`` samples one
+    image per entry of ``labels`` (int64 class labels, used as the label condition when the label
+    task is on; otherwise they only set the batch size: unconditional samples)."""
+
+    def __init__(self, model: nn.Module, diffusion: Any, shape: list[int], steps: int, sampler: str,
+                 eta: float, label_conditioned: bool, tasks_cfg: Any = None, num_classes: int = 1):
+        super().__init__()
+        self.model = model
+        self.num_classes = int(num_classes)
+        self.diffusion = diffusion
+        self.shape = [int(s) for s in shape]
+        self.steps, self.sampler, self.eta = int(steps), str(sampler), float(eta)
+        self.label_conditioned = bool(label_conditioned)
+        self.tasks_cfg = tasks_cfg
+
+    @torch.no_grad()
+    def forward(self, labels: torch.Tensor, steps: Optional[int] = None, seed: int = 0) -> torch.Tensor:
+        labels = torch.as_tensor(labels).reshape(-1).long()
+        device = next(self.model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        given = {"label": labels.to(device)} if self.label_conditioned else {}
+        out = self.diffusion.sample(self.model, (labels.shape[0], *self.shape), given=given,
+                                    steps=int(steps or self.steps), sampler=self.sampler, eta=self.eta,
+                                    generator=gen, tasks_cfg=self.tasks_cfg, device=device)
+        return out["z0"].float()
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def log_dataset(params: Params) -> Optional[str]:
+    """``mlflow.log_input`` of the prepared data's manifest (digest: sha256 of the file); its digest."""
+    path = params.prepared_dir / MANIFEST
+    try:
+        import mlflow
+        import pandas as pd
+
+        if not path.exists():
+            log.warning("no %s: the run's data set is not recorded", path)
+            return None
+        digest = file_digest(path)
+        name = f"{params.data.source}-{params.data.resolution}px"
+        if params.data.max_per_split:
+            name += f"-max{params.data.max_per_split}"
+        dataset = mlflow.data.from_pandas(pd.read_parquet(path), source=str(path), targets="class_index",
+                                          name=name, digest=digest)
+        mlflow.log_input(dataset, context="training")
+        return digest
+    except Exception as exc:  # noqa: BLE001 - recording the data set must never fail training
+        log.warning("MLflow log_input of %s failed: %s", path, exc)
+        return None
+
+
+def build_sampler(params: Params, ema_path: str | Path) -> MTDiffSampler:
+    """:class:`MTDiffSampler` on the CPU from ``ema.pt`` (the train stage's output)."""
+    from mtdiff.checkpoint import load_for_inference
+
+    model, diffusion, meta = load_for_inference(params, path=ema_path, device="cpu")
+    sc = params.sample
+    return MTDiffSampler(model, diffusion, meta["shape"], sc.steps, sc.sampler, sc.eta,
+                         label_conditioned="label" in params.tasks.enabled, tasks_cfg=params.tasks,
+                         num_classes=int(meta.get("num_classes") or 1))
+
+
+def log_model(params: Params, ema_path: str | Path, summary: dict[str, Any],
+              parent_run_id: Optional[str] = None, register: bool = True) -> Optional[Any]:
+    """Log the EMA model of the active run (signature, input example) and register it as
+    :data:`MODEL_NAME`; returns MLflow's ``ModelInfo`` (None when it failed: a warning)."""
+    try:
+        import mlflow
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        sampler = build_sampler(params, ema_path).eval()
+        example = np.arange(2, dtype=np.int64) % max(sampler.num_classes, 1)  # two class labels
+        example_out = sampler(torch.from_numpy(example), steps=2).numpy()
+        signature = infer_signature(example, example_out, params={"steps": int(sampler.steps), "seed": 0})
+        info = mlflow.pytorch.log_model(
+            sampler, name=ARTIFACT_NAME, signature=signature, input_example=example,
+            serialization_format="pickle",  # a sampling loop, not an exportable graph (torch.export)
+            registered_model_name=MODEL_NAME if register else None,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                              "numpy"],
+            params={"params_hash": summary.get("params_hash"), "steps": summary.get("steps")})
+        final = {k: summary[k] for k in ("final_loss",) if summary.get(k) is not None}
+        if final and getattr(info, "model_id", None):
+            mlflow.log_metrics(final, step=int(summary.get("steps") or 0), model_id=info.model_id)
+        version = getattr(info, "registered_model_version", None)
+        if register and version is not None:
+            client = mlflow.MlflowClient()
+            tags = {"params_hash": summary.get("params_hash"), "steps": summary.get("steps"),
+                    "final_loss": summary.get("final_loss"), "run_id": mlflow.active_run().info.run_id,
+                    "pipeline_run_id": parent_run_id or ""}
+            for key, value in tags.items():
+                client.set_model_version_tag(MODEL_NAME, str(version), key, str(value))
+            log.info("registered model %s version %s (%s)", MODEL_NAME, version, info.model_uri)
+        return info
+    except Exception as exc:  # noqa: BLE001 - the registry must never fail training
+        log.warning("MLflow log_model / registration of %s failed: %s", ema_path, exc)
+        return None
