@@ -129,6 +129,9 @@ class DiffusionConfig(_Section):
 class LabelTask(_Section):
     enabled: bool = True
     weight: float = Field(0.1, ge=0)
+    # P(label absent from A in a training example; M2: absent modalities contribute 0). The head
+    # then learns to read the image, and the sampler can guide between label given and absent.
+    dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class RepresentationTask(_Section):

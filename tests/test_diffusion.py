@@ -27,10 +27,10 @@ def cfg(**kw) -> DiffusionConfig:
     return DiffusionConfig(**base)
 
 
-def tasks(*names: str, rep_loss: str = "mse") -> TasksConfig:
+def tasks(*names: str, rep_loss: str = "mse", label_dropout: float = 0.0) -> TasksConfig:
     on = set(names)
     return TasksConfig.model_validate({
-        "label": {"enabled": "label" in on, "weight": 0.3},
+        "label": {"enabled": "label" in on, "weight": 0.3, "dropout": label_dropout},
         "representation": {"enabled": "representation" in on, "weight": 0.2, "loss": rep_loss},
         "masked": {"enabled": "masked" in on, "weight": 0.5, "mask_ratio": 0.5},
         "transition": {"enabled": "transition" in on, "weight": 0.7},

@@ -148,3 +148,35 @@ def test_sigma_w_schedule_keeps_task_signal_a_fixed_fraction_of_the_noise(beta_s
     assert (sch.w[1:] > 0).all()  # a forward process that only adds task information (M1)
     w = make_w("sigma", 200, 0.4, sch.alphas[1:])
     assert torch.allclose(w, sch.w[1:])
+
+
+def test_label_dropout_takes_the_label_code_out_of_a_for_a_fraction_of_examples():
+    model = _unet(("label",))
+    diff = MTDiffusion(DiffusionConfig(timesteps=50, w_schedule="sigma", w_max=0.5))
+    seen = []
+    model.aggregate = lambda inputs, _agg=model.aggregate: seen.append(inputs["label"]) or _agg(inputs)
+    y = torch.randint(0, NUM_CLASSES, (300,), generator=torch.Generator().manual_seed(0))
+    tc = TasksConfig(label={"enabled": True, "dropout": 0.3})
+    losses = diff.training_losses(model, torch.randn(300, 1, 28, 28), {"label": y}, tc,
+                                  generator=torch.Generator().manual_seed(1))
+    probs = seen[0]
+    absent = probs.sum(-1) == 0
+    assert 0.2 < absent.float().mean() < 0.4
+    assert torch.equal(probs[~absent].argmax(-1), y[~absent])  # kept rows: the one-hot label
+    assert torch.count_nonzero(model.aggregate({"label": probs[absent]})) == 0  # absent: code 0 (M2)
+    assert torch.isfinite(losses["label"])  # the head still learns every label
+
+
+def test_two_pass_task_guidance_extrapolates_from_the_label_absent_prediction():
+    model = _unet(("label",)).eval()
+    _randomize_zero_inits(model)
+    diff = MTDiffusion(DiffusionConfig(timesteps=20, w_schedule="sigma", w_max=0.5))
+    y = torch.tensor([1, 2, 3])
+    calls = []
+    forward = model.forward
+    model.forward = lambda z, t, *a: calls.append(z.clone()) or forward(z, t, *a)
+    diff.sample(model, (3, 1, 28, 28), given={"label": y}, steps=2, sampler="ddim", eta=0.0,
+                task_guidance=3.0, generator=torch.Generator().manual_seed(0), tasks_cfg=TasksConfig())
+    assert len(calls) == 4  # two steps, each with the label given and absent
+    c_T = float(diff.schedule.c[20])
+    assert torch.allclose(calls[1], calls[0] - c_T * model.aggregate({"label": y}), atol=1e-5)

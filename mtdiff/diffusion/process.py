@@ -53,6 +53,14 @@ TASK_LOSSES: dict[str, Callable[[Tensor, Optional[Tensor], Tensor, TasksConfig],
 }
 
 
+def _drop_labels(labels: Tensor, num_classes: int, p: float, generator: Optional[torch.Generator]) -> Tensor:
+    """Labels as probabilities, all-zero (code 0: the label absent from A, M2) with probability p."""
+    probs = labels.float() if labels.is_floating_point() else F.one_hot(labels.long(), num_classes).float()
+    gen_device = generator.device if generator is not None else labels.device
+    keep = torch.rand(labels.shape[0], generator=generator, device=gen_device).to(labels.device) >= p
+    return probs * keep[:, None]
+
+
 @dataclass
 class _SampleContext:
     """What every reverse step of one ``sample`` call needs (built and validated once)."""
@@ -218,6 +226,8 @@ class MTDiffusion:
         elif noise.shape != z0.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(z0.shape)}")
         inputs = {n: targets[n] for n in enabled}
+        if "label" in inputs and tasks_cfg.label.dropout > 0:
+            inputs["label"] = _drop_labels(inputs["label"], model.num_classes, tasks_cfg.label.dropout, generator)
         A = model.aggregate(inputs).to(z0.dtype) if inputs else torch.zeros_like(z0)
         z_t = self._q_sample(z0, A, t, noise)
         if getattr(model, "class_conditional", False):
@@ -298,10 +308,18 @@ class MTDiffusion:
         predicted = {n: self._prediction_input(n, out[n], ctx.mask_ratio) for n in ctx.enabled if n in out}
         inputs = {n: ctx.given.get(n, predicted.get(n)) for n in ctx.enabled}
         A_hat = self._aggregate(model, inputs, z)
-        if ctx.task_guidance != 1.0 and ctx.given:
-            A_pred = self._aggregate(model, {n: predicted.get(n, inputs[n]) for n in ctx.enabled}, z)
-            A_hat = A_pred + ctx.task_guidance * (A_hat - A_pred)
+        if ctx.task_guidance != 1.0 and "label" in ctx.given:
+            out["eps"] = self._task_guided_eps(model, z, t, t_int, out["eps"], ctx)
         return out, A_hat
+
+    def _task_guided_eps(self, model: Any, z: Tensor, t: Tensor, t_int: int, eps_given: Tensor,
+                         ctx: "_SampleContext") -> Tensor:
+        """Task guidance, classifier-free guidance's MT analogue: the same step with the given label
+        absent (its code ``c_t E(y)`` taken out of ``z_t``, as in training's label dropout), then
+        ``eps = eps_absent + s (eps_given - eps_absent)``. Both describe the same y-space chain."""
+        A_label = self._aggregate(model, {"label": ctx.given["label"]}, z)
+        eps_absent = model((z - float(self.schedule.c[t_int]) * A_label).to(ctx.dtype), t)["eps"]
+        return eps_absent + ctx.task_guidance * (eps_given - eps_absent)
 
     def p_step(self, z: Tensor, z0_hat: Tensor, A_hat: Tensor, t_int: int, s_int: int, ctx: "_SampleContext",
                noise: Tensor) -> Tensor:
