@@ -21,6 +21,7 @@ if not hasattr(flows, "set_env_defaults"):  # pragma: no cover
     exec(compile(_init.read_text(), str(_init), "exec"), flows.__dict__)
 
 import argparse
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -30,11 +31,23 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.runtime import task_run as runtime_task_run
 
+from flows.artifacts import pipeline_artifacts
 from mtdiff import dvc_runner, tracking
 from mtdiff.config import ConfigError, parse_overrides
 from mtdiff.dvc_runner import (StageConfigError, StageFailed, load_repo_params, metrics_files,  # noqa: F401
                                read_metrics, repro_command, resolve_stages, run_checked, stage_outcome,
                                summary_text, tracked_env, write_params_overrides)
+
+# Task timeout per stage in seconds (a timed-out stage is stopped and not retried); generous, since the
+# imagenet256 profile trains for days. MTDIFF_STAGE_TIMEOUT_S=<seconds> sets one for every stage.
+STAGE_TIMEOUT_S = {"train": 7 * 86400}
+DEFAULT_STAGE_TIMEOUT_S = 86400
+
+
+def stage_timeout(stage: str) -> float:
+    override = os.environ.get("MTDIFF_STAGE_TIMEOUT_S")
+    return float(override) if override else float(STAGE_TIMEOUT_S.get(stage, DEFAULT_STAGE_TIMEOUT_S))
+
 
 # the working directory if it has dvc.yaml, else this checkout
 find_repo = partial(dvc_runner.find_repo, default_root=flows.REPO_ROOT)
@@ -48,7 +61,7 @@ def retryable(task_obj, task_run, state) -> bool:
             exc = state.result(raise_on_failure=False)
         except Exception as err:  # noqa: BLE001 - unreadable result: be conservative and retry
             exc = err
-    return not isinstance(exc, (ConfigError, StageConfigError))
+    return not isinstance(exc, (ConfigError, StageConfigError, TimeoutError))
 
 
 def current_flow_run_id() -> str:
@@ -103,7 +116,8 @@ def pipeline(stages: list[str] | str | None = None, force: bool = False,
         if overrides:
             parent.log_params({f"override.{k}": v for k, v in overrides.items()})
         for stage in order:
-            results.append(stage_task(stage, str(root), force, parent.run_id, uri))
+            results.append(stage_task.with_options(timeout_seconds=stage_timeout(stage))(
+                stage, str(root), force, parent.run_id, uri))
         files = metrics_files(root, params)
         metrics = read_metrics(files)
         if metrics:
@@ -111,6 +125,7 @@ def pipeline(stages: list[str] | str | None = None, force: bool = False,
         for path in files:
             parent.log_artifact(path, artifact_path="metrics")
         parent.set_tags({"mtdiff.outcomes": ",".join(f"{r['stage']}:{r['outcome']}" for r in results)})
+        pipeline_artifacts(metrics, results, uri, parent.run_id)  # shown on the flow run in the Prefect UI
     print(summary_text(root, params, results, metrics, uri, parent.run_id, flow_run_id))
     return {"stages": order, "results": results, "metrics": metrics, "tracking_uri": uri,
             "mlflow_run_id": parent.run_id, "repo": str(root)}

@@ -22,6 +22,7 @@ NIGHTLY_CRON = "0 2 * * *"
 WEEKLY_CRON = "0 3 * * 0"
 TIMEZONE = os.environ.get("MTDIFF_SCHEDULE_TZ", "UTC")
 SWEEP_CONFIG = "configs/sweeps/tasks.yaml"
+CONCURRENCY_LIMIT = 1  # one run per deployment at a time, as `concurrency_limit: 1` in prefect.yaml
 
 
 def deployments(timezone: str = TIMEZONE) -> list[Any]:
@@ -32,12 +33,12 @@ def deployments(timezone: str = TIMEZONE) -> list[Any]:
         fp.pipeline.to_deployment(
             name="nightly", schedule=Cron(NIGHTLY_CRON, timezone=timezone),
             description="Nightly `dvc repro` of the mtdiff pipeline (unchanged stages are skipped by DVC).",
-            tags=["mtdiff", "pipeline"]),
+            tags=["mtdiff", "pipeline"], concurrency_limit=CONCURRENCY_LIMIT),
         sweep.to_deployment(
             name="weekly-tasks-sweep", schedule=Cron(WEEKLY_CRON, timezone=timezone),
             parameters={"config": SWEEP_CONFIG},
             description="Weekly sweep: single-task vs multi-task MT-Diffusion at the same budget.",
-            tags=["mtdiff", "sweep"]),
+            tags=["mtdiff", "sweep"], concurrency_limit=CONCURRENCY_LIMIT),
     ]
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import task_run as runtime_task_run
 
+from flows.artifacts import sweep_artifacts
 from mtdiff import tracking
 from mtdiff.config import ConfigError
 from mtdiff.dvc_runner import dvc_command, load_repo_params, run_checked, tracked_env
@@ -124,6 +125,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
             sweep_run.log_artifact(path, artifact_path="report")
         failed = [r["point"] for r in rows if r["status"] != "ok"]
         sweep_run.set_tags({"mtdiff.failed_points": ",".join(failed)})
+        sweep_artifacts(cfg.name, report.markdown, report.csv, uri, sweep_run.run_id)  # Prefect UI
         print(f"\nsweep {cfg.name}: {len(rows) - len(failed)}/{len(rows)} points ok; report in {out_dir}\n")
         print(report.markdown)
         if failed:
