@@ -190,10 +190,10 @@ class RepresentationsConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    warmup_steps: int = Field(200, ge=0)
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     ema_decay: float = Field(0.999, ge=0, le=1)

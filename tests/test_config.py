@@ -68,3 +68,14 @@ def test_stage_cli_bad_key_exits_2_with_one_line(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "bogus" in lines[0] and "unknown key" in lines[0]
     assert not (tmp_path / "data").exists()
+
+
+def test_typed_defaults_agree_with_params_yaml():
+    """One set of defaults: params.yaml and the pydantic models say the same (issue 9)."""
+    from mtdiff.config import DEFAULT_PARAMS, flatten, load_params, params_from_dict
+
+    yaml_params = flatten(load_params(DEFAULT_PARAMS).model_dump())
+    typed = flatten(params_from_dict({}).model_dump())
+    machine = {"data.fashion_mnist_dir"}  # MTDIFF_FMNIST_DIR may point the loaded params elsewhere
+    assert {k: v for k, v in yaml_params.items() if k not in machine} == \
+        {k: v for k, v in typed.items() if k not in machine}

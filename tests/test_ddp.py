@@ -32,11 +32,11 @@ def _torchrun(root, overrides: list[str], nproc: int = 2) -> subprocess.Complete
 def _overrides(root, **extra) -> list[str]:
     params = tiny_params(root, **{"tasks.masked.enabled": True, **extra})
     keys = ["data.out_dir", "train.out_dir", "sample.out_dir", "evaluate.out_dir", "data.max_per_split",
-            "model.depth", "model.hidden_size", "model.num_heads", "model.head_hidden", "diffusion.timesteps",
+            "model.channels", "model.channel_mult", "model.attn_resolutions", "model.depth", "model.hidden_size", "model.num_heads", "model.head_hidden", "diffusion.timesteps",
             "train.batch_size", "train.warmup_steps", "train.log_every", "train.ckpt_every", "train.steps",
             "train.device", "sample.steps", "representations.epochs", "tasks.masked.enabled"]
     flat = params.flat()
-    return [f"{k}={flat[k]}" for k in keys]
+    return [f"{k}={flat[k]}".replace(" ", "") for k in keys]
 
 
 def test_ddp_two_gloo_processes(shared_data, workdir):

@@ -154,7 +154,7 @@ def read_csv(path):
         return list(csv.reader(f))
 
 
-TINY = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 1, "model.head_hidden": 16,
+TINY = {"model.channels": 8, "model.channel_mult": [1, 2], "model.depth": 1, "model.hidden_size": 32, "model.num_heads": 1, "model.head_hidden": 16,
         "diffusion.timesteps": 100, "sample.steps": 10, "evaluate.num_samples": 32, "evaluate.num_ref": 32,
         "evaluate.batch_size": 16}
 

@@ -63,7 +63,7 @@ CONFIGS = {
     # DiT's ImageNet-256 class-conditional setting: SD-VAE latents 4x32x32, DiT-B/2, label task only
     "imagenet256-dit-b2": BenchConfig(
         {"profile": "imagenet256", "data.source": "imagenet", "data.resolution": 256, "data.channels": 3,
-         "diffusion.mode": "latent", "model.size": "B", "model.patch_size": 2, "tasks.label.enabled": True,
+         "diffusion.mode": "latent", "model.backbone": "dit", "model.size": "B", "model.patch_size": 2, "tasks.label.enabled": True,
          "tasks.representation.enabled": False, "tasks.masked.enabled": False,
          "tasks.transition.enabled": False, "sample.condition": "label"}, num_classes=1000),
 }
