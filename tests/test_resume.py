@@ -144,7 +144,7 @@ def test_checkpoint_past_the_budget_starts_fresh(root, caplog):
     assert short.summary["resumed_from_step"] is None
     assert "past train.steps 3" in caplog.text
     assert load_checkpoint(_state(root, "budget") / "last.pt")["step"] == 3
-    assert load_checkpoint(_state(root, "budget") / "last.pt.stale")["step"] == 5
+    assert load_checkpoint(_state(root, "budget") / "last.pt.stale.1")["step"] == 5
     _assert_same(short, train(_params(root, "budget_ref", steps=3)))
 
 
@@ -158,7 +158,7 @@ def test_changed_param_starts_fresh(root, caplog):
         result = train(changed)
     assert result.summary["resumed_from_step"] is None
     assert "starting fresh" in caplog.text
-    assert (_state(root, "chg") / "last.pt.stale").exists()
+    assert (_state(root, "chg") / "last.pt.stale.1").exists()
     assert load_checkpoint(_state(root, "chg") / "last.pt")["params_hash"] == params_hash(changed)
 
 

@@ -251,13 +251,9 @@ def _restore(session: _Session, state: dict[str, Any]) -> _Progress:
 
 
 def _move_aside(session: _Session, reason: str) -> None:
-    """The state of another run is kept as ``last.pt.stale`` (its EMA included); its ``ema.pt`` in the
-    output folder goes (extra files there would become part of the DVC output)."""
-    p = session.last_path
-    if p.exists():
-        stale = p.with_name(p.name + ".stale")
-        p.replace(stale)
-        log.warning("%s: %s; moved to %s and starting fresh", p, reason, stale)
+    """The state of another run is kept as ``last.pt.stale.<n>`` (numbered, never overwritten; its EMA
+    included); its ``ema.pt`` in the output folder goes (extra files there would join the DVC output)."""
+    ckpt_mod.move_aside(session.last_path.parent, reason, names=(session.last_path.name,))
     session.ema_path.unlink(missing_ok=True)
 
 
