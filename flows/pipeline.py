@@ -9,16 +9,7 @@ MLflow run nests under the flow's parent run through ``MTDIFF_PARENT_RUN_ID`` in
 """
 from __future__ import annotations
 
-import flows  # sets PREFECT_HOME & co. before prefect is imported
-
-if not hasattr(flows, "set_env_defaults"):  # pragma: no cover
-    # An editable install made before flows/__init__.py existed maps `flows` as a namespace package,
-    # so the package init never ran: run it now (reinstalling with `pip install -e .` also fixes it).
-    from pathlib import Path as _Path
-
-    _init = _Path(__file__).with_name("__init__.py")
-    flows.__file__ = str(_init)
-    exec(compile(_init.read_text(), str(_init), "exec"), flows.__dict__)
+import flows  # noqa: F401  (sets PREFECT_HOME & co. before prefect is imported)
 
 import argparse
 import os

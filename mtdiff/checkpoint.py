@@ -236,7 +236,4 @@ def load_for_inference(params: Params, path: str | os.PathLike | None = None,
     meta.setdefault("step", ckpt.get("step"))
     meta.setdefault("params_hash", ckpt.get("params_hash"))
     meta["path"] = str(path)
-    diffusion = MTDiffusion(params.diffusion)
-    if hasattr(diffusion, "to"):  # schedules as tensors on the sampling device, when it keeps them so
-        diffusion = diffusion.to(device) or diffusion
-    return model, diffusion, meta
+    return model, MTDiffusion(params.diffusion), meta
