@@ -113,6 +113,9 @@ def _run_stage(stage: str, root: Path, fmnist_dir: Path) -> None:
 
 
 def _child(stage: str, root: Path, fmnist_dir: Path) -> None:  # a forked process, SIGKILLed by the test
+    # One intra-op thread: torch then never enters an OpenMP parallel region, which libgomp cannot
+    # run in a child forked from a parent that already used its thread pool (it may hang).
+    torch.set_num_threads(1)
     _run_stage(stage, root, fmnist_dir)
     os._exit(0)
 
