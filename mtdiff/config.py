@@ -190,7 +190,7 @@ class RepresentationsConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(1000, ge=1)
+    steps: int = Field(400, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
@@ -208,21 +208,21 @@ class TrainConfig(_Section):
 
 
 class SampleConfig(_Section):
-    num_samples: int = Field(1000, ge=1)
+    num_samples: int = Field(500, ge=1)
     batch_size: int = Field(250, ge=1)
-    steps: int = Field(50, ge=1)
+    steps: int = Field(25, ge=1)
     sampler: Literal["ddpm", "ddim"] = "ddim"
     eta: float = Field(1.0, ge=0)
     condition: Literal["uncond", "label", "masked", "transition"] = "label"
     cfg_scale: float = Field(1.0, ge=0)       # classifier-free guidance (model.class_conditional)
-    task_guidance: float = Field(1.0, ge=0)   # MT task guidance: A_pred + s (A_given - A_pred)
+    task_guidance: float = Field(2.0, ge=0)   # MT task guidance: eps_absent + s (eps_given - eps_absent)
     out_dir: str = "samples"
 
 
 class EvaluateConfig(_Section):
-    num_samples: int = Field(1000, ge=1)
+    num_samples: int = Field(500, ge=1)
     # test images used as the fidelity reference and by the task heads; null: the whole test split
-    num_ref: Optional[int] = Field(None, ge=1)
+    num_ref: Optional[int] = Field(10000, ge=1)
     batch_size: int = Field(250, ge=1)
     inception: bool = True
     feature_extractor_weights_path: Optional[str] = None
