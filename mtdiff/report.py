@@ -21,6 +21,7 @@ from mtdiff.io import atomic_path
 
 log = logging.getLogger(__name__)
 ID_COLUMNS = ("point", "status", "experiment")
+SEED_SUFFIX = "__seed-"  # mtdiff.sweeps names a point's runs at further seeds <point>__seed-<v>
 MAX_AUTO_PLOTS = 12
 
 
@@ -132,6 +133,34 @@ def compact_frame(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     return frame[["point", "status", *varying, *[m for m in metrics if m in frame.columns]]]
 
 
+def seed_summary(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Mean and sample std over seeds of ``metrics`` for every point run at ≥ 2 seeds (its
+    ``<point>__seed-<v>`` rows with it): columns point, seeds, ``<metric>`` and ``<metric> std``."""
+    ok = frame[frame["status"] == "ok"] if "status" in frame else frame
+    base = ok["point"].astype(str).str.split(SEED_SUFFIX, n=1, regex=False).str[0]
+    records = []
+    for point, group in ok.groupby(base, sort=False):
+        if len(group) < 2:
+            continue
+        rec: dict[str, Any] = {"point": point, "seeds": len(group)}
+        for m in metrics:
+            values = group[m].dropna() if m in group else pd.Series(dtype=float)
+            rec[m] = float(values.mean()) if len(values) else math.nan
+            rec[f"{m} std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        records.append(rec)
+    return pd.DataFrame.from_records(records, columns=["point", "seeds", *[c for m in metrics
+                                                                           for c in (m, f"{m} std")]])
+
+
+def seed_markdown(summary: pd.DataFrame, metrics: Sequence[str]) -> str:
+    """The seed summary as 'mean ± std' cells."""
+    shown = pd.DataFrame({"point": summary["point"], "seeds": summary["seeds"]})
+    for m in metrics:
+        shown[m] = [f"{mu:.4g} ± {sd:.2g}" if not math.isnan(mu) else "-"
+                    for mu, sd in zip(summary[m], summary[f"{m} std"])]
+    return to_markdown(shown)
+
+
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "metric"
 
@@ -173,8 +202,15 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, metrics: S
     with atomic_path(csv_path) as tmp:
         frame.to_csv(tmp, index=False)
     heading = f"# {title}\n\n" if title else ""
+    summary = seed_summary(frame, chosen)
+    seeds_md = ""
+    if len(summary):
+        with atomic_path(out_dir / "comparison_seeds.csv") as tmp:
+            summary.to_csv(tmp, index=False)
+        seeds_md = f"## Over seeds (mean ± sample std)\n\n{seed_markdown(summary, chosen)}\n\n"
     with atomic_path(md_path) as tmp:
-        tmp.write_text(f"{heading}## Main metrics\n\n{table}\n\n## Everything\n\n{to_markdown(frame)}\n")
+        tmp.write_text(f"{heading}## Main metrics\n\n{table}\n\n{seeds_md}"
+                       f"## Everything\n\n{to_markdown(frame)}\n")
     plots = [bar_plot(frame, m, out_dir / f"{safe_name(m)}.png", title=f"{title}: {m}" if title else m)
              for m in chosen]
     return Report(frame=frame, markdown=table, csv=csv_path, md=md_path, plots=plots, metrics=chosen)

@@ -10,10 +10,13 @@ A sweep config (YAML under configs/sweeps/, or a dict) holds::
       single_task: {tasks.label.enabled: false, sample.condition: uncond}
     grid:                            # and/or a cartesian product: {dotted.key: [v1, v2, ...]}
       diffusion.w_max: [0.05, 0.1]
+    seeds: {values: [0, 1], points: [single_task]}  # these points again at each further seed
     metrics: ["evaluate/fid*"]       # main metrics to plot (globs); default: all metrics
     targets: []                      # DVC targets for `dvc exp run` (default: the whole pipeline)
 
-Points are the named points times the grid combinations (either may be absent).
+Points are the named points times the grid combinations (either may be absent). ``seeds`` repeats
+the listed points (all when ``points`` is left out) at each further seed (param ``seed``): the point at
+``values[0]`` keeps its name, the others are ``<point>__seed-<v>``; the report adds mean ± std per point.
 """
 from __future__ import annotations
 
@@ -31,9 +34,9 @@ import yaml
 from mtdiff.config import ConfigError, flatten
 from mtdiff.dvc_runner import dvc_command, load_repo_params, subprocess_env
 from mtdiff.io import atomic_path
-from mtdiff.report import flatten_metrics
+from mtdiff.report import SEED_SUFFIX, flatten_metrics
 
-SWEEP_KEYS = {"name", "description", "base", "points", "grid", "metrics", "targets"}
+SWEEP_KEYS = {"name", "description", "base", "points", "grid", "seeds", "metrics", "targets"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PLAIN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]*$")  # Hydra reads these unquoted as the same string
 _HYDRA_WORDS = {"true", "false", "null", "none", "inf", "nan"}
@@ -103,6 +106,33 @@ def expand_points(base: dict[str, Any], points: dict[str, dict[str, Any]] | None
     return out
 
 
+def repeat_seeds(points: list[SweepPoint], seeds: Any, where: str) -> list[SweepPoint]:
+    """``seeds: {values: [0, 1], points: [a, b]}``: a and b at seed 0 (their names) and at seed 1
+    (``a__seed-1``, right after a); the other points as they are."""
+    if seeds is None:
+        return points
+    if not isinstance(seeds, dict) or set(seeds) - {"values", "points"}:
+        raise ConfigError(f"{where}: seeds: expected {{values: [0, 1], points: [name, ...]}}")
+    values = seeds.get("values")
+    if (not isinstance(values, list) or not values or len(set(values)) != len(values)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
+        raise ConfigError(f"{where}: seeds.values: expected a list of distinct integers, got {values!r}")
+    names = seeds.get("points") or [p.name for p in points]
+    unknown = sorted(set(names) - {p.name for p in points})
+    if unknown:
+        raise ConfigError(f"{where}: seeds.points: no point(s) {unknown}")
+    out: list[SweepPoint] = []
+    for point in points:
+        if point.name not in names:
+            out.append(point)
+            continue
+        if "seed" in point.overrides:
+            raise ConfigError(f"{where}: point {point.name} sets seed itself and is in seeds.points")
+        out.append(SweepPoint(point.name, {**point.overrides, "seed": values[0]}))
+        out += [SweepPoint(f"{point.name}{SEED_SUFFIX}{v}", {**point.overrides, "seed": v}) for v in values[1:]]
+    return out
+
+
 def load_sweep(config: str | Path | dict[str, Any], name: str | None = None,
                base_dir: Path | None = None) -> SweepConfig:
     """Parse a sweep config (YAML path or dict); paths are tried as given, then under ``base_dir``."""
@@ -153,8 +183,8 @@ def load_sweep(config: str | Path | dict[str, Any], name: str | None = None,
         if not target.strip() or target.lstrip().startswith("-"):
             raise ConfigError(f"{source}: targets: {target!r} is not a DVC stage or dvc.yaml path "
                               f"(a leading '-' would be read as a dvc option)")
-    return SweepConfig(name=name, points=expand_points(_overrides(config.get("base"), f"{source}: base"),
-                                                       points, grid),
+    expanded = expand_points(_overrides(config.get("base"), f"{source}: base"), points, grid)
+    return SweepConfig(name=name, points=repeat_seeds(expanded, config.get("seeds"), source),
                        metrics=metrics, targets=targets, description=str(config.get("description") or ""),
                        source=source)
 

@@ -164,3 +164,29 @@ def test_sweep_report_rejects_empty_and_clashing_rows():
     frame = comparison_frame([{"point": "p|q", "status": "ok", "params": {"evaluate.classify_t": [1, 10]},
                                "metrics": {}}])
     assert "p\\|q" in to_markdown(frame) and "[1, 10]" in to_markdown(frame)
+
+
+def test_sweep_seeds_repeat_the_listed_points_at_each_seed():
+    cfg = load_sweep({"name": "s", "base": {"train.steps": 5}, "points": {"a": {}, "b": {"x.y": 1}, "c": {}},
+                      "seeds": {"values": [3, 7], "points": ["a", "b"]}})
+    assert [(p.name, p.overrides.get("seed")) for p in cfg.points] == [
+        ("a", 3), ("a__seed-7", 7), ("b", 3), ("b__seed-7", 7), ("c", None)]
+    assert cfg.points[3].overrides == {"train.steps": 5, "x.y": 1, "seed": 7}
+    bad = [({"values": []}, "distinct integers"), ({"values": [1, 1]}, "distinct integers"),
+           ({"values": [0, 1], "points": ["zz"]}, "no point"), ({"values": [0], "other": 1}, "seeds:")]
+    for seeds, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            load_sweep({"points": {"a": {}}, "seeds": seeds})
+    with pytest.raises(ConfigError, match="sets seed itself"):
+        load_sweep({"points": {"a": {"seed": 2}}, "seeds": {"values": [0, 1]}})
+
+
+def test_sweep_report_mean_and_std_over_seeds(tmp_path):
+    rows = [{"point": p, "status": s, "experiment": p, "params": {}, "metrics": m} for p, s, m in [
+        ("a", "ok", {"evaluate/fid": 10.0}), ("a__seed-1", "ok", {"evaluate/fid": 14.0}),
+        ("b", "ok", {"evaluate/fid": 5.0}), ("b__seed-1", "failed", {})]]
+    report = write_report(rows, tmp_path, metrics=["fid"])
+    summary = pd.read_csv(tmp_path / "comparison_seeds.csv")
+    assert list(summary["point"]) == ["a"] and summary["seeds"][0] == 2  # b has one ok seed: no row
+    assert summary["evaluate/fid"][0] == 12.0 and math.isclose(summary["evaluate/fid std"][0], 8 ** 0.5)
+    assert "| a | 2 | 12 ± 2.8 |" in report.md.read_text()
