@@ -175,8 +175,21 @@ def test_two_pass_task_guidance_extrapolates_from_the_label_absent_prediction():
     calls = []
     forward = model.forward
     model.forward = lambda z, t, *a: calls.append(z.clone()) or forward(z, t, *a)
-    diff.sample(model, (3, 1, 28, 28), given={"label": y}, steps=2, sampler="ddim", eta=0.0,
-                task_guidance=3.0, generator=torch.Generator().manual_seed(0), tasks_cfg=TasksConfig())
-    assert len(calls) == 4  # two steps, each with the label given and absent
+    kw = dict(given={"label": y}, steps=2, sampler="ddim", eta=0.0, tasks_cfg=TasksConfig())
+    guided = diff.sample(model, (3, 1, 28, 28), task_guidance=3.0, generator=torch.Generator().manual_seed(0),
+                         **kw)["z0"]
+    assert len(calls) == 2 and calls[0].shape[0] == 6  # two steps, label given and absent in one batch
     c_T = float(diff.schedule.c[20])
-    assert torch.allclose(calls[1], calls[0] - c_T * model.aggregate({"label": y}), atol=1e-5)
+    assert torch.allclose(calls[0][3:], calls[0][:3] - c_T * model.aggregate({"label": y}), atol=1e-5)
+    # the same as the two passes one after the other: eps = eps_absent + s (eps_given - eps_absent)
+    model.forward = forward
+    c_t = {t: float(diff.schedule.c[t]) for t in diff.timestep_sequence(2)}
+    code = model.aggregate({"label": y})
+
+    def two_pass(z, t, *a):
+        given = forward(z, t, *a)
+        absent = forward(z - c_t[int(t[0])] * code, t, *a)
+        return {**given, "eps": absent["eps"] + 3.0 * (given["eps"] - absent["eps"])}
+    model.forward = two_pass
+    reference = diff.sample(model, (3, 1, 28, 28), generator=torch.Generator().manual_seed(0), **kw)["z0"]
+    assert torch.allclose(guided, reference, atol=1e-5)

@@ -284,42 +284,39 @@ class MTDiffusion:
         return pred.float()
 
     def _denoise(self, model: Any, z: Tensor, t_int: int, ctx: "_SampleContext") -> tuple[dict[str, Tensor], Tensor]:
-        """One network call at ``t``: the heads' outputs and ``A_hat`` (given inputs, else predictions).
-
-        Classifier-free guidance (class-conditional baseline): conditional and null-label passes in
-        one batch, ``eps = eps_null + s (eps_cond - eps_null)``. Task guidance (MT-Diffusion): a given
-        modality enters as ``E(x_pred) + s (E(x_given) - E(x_pred))``; s = 1 is plain conditioning.
-        """
-        B = z.shape[0]
-        t = torch.full((B,), t_int, dtype=torch.long, device=z.device)
-        zin = z.to(ctx.dtype)
-        if ctx.class_labels is None:
-            out = dict(model(zin, t))
-        elif ctx.cfg_scale == 1.0:
-            out = dict(model(zin, t, ctx.class_labels))
-        else:
-            null = torch.full_like(ctx.class_labels, model.num_classes)
-            both = model(torch.cat([zin, zin]), torch.cat([t, t]), torch.cat([ctx.class_labels, null]))
-            out = {k: v[:B] for k, v in both.items()}
-            out["eps"] = both["eps"][B:] + ctx.cfg_scale * (both["eps"][:B] - both["eps"][B:])
+        """One network call at ``t``: the heads' outputs and ``A_hat`` (given inputs, else predictions)."""
+        t = torch.full((z.shape[0],), t_int, dtype=torch.long, device=z.device)
+        out = self._network(model, z, t, t_int, ctx)
         missing = [n for n in ("eps", *ctx.enabled) if n not in ctx.given and n not in out]
         if missing:
             raise KeyError(f"sample: model output lacks head(s) {missing} (has {sorted(out)})")
         predicted = {n: self._prediction_input(n, out[n], ctx.mask_ratio) for n in ctx.enabled if n in out}
         inputs = {n: ctx.given.get(n, predicted.get(n)) for n in ctx.enabled}
-        A_hat = self._aggregate(model, inputs, z)
-        if ctx.task_guidance != 1.0 and "label" in ctx.given:
-            out["eps"] = self._task_guided_eps(model, z, t, t_int, out["eps"], ctx)
-        return out, A_hat
+        return out, self._aggregate(model, inputs, z)
 
-    def _task_guided_eps(self, model: Any, z: Tensor, t: Tensor, t_int: int, eps_given: Tensor,
-                         ctx: "_SampleContext") -> Tensor:
-        """Task guidance, classifier-free guidance's MT analogue: the same step with the given label
-        absent (its code ``c_t E(y)`` taken out of ``z_t``, as in training's label dropout), then
-        ``eps = eps_absent + s (eps_given - eps_absent)``. Both describe the same y-space chain."""
-        A_label = self._aggregate(model, {"label": ctx.given["label"]}, z)
-        eps_absent = model((z - float(self.schedule.c[t_int]) * A_label).to(ctx.dtype), t)["eps"]
-        return eps_absent + ctx.task_guidance * (eps_given - eps_absent)
+    def _network(self, model: Any, z: Tensor, t: Tensor, t_int: int, ctx: "_SampleContext") -> dict[str, Tensor]:
+        """The heads at ``z_t``; with guidance the conditioned and the unconditioned pass run in one
+        batch and ``eps = eps_uncond + s (eps_cond - eps_uncond)``, the other heads from the first.
+
+        Classifier-free guidance (class-conditional baseline): the null label is the unconditioned
+        pass. Task guidance (MT-Diffusion, its analogue): the given label absent, i.e. its code
+        ``c_t E(y)`` taken out of ``z_t`` as in training's label dropout (M2); both passes describe
+        the same y-space chain. A scale of 1 is plain conditioning (one pass).
+        """
+        zin = z.to(ctx.dtype)
+        if ctx.class_labels is not None and ctx.cfg_scale != 1.0:
+            null = torch.full_like(ctx.class_labels, model.num_classes)
+            args, scale = (torch.cat([zin, zin]), torch.cat([t, t]), torch.cat([ctx.class_labels, null])), ctx.cfg_scale
+        elif "label" in ctx.given and ctx.task_guidance != 1.0:
+            code = float(self.schedule.c[t_int]) * self._aggregate(model, {"label": ctx.given["label"]}, z)
+            args, scale = (torch.cat([zin, (z - code).to(ctx.dtype)]), torch.cat([t, t])), ctx.task_guidance
+        else:
+            return dict(model(zin, t) if ctx.class_labels is None else model(zin, t, ctx.class_labels))
+        both = model(*args)
+        B = z.shape[0]
+        out = {k: v[:B] for k, v in both.items()}
+        out["eps"] = both["eps"][B:] + scale * (both["eps"][:B] - both["eps"][B:])
+        return out
 
     def p_step(self, z: Tensor, z0_hat: Tensor, A_hat: Tensor, t_int: int, s_int: int, ctx: "_SampleContext",
                noise: Tensor) -> Tensor:

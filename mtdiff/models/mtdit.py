@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtdiff.models.dit import TIME_FREQ_DIM, DiTBackbone
 from mtdiff.config import TASKS
-from mtdiff.models.tasks import ImageHead, PooledHead, TaskModel
+from mtdiff.models.tasks import ImageHead, PooledHead, TaskModel, class_embedding
 from mtdiff.models.unet import MTUNet
 
 LATENT_CHANNELS = 4  # SD-VAE latent channels
@@ -57,11 +57,7 @@ class MTDiT(TaskModel):
                  class_labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared ``h_t`` (B, N, D) and conditioning vector ``c`` (B, D)."""
         t = self._check_inputs(z_t, t)
-        extra = None
-        if self.class_embed is not None:
-            if class_labels is None:  # unconditional: the null label
-                class_labels = torch.full_like(t, self.num_classes)
-            extra = self.class_embed(class_labels)
+        extra = None if self.class_embed is None else class_embedding(self.class_embed, class_labels, t)
         return self.backbone(z_t, t, extra)
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor,

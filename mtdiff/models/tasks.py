@@ -32,6 +32,14 @@ def rms_normalize(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def class_embedding(embed: nn.Embedding, class_labels: Optional[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    """The class-conditional baseline's label embedding (not MT-Diffusion's label task); no label is
+    the null label, the last index: classifier-free guidance's unconditional class."""
+    if class_labels is None:
+        class_labels = torch.full_like(t, embed.num_embeddings - 1)
+    return embed(class_labels)
+
+
 class LabelEncoder(nn.Module):
     """E_label: class label -> learned (C, H, W) code with unit RMS.
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtdiff.models.dit import TimestepEmbedder
-from mtdiff.models.tasks import TaskModel
+from mtdiff.models.tasks import TaskModel, class_embedding
 
 GROUPS = 32  # GroupNorm groups (ADM); fewer where they do not divide the channels
 
@@ -162,9 +162,7 @@ class UNetBackbone(nn.Module):
     def embed(self, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         emb = self.t_embedder(t)
         if self.class_embed is not None:
-            if class_labels is None:  # unconditional: the null label
-                class_labels = torch.full_like(t, self.class_embed.num_embeddings - 1)
-            emb = emb + self.class_embed(class_labels)
+            emb = emb + class_embedding(self.class_embed, class_labels, t)
         return emb
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
