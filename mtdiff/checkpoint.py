@@ -37,7 +37,8 @@ EMA = "ema.pt"
 
 # Keys that only say where/how often to write, or how long/fast to run: changing them must not
 # invalidate a run (train.steps is excluded so that raising it extends a run by resuming).
-_TRAIN_KEYS_IGNORED = {"out_dir", "log_every", "ckpt_every", "steps", "num_workers", "compile", "device"}
+_TRAIN_KEYS_IGNORED = {"out_dir", "log_every", "ckpt_every", "grid_every", "steps", "num_workers", "compile",
+                       "device"}
 
 
 def hashed_params(params: Params) -> dict[str, Any]:

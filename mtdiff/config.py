@@ -203,6 +203,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0)
     ckpt_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
+    grid_every: int = Field(200, ge=0)  # 0: off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "checkpoints"
 

@@ -165,15 +165,23 @@ class StageRun:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._call("log_artifact", str(path), artifact_path=artifact_path)
 
-    def log_image(self, image, artifact_file: str) -> None:
-        """``image``: a PIL image or HWC uint8 array. Kept as a PNG beside the pending file when unsent."""
+    def log_image(self, image, artifact_file: str | None = None, *, key: str | None = None,
+                  step: int | None = None) -> None:
+        """``image``: a PIL image or HWC uint8 array, logged as ``artifact_file``, or under ``key`` at
+        ``step`` (MLflow's step-tagged images: the UI shows them as a sequence). Kept as a PNG beside
+        the pending file when unsent."""
+        if (artifact_file is None) == (key is None):
+            raise ValueError("log_image: give artifact_file or key")
         if self.run_id is not None:
             try:
-                self._op("log_image")(image, artifact_file=artifact_file)
+                self._op("log_image")(image, **({"artifact_file": artifact_file} if key is None
+                                                 else {"key": key, "step": step}))
                 return
             except Exception as exc:
                 log.warning("MLflow log_image failed (%s); kept in %s", exc, self.pending_path)
-        self._keep("log_image", (artifact_file,), {"image_path": self._save_image(image, artifact_file)})
+        name = artifact_file or f"{key}/step_{int(step or 0):08d}.png"
+        extra = {} if key is None else {"key": key, "step": step}
+        self._keep("log_image", (name,), {"image_path": self._save_image(image, name), **extra})
 
     def _save_image(self, image, artifact_file: str) -> str | None:
         if self.pending_path is None or os.environ.get("MTDIFF_MLFLOW", "1") == "0":
@@ -209,8 +217,11 @@ def _client_ops(client, run_id: str) -> dict[str, Any]:
     def log_artifact(path: str, artifact_path: str | None = None) -> None:
         client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
-    def log_image(image, artifact_file: str) -> None:
-        client.log_image(run_id, image, artifact_file=artifact_file)
+    def log_image(image, artifact_file: str | None = None, key: str | None = None, step: int | None = None) -> None:
+        if key is None:
+            client.log_image(run_id, image, artifact_file=artifact_file)
+        else:
+            client.log_image(run_id, image, key=key, step=step)
 
     return {"log_metrics": log_metrics, "log_params": log_params, "set_tags": set_tags,
             "log_artifact": log_artifact, "log_image": log_image}
@@ -410,7 +421,13 @@ def _send_record(ops: dict[str, Any], rec: dict) -> None:
         image_path = kwargs.get("image_path")
         if not image_path or not Path(image_path).exists():
             raise FileNotFoundError(f"kept image {image_path!r} for {args[0]!r} is gone")
-        ops["log_artifact"](image_path, artifact_path=os.path.dirname(args[0]) or None)
+        if kwargs.get("key"):  # a step-tagged image: sent as one again
+            from PIL import Image
+
+            with Image.open(image_path) as img:
+                ops["log_image"](img.copy(), key=kwargs["key"], step=kwargs.get("step"))
+        else:
+            ops["log_artifact"](image_path, artifact_path=os.path.dirname(args[0]) or None)
     elif what == "log_artifact":
         if not Path(args[0]).exists():
             raise FileNotFoundError(f"artifact {args[0]} is gone")

@@ -20,6 +20,7 @@ the masks from another: same seed and params, same images.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Optional
 
@@ -41,6 +42,7 @@ from mtdiff.utils import derive_seed, get_logger
 
 log = get_logger("mtdiff.sample")
 GRID_SIDE = 10
+PREVIEW_IMAGES = 16  # the train stage's grid every train.grid_every steps (4 x 4)
 
 
 class _TestSplit:
@@ -210,19 +212,31 @@ def _log_to_mlflow(params: Params, summary: dict[str, Any], grid: np.ndarray) ->
         mlrun.log_image(to_pil(grid), "grid.png")
 
 
-def _make_grid(arr: np.ndarray, npz: dict[str, np.ndarray], cond: str, num_classes: int) -> np.ndarray:
-    """10x10 overview: rows = classes (label), or input/sample/reference row triplets (masked, transition)."""
+def preview_grid(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict[str, Any],
+                 device: torch.device, count: int = PREVIEW_IMAGES) -> np.ndarray:
+    """A small grid of ``count`` samples drawn as this stage draws them (``sample.*`` settings, seeded
+    noise: the same noise at every call, so successive grids show the model, not the draw)."""
+    sc = params.sample.model_copy(update={"num_samples": count, "batch_size": count})
+    npz, _ = _generate(params.model_copy(update={"sample": sc}), model, diffusion, meta, device)
+    # too few samples for one row per class: plain sample order (labels cycle 0..K-1)
+    layout = params.sample.condition if params.sample.condition in ("masked", "transition") else "uncond"
+    return _make_grid(npz["arr_0"], npz, layout, int(meta["num_classes"]), side=math.isqrt(count))
+
+
+def _make_grid(arr: np.ndarray, npz: dict[str, np.ndarray], cond: str, num_classes: int,
+               side: int = GRID_SIDE) -> np.ndarray:
+    """side x side overview: rows = classes (label), or input/sample/reference row triplets (masked, transition)."""
     if cond == "label":
-        cells = gather_with_blanks(arr, label_grid_indices(npz["labels"], num_classes, GRID_SIDE, GRID_SIDE))
+        cells = gather_with_blanks(arr, label_grid_indices(npz["labels"], num_classes, side, side))
     elif cond == "masked":
         ref = npz["reference"]
         masked = (ref.astype(np.float32) * npz["mask"][..., None] + 127.5 * (1 - npz["mask"][..., None]))
-        cells = interleave_rows([np.round(masked).astype(np.uint8), arr, ref], GRID_SIDE)
+        cells = interleave_rows([np.round(masked).astype(np.uint8), arr, ref], side)
     elif cond == "transition":
-        cells = interleave_rows([npz["source"], arr, npz["reference"]], GRID_SIDE)
+        cells = interleave_rows([npz["source"], arr, npz["reference"]], side)
     else:
-        cells = arr[:GRID_SIDE * GRID_SIDE]
-    grid = image_grid(cells, nrow=GRID_SIDE)
+        cells = arr[:side * side]
+    grid = image_grid(cells, nrow=side)
     scale = max(1, 64 // arr.shape[1])  # small images (Fashion-MNIST 28 px) enlarged for viewing
     if scale > 1:
         grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)

@@ -27,6 +27,7 @@ The stage reads setup -> resume -> loop -> summary; the step itself is
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import time
@@ -46,7 +47,9 @@ from mtdiff.data import TrainDataset, collate_batch
 from mtdiff.diffusion import MTDiffusion
 from mtdiff.io import write_json
 from mtdiff.models import build_model, count_params, flops_per_image
+from mtdiff.sampling_io import to_pil
 from mtdiff.stages import stage_main
+from mtdiff.stages.sample import preview_grid
 from mtdiff import registry
 from mtdiff.tracking import parent_run_id, stage_run
 from mtdiff.training import (EMA, DistInfo, NonFiniteLossError, ResumableBatchSampler, TrainMeter,
@@ -61,6 +64,7 @@ __all__ = ["NonFiniteLossError", "TrainResult", "dataset_meta", "main", "run", "
 
 STATE_ROOT = Path(".mtdiff") / "train_state"  # under the project root: gitignored, .dvcignored, no output
 TRAIN_LOG = "train_log.csv"
+GRID_KEY = "train/samples"  # MLflow image key of the grids every train.grid_every steps
 
 
 def train_state_dir(params: Params) -> Path:
@@ -108,6 +112,7 @@ class _Session:
 
     state_dir: Path
     train_log: Optional[TrainLog] = None  # rank 0 only
+    preview_model: Optional[nn.Module] = None  # rank 0: the EMA weights the grids are drawn from
 
     @property
     def ckpt_dir(self) -> Path:
@@ -333,23 +338,41 @@ def _loop(session: _Session, progress: _Progress, tracker: Any,
 
 def _end_of_step(session: _Session, progress: _Progress, meter: TrainMeter, tracker: Any, bar: tqdm) -> None:
     """Every ``log_every`` steps: check the losses are finite and log the window; every
-    ``ckpt_every`` steps (and at the end): also checkpoint. The checkpoint's time is not training time."""
+    ``ckpt_every`` steps (and at the end): also checkpoint; every ``grid_every`` steps: a sample grid.
+    The checkpoint's and the grid's time is not training time."""
     tc, step = session.params.train, progress.step
-    is_last = step >= tc.steps
-    save_now = step % tc.ckpt_every == 0 or is_last
-    if not (save_now or step % tc.log_every == 0):
-        return
-    kept = progress.last_saved_step if progress.last_saved_step is not None else "none"
-    meter.check_finite(f"; stopped without saving, the last good checkpoint ({session.last_path}, step {kept}) "
-                       "is kept. Lower train.lr, raise train.warmup_steps, or use train.precision fp32/bf16.")
-    window = meter.flush()
-    progress.record(window)
-    if session.info.is_main:
-        _log_window(session, progress, window, tracker, bar)
+    save_now = step % tc.ckpt_every == 0 or step >= tc.steps
+    if save_now or step % tc.log_every == 0:
+        kept = progress.last_saved_step if progress.last_saved_step is not None else "none"
+        meter.check_finite(f"; stopped without saving, the last good checkpoint ({session.last_path}, step {kept}) "
+                           "is kept. Lower train.lr, raise train.warmup_steps, or use train.precision fp32/bf16.")
+        window = meter.flush()
+        progress.record(window)
+        if session.info.is_main:
+            _log_window(session, progress, window, tracker, bar)
     if save_now:
         t0 = time.perf_counter()
         _save_checkpoint(session, progress)
         meter.exclude(time.perf_counter() - t0)
+    if tc.grid_every and step % tc.grid_every == 0 and session.info.is_main:
+        t0 = time.perf_counter()
+        _log_grid(session, step, tracker)
+        meter.exclude(time.perf_counter() - t0)
+
+
+def _log_grid(session: _Session, step: int, tracker: Any) -> None:
+    """A sample grid from the EMA weights, logged as a step-tagged MLflow image (the UI shows samples
+    improving). It leaves training's trajectory alone: a copy of the model, the sampler's own seeded
+    generator, and the global RNGs forked (so a run with grids trains the same weights as one without)."""
+    device = session.info.device
+    if session.preview_model is None:
+        session.preview_model = copy.deepcopy(session.step.model).eval().requires_grad_(False)
+        session.preview_model.zero_grad(set_to_none=True)  # the copied .grad tensors are not needed
+    session.step.ema.copy_to(session.preview_model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        grid = preview_grid(session.params, session.preview_model, MTDiffusion(session.params.diffusion),
+                            session.meta, device)
+    tracker.log_image(to_pil(grid), key=GRID_KEY, step=step)
 
 
 def _log_window(session: _Session, progress: _Progress, window: Window, tracker: Any, bar: tqdm) -> None:
