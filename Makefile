@@ -17,7 +17,7 @@ export GIT_PYTHON_REFRESH := quiet
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install data-package run test bench sweep serve clean
+.PHONY: install data-package run test bench sweep serve screenshots clean
 
 install: $(STAMP)
 
@@ -55,6 +55,16 @@ sweep: install data-package
 
 serve: install
 	$(PY) -m flows.serve
+
+# The README's screenshots (docs/*.png) from mlflow.db and .prefect/ in headless Chromium (Debian's
+# package, installed here when missing; the script itself installs nothing). Not needed by `make test`.
+screenshots: install
+	@if ! command -v chromium >/dev/null; then \
+	  echo "installing Debian package chromium"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; \
+	fi
+	scripts/screenshots.sh
 
 bench: install
 	$(VENV)/bin/mtdiff bench train --quick
