@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import subprocess
@@ -22,8 +21,9 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from mtdiff.config import REPO_ROOT, Params, flatten, load_params
+from mtdiff.config import REPO_ROOT, Params, load_params
 from mtdiff.io import atomic_path
+from mtdiff.tracking import file_metrics, numeric_leaves, redact_uri  # noqa: F401  (numeric_leaves lived here)
 
 SUMMARY_METRICS = 20  # metrics printed at the end of a run
 CONFIG_EXIT_CODE = 2  # stage_main exits 2 on a bad parameter: retrying cannot help
@@ -246,13 +246,6 @@ def stage_outcome(stage: str, lines: Sequence[str]) -> str:
 
 
 # -- metrics --------------------------------------------------------------------------------
-def numeric_leaves(obj: Any) -> dict[str, float]:
-    """Finite numbers of a (nested) JSON object as dotted keys (bools and strings dropped)."""
-    flat = flatten(obj) if isinstance(obj, dict) else {}
-    return {k: float(v) for k, v in flat.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
-
-
 def metrics_files(root: Path, params: Params) -> list[Path]:
     """JSON files of ``root/metrics`` and of ``params.metrics_dir``."""
     dirs = {root / "metrics", (root / params.metrics_dir).resolve()}
@@ -267,7 +260,7 @@ def read_metrics(files: Sequence[Path]) -> dict[str, float]:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        out.update({f"{path.stem}/{k}": v for k, v in numeric_leaves(data).items()})
+        out.update(file_metrics(path, data))
     return out
 
 
@@ -289,8 +282,6 @@ def summary_text(root: Path, params: Params, results: list[dict], metrics: dict[
         lines.append(f"    {key} = {metrics[key]:.6g}")
     if len(keys) > SUMMARY_METRICS:
         lines.append(f"    ... {len(keys) - SUMMARY_METRICS} more: `dvc metrics show`, or the MLflow run below")
-    from mtdiff.tracking import redact_uri
-
     shown = redact_uri(uri)
     lines.append(f"  MLflow:       {shown}  parent run {run_id or '(not tracked)'}"
                  f"  -> mlflow ui --backend-store-uri {shown}")

@@ -10,9 +10,11 @@ lost (``replay_pending`` sends it later).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -21,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from mtdiff.config import REPO_ROOT, Params, project_root
+from mtdiff.config import REPO_ROOT, Params, flatten, project_root
 
 # plain logging (not mtdiff.utils) so importing tracking does not pull in torch
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ PARENT_ENV_VARS = ("MTDIFF_PARENT_RUN_ID", "MLFLOW_PARENT_RUN_ID")
 PENDING_FILE = "mlflow_pending.jsonl"
 PENDING_IMAGES = "mlflow_pending_images"
 PENDING_DIR = Path(".mtdiff") / "mlflow_pending"  # under the project root: never inside a DVC output
+OVERRIDES_TAG = "mtdiff.overrides"  # the overrides (JSON) behind a run's full params
 
 
 def pending_file(stage: str, root: str | os.PathLike | None = None) -> Path:
@@ -47,6 +50,51 @@ def redact_uri(uri: Any) -> Any:
     if not isinstance(uri, str):
         return uri
     return _SECRET_QUERY_RE.sub(r"\1***", _USERINFO_RE.sub(lambda m: f"{m['scheme']}***@", uri))
+
+
+def numeric_leaves(obj: Any) -> dict[str, float]:
+    """Finite numbers of a (nested) JSON object as dotted keys (bools and strings dropped)."""
+    flat = flatten(obj) if isinstance(obj, dict) else {}
+    return {k: float(v) for k, v in flat.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def file_metrics(path: str | os.PathLike, data: Any) -> dict[str, float]:
+    """The numbers of metrics file ``path`` (holding ``data``) under the one MLflow key each has:
+    ``<file stem>/<dotted key>`` (``metrics/evaluate.json {"fid_1k": 9.1}`` -> ``evaluate/fid_1k``). The
+    stage run, the pipeline's parent run and the sweep-point runs all log these keys, the sweep table's
+    columns (``mtdiff.report.flatten_metrics``), so MLflow's compare view shows each number once."""
+    return {f"{Path(path).stem}/{k}": v for k, v in numeric_leaves(data).items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _value_limits() -> tuple[int, int]:
+    """MLflow's (param, tag) value length limits: 6000 / 8000 now, 500 / 5000 in older versions."""
+    try:
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+        return int(MAX_PARAM_VAL_LENGTH), int(MAX_TAG_VAL_LENGTH)
+    except Exception:  # noqa: BLE001 - an MLflow without these names: its oldest limits
+        return 500, 5000
+
+
+def fit_value(value: Any, tag: bool = False) -> str:
+    """``value`` as MLflow may store it: credentials redacted, and cut to MLflow's length limit with a
+    marker saying how long it was (a longer value makes MLflow reject the whole batch)."""
+    text = str(redact_uri(value))
+    limit = _value_limits()[1 if tag else 0]
+    if len(text) <= limit:
+        return text
+    marker = f"...[{len(text)} chars]"
+    return text[:limit - len(marker)] + marker
+
+
+def log_run_params(run: "StageRun", params: Params, overrides: dict[str, Any] | None = None) -> None:
+    """The full resolved params as dotted keys (what every stage run logs) and, in the ``mtdiff.overrides``
+    tag, the overrides (JSON) that gave them: parent and sweep-point runs compare like stage runs."""
+    run.log_params(params.flat())
+    shown = {k: redact_uri(v) for k, v in (overrides or {}).items()}
+    run.set_tags({OVERRIDES_TAG: json.dumps(shown, sort_keys=True, default=str)})
 
 
 def tracking_uri(params: Params | None = None) -> str:
@@ -157,10 +205,10 @@ class StageRun:
         self._call("log_metrics", clean, step=step)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._call("log_params", {k: str(redact_uri(v))[:6000] for k, v in params.items()})
+        self._call("log_params", {k: fit_value(v) for k, v in params.items()})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self._call("set_tags", {k: str(v) for k, v in tags.items()})
+        self._call("set_tags", {k: fit_value(v, tag=True) for k, v in tags.items()})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._call("log_artifact", str(path), artifact_path=artifact_path)
@@ -209,7 +257,7 @@ def _client_ops(client, run_id: str) -> dict[str, Any]:
         client.log_batch(run_id, metrics=[Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()])
 
     def log_params(params: dict) -> None:
-        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        client.log_batch(run_id, params=[Param(k, fit_value(v)) for k, v in params.items()])
 
     def set_tags(tags: dict) -> None:
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

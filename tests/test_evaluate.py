@@ -206,7 +206,16 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     # MLflow off: what would have been logged is kept beside the metrics
     pending = [json.loads(line) for line in __import__("mtdiff.tracking").tracking.pending_file("evaluate").read_text().splitlines()]
     logged = [r for r in pending if r["what"] == "log_metrics"]
-    assert logged and "eval/fid_fmnist_cnn_32" in logged[0]["args"][0]
+    # one key per number: the stage run logs evaluate.json's numbers under the keys the pipeline's
+    # parent run (read_metrics) and the sweep table (flatten_metrics) use
+    from mtdiff.dvc_runner import read_metrics
+    from mtdiff.report import flatten_metrics
+
+    parent_keys = read_metrics([params.metrics_dir / "evaluate.json"])
+    assert "evaluate/fid_fmnist_cnn_32" in parent_keys
+    assert parent_keys == flatten_metrics({"metrics/evaluate.json": m})
+    stage_logged = logged[0]["args"][0]
+    assert {k: v for k, v in stage_logged.items() if k != "evaluate/wall_time_s"} == parent_keys
 
     # same params and inputs: the same numbers (seeded noise, KID subsets)
     evaluate.run(params)

@@ -150,3 +150,28 @@ def test_mlflow_client_run_tolerates_down_server(mlflow_down):
         run.log_metrics({"a": 1.0})
     kinds = [r["what"] for r in read_pending(mlflow_down / "keep" / PENDING_FILE)]
     assert kinds == ["start_run", "log_metrics", "end_run"]
+
+
+def test_mlflow_full_params_long_values_and_overrides_tag(tmp_path, monkeypatch):
+    """log_run_params: every resolved param under its dotted key (as a stage run logs them), the
+    overrides as JSON in a tag, and a value longer than MLflow's limit cut with a marker instead of
+    failing the whole batch."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    from mtdiff.tracking import OVERRIDES_TAG, log_run_params
+
+    monkeypatch.chdir(tmp_path)
+    uri = sqlite_store(tmp_path)
+    monkeypatch.setenv("MTDIFF_MLFLOW", "1")
+    long_dir = "/data/" + "x" * (MAX_PARAM_VAL_LENGTH + 500)
+    overrides = {"train.steps": 9, "data.imagenet_dir": long_dir}
+    params = load_params(DEFAULT_PARAMS, overrides={**overrides, "mlflow.experiment": "full"})
+    with client_run("pipeline", params=params, uri=uri) as parent:
+        log_run_params(parent, params, overrides)
+    run = _client(uri).get_run(parent.run_id)
+    assert set(run.data.params) == set(params.flat())
+    assert run.data.params["train.steps"] == "9" and run.data.params["model.channel_mult"] == "[1, 2, 2]"
+    cut = run.data.params["data.imagenet_dir"]
+    assert len(cut) == MAX_PARAM_VAL_LENGTH and cut.startswith("/data/xxx")
+    assert cut.endswith(f"...[{len(long_dir)} chars]")
+    assert json.loads(run.data.tags[OVERRIDES_TAG]) == {"train.steps": 9, "data.imagenet_dir": long_dir}

@@ -59,7 +59,7 @@ from mtdiff.evaluation import accuracy as acc
 from mtdiff.evaluation import fidelity as fid
 from mtdiff.io import atomic_path, write_json
 from mtdiff.stages import stage_main
-from mtdiff.tracking import stage_run
+from mtdiff.tracking import file_metrics, stage_run
 from mtdiff.utils import get_logger, pick_device, seed_everything
 
 log = get_logger("mtdiff.evaluate")
@@ -341,10 +341,10 @@ def run(params: Params) -> dict[str, Any]:
         PER_CLASS_SAMPLES: _write_csv(out_dir / PLOTS_SUBDIR / PER_CLASS_SAMPLES,
                                       ["class", "class_index", "accuracy"], plots[PER_CLASS_SAMPLES]),
     }
-    numbers = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}
+    numbers = file_metrics(metrics_path, metrics)  # evaluate/<key>: the parent and sweep runs' keys too
     with stage_run(params, "evaluate", out_dir) as mlrun:
-        mlrun.log_metrics({**numbers, "eval/wall_time_s": time.time() - t0})
-        mlrun.set_tags({f"eval.{k}": v for k, v in metrics.items() if isinstance(v, str) and v})
+        mlrun.log_metrics({**numbers, "evaluate/wall_time_s": time.time() - t0})
+        mlrun.set_tags({f"evaluate.{k}": v for k, v in metrics.items() if isinstance(v, str) and v})
         mlrun.log_artifact(metrics_path)
         for p in plot_paths.values():
             mlrun.log_artifact(p, artifact_path=PLOTS_SUBDIR)

@@ -30,7 +30,7 @@ from mtdiff.encoders import FashionCNN, images_to_unit_range, load_image_encoder
 from mtdiff.evaluation.accuracy import classifier_accuracy
 from mtdiff.io import atomic_dir, write_json
 from mtdiff.stages import stage_main
-from mtdiff.tracking import stage_run
+from mtdiff.tracking import file_metrics, stage_run
 from mtdiff.training import autocast
 from mtdiff.utils import get_logger, pick_device, seed_everything
 
@@ -181,8 +181,7 @@ def run(params: Params) -> dict[str, Any]:
                          "ncm_test_accuracy": metrics["ncm_test_accuracy"]})
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         metrics_path = write_json(params.metrics_dir / "representations.json", metrics)
-        tracker.log_metrics({f"representations/{k}": v for k, v in metrics.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tracker.log_metrics(file_metrics(metrics_path, metrics))  # representations/<key>, as the parent run
         tracker.log_artifact(metrics_path, artifact_path="representations")
     log.info("representations (%s, dim %d): test accuracy %s, nearest-class-mean accuracy %.4f -> %s, %s (%.1fs)",
              cfg.encoder, dim, metrics.get("test_accuracy", "n/a"), metrics["ncm_test_accuracy"], out,

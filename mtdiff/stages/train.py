@@ -51,7 +51,7 @@ from mtdiff.sampling_io import to_pil
 from mtdiff.stages import stage_main
 from mtdiff.stages.sample import preview_grid
 from mtdiff import registry
-from mtdiff.tracking import parent_run_id, stage_run
+from mtdiff.tracking import file_metrics, parent_run_id, stage_run
 from mtdiff.training import (EMA, DistInfo, NonFiniteLossError, ResumableBatchSampler, TrainMeter,
                              TrainLog, TrainStep, Window, autocast_dtype, barrier, configure_backends,
                              init_distributed, make_sampler, per_rank_batch, ranks_in_sync,
@@ -420,8 +420,8 @@ def _report(session: _Session, summary: dict[str, Any], tracker: Any) -> None:
     resumed = summary["resumed_from_step"]
     tracker.set_tags({"checkpoint": str(session.last_path), "params_hash": session.params_hash,
                       "resumed_from_step": resumed if resumed is not None else "none"})
-    tracker.log_metrics({k: summary[k] for k in ("img_per_s", "wall_time_s", "train_time_s")
-                         if summary[k] is not None}, step=summary["steps"])
+    # train/<key> of train.json, the keys the parent and sweep runs log them under
+    tracker.log_metrics(file_metrics(metrics_path, summary), step=summary["steps"])
     tracker.log_artifact(metrics_path)
     final = summary["final_loss"]
     log.info("done: %d steps, final loss %s, %.1f img/s, wall %.1f s -> %s", summary["steps"],
