@@ -12,19 +12,21 @@ from __future__ import annotations
 import flows  # noqa: F401  (sets PREFECT_HOME & co. before prefect is imported)
 
 import argparse
+import contextlib
 import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from prefect import flow, get_run_logger, task
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.runtime import task_run as runtime_task_run
 
 from flows.artifacts import pipeline_artifacts
 from mtdiff import dvc_runner, tracking
-from mtdiff.config import ConfigError, parse_overrides
+from mtdiff.config import ConfigError, Params, parse_overrides
 from mtdiff.dvc_runner import (StageConfigError, StageFailed, load_repo_params, metrics_files,  # noqa: F401
                                read_metrics, repro_command, resolve_stages, run_checked, stage_outcome,
                                summary_text, tracked_env, write_params_overrides)
@@ -38,6 +40,36 @@ DEFAULT_STAGE_TIMEOUT_S = 86400
 def stage_timeout(stage: str) -> float:
     override = os.environ.get("MTDIFF_STAGE_TIMEOUT_S")
     return float(override) if override else float(STAGE_TIMEOUT_S.get(stage, DEFAULT_STAGE_TIMEOUT_S))
+
+
+# One global slot shared by the pipeline and sweep flows: the nightly run and the weekly sweep never
+# compete for the machine (each waits for the other). Raise the limit's slots on a bigger machine.
+COMPUTE_LIMIT = "mtdiff-compute"
+
+
+def ensure_concurrency_limit(name: str = COMPUTE_LIMIT, slots: int = 1) -> None:
+    """Create the global concurrency limit when the Prefect server lacks it: ``concurrency`` does not
+    create one (it warns and runs unguarded, or raises with ``strict``), so a fresh server gets it on
+    the first run. An existing limit is left as configured."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another flow created it meanwhile
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+
+
+@contextlib.contextmanager
+def compute_slot(log: Callable[[str], Any] = print) -> Iterator[None]:
+    """Hold one slot of :data:`COMPUTE_LIMIT` (waiting while another flow holds it)."""
+    ensure_concurrency_limit()
+    log(f"waiting for a '{COMPUTE_LIMIT}' slot (the pipeline and sweeps take turns)")
+    with concurrency(COMPUTE_LIMIT, occupy=1, strict=True):
+        yield
 
 
 # the working directory if it has dvc.yaml, else this checkout
@@ -93,6 +125,14 @@ def pipeline(stages: list[str] | str | None = None, force: bool = False,
     order = resolve_stages(root, stages)
     overrides = parse_overrides(params_overrides)
     params = load_repo_params(root, overrides)  # a bad override fails here, before anything runs
+    with compute_slot(logger.info):  # before params.yaml changes: a running sweep copies the workspace
+        return _run_stages(root, order, overrides, params, force, retry_delay_seconds)
+
+
+def _run_stages(root: Path, order: list[str], overrides: dict[str, Any], params: Params, force: bool,
+                retry_delay_seconds: float) -> dict[str, Any]:
+    """The flow's body once it holds the compute slot: overrides into params.yaml, the stages, MLflow."""
+    logger = get_run_logger()
     if overrides:
         write_params_overrides(root / "params.yaml", overrides)
         logger.info("params.yaml updated with %s", overrides)
@@ -104,8 +144,7 @@ def pipeline(stages: list[str] | str | None = None, force: bool = False,
     stage_task = run_dvc_stage.with_options(retry_delay_seconds=retry_delay_seconds)
     with tracking.client_run("pipeline", params=params, uri=uri, tags=tags,
                              parent_run_id=tracking.parent_run_id()) as parent:
-        if overrides:
-            parent.log_params({f"override.{k}": v for k, v in overrides.items()})
+        tracking.log_run_params(parent, params, overrides)
         for stage in order:
             results.append(stage_task.with_options(timeout_seconds=stage_timeout(stage))(
                 stage, str(root), force, parent.run_id, uri))

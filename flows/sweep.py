@@ -93,8 +93,9 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
     sweep_tags = {"mtdiff.kind": "sweep", "mtdiff.sweep": cfg.name, "git_commit": head,
                   "prefect.flow_run_id": fp.current_flow_run_id(),
                   "mtdiff.sweep_points": ",".join(p.name for p in todo)}
-    with tracking.client_run(f"sweep:{cfg.name}", params=base_params, uri=uri, tags=sweep_tags,
-                             parent_run_id=tracking.parent_run_id()) as sweep_run:
+    with fp.compute_slot(logger.info), tracking.client_run(
+            f"sweep:{cfg.name}", params=base_params, uri=uri, tags=sweep_tags,
+            parent_run_id=tracking.parent_run_id()) as sweep_run:
         sweep_run.log_artifact(sweep_file)
         for point in todo:
             exp_base = exp_name_for(cfg.name, point.name, stamp)
@@ -102,7 +103,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
             point_run = tracking.start_client_run(
                 point.name, uri=uri, experiment=base_params.mlflow.experiment, parent_run_id=sweep_run.run_id,
                 tags={**point_tags, "mtdiff.kind": "sweep_point", "dvc.exp_name": exp_base, "git_commit": head})
-            point_run.log_params(point.overrides)
+            tracking.log_run_params(point_run, load_repo_params(root, point.overrides), point.overrides)
             state = point_task(point.name, point.overrides, exp_base, str(root), cfg.targets,
                                point_run.run_id, uri, point_tags, copy_paths, return_state=True)
             row: dict[str, Any] = {"point": point.name, "params": point.overrides,

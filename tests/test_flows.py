@@ -26,7 +26,7 @@ STAGE_SCRIPT = '''\
 import json, sys
 from pathlib import Path
 from mtdiff.config import load_params
-from mtdiff.tracking import stage_run
+from mtdiff.tracking import file_metrics, stage_run
 
 name = sys.argv[1]
 params = load_params()
@@ -39,8 +39,9 @@ with stage_run(params, name, out) as run:
     (out / "done.txt").write_text(str(params.train.steps))
     if name == "b":
         Path("metrics").mkdir(exist_ok=True)
-        Path("metrics/b.json").write_text(json.dumps(
-            {"score": params.train.steps * params.train.lr, "detail": {"n": 2}, "note": "text"}))
+        numbers = {"score": params.train.steps * params.train.lr, "detail": {"n": 2}, "note": "text"}
+        Path("metrics/b.json").write_text(json.dumps(numbers))
+        run.log_metrics(file_metrics("metrics/b.json", numbers))  # as the real stages do
 '''
 
 # No mtdiff import: a fast stage whose failures are scripted by $FLOWTEST_FAIL="<stage>:<exit code>:<times>"
@@ -174,7 +175,21 @@ def test_pipeline_flow_runs_stages_in_order_with_nested_mlflow_runs(prefect_harn
     assert flow_run_id
     assert parent.data.metrics["b/score"] == pytest.approx(0.4)
     assert parent.data.metrics["b/detail.n"] == 2
+    # the full resolved params (dotted, as the stage runs log them) and the overrides behind them
+    assert parent.data.params["train.steps"] == "4" and parent.data.params["mlflow.experiment"] == "flowtest"
+    assert parent.data.params["diffusion.timesteps"] == "1000"  # a default, not in the test's params.yaml
+    assert json.loads(parent.data.tags["mtdiff.overrides"]) == {"train.steps": 4}
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import COMPUTE_LIMIT
+
+    with get_client(sync_client=True) as prefect_client:  # the flow created the global limit and let go of it
+        assert prefect_client.read_global_concurrency_limit_by_name(COMPUTE_LIMIT).active_slots == 0
     children = sorted(_children(flow_env, parent.info.run_id), key=lambda r: r.info.start_time)
+    # one metric, one key: stage b's run and the parent log b.json's numbers under the same keys
+    b_keys = {k: v for k, v in children[1].data.metrics.items() if k.startswith("b/")}
+    assert b_keys == {k: v for k, v in parent.data.metrics.items() if k.startswith("b/")} and len(b_keys) == 2
+    assert children[1].data.params == parent.data.params
     assert [c.info.run_name for c in children] == ["a", "b"]
     for child in children:
         assert child.data.tags["dvc.stage"] == child.info.run_name
@@ -269,6 +284,8 @@ def test_sweep_flow_two_points_comparison_and_nested_runs(prefect_harness, flow_
     assert set(points) == {"half", "one"}
     assert points["half"].data.metrics["b/score"] == pytest.approx(1.0)
     assert points["one"].data.params["train.lr"] == "1.0"
+    assert points["one"].data.params["train.steps"] == "2" and "model.channels" in points["one"].data.params
+    assert json.loads(points["one"].data.tags["mtdiff.overrides"]) == {"train.steps": 2, "train.lr": 1.0}
     stage_names = {}
     for name, point_run in points.items():
         stages = _children(flow_env, point_run.info.run_id)
@@ -307,9 +324,50 @@ def test_serve_deployments_and_prefect_yaml_schedules():
     assert by_name["weekly-tasks-sweep"]["schedules"][0]["cron"] == WEEKLY_CRON
     for dep in by_name.values():
         assert dep["work_pool"]["name"] == "mtdiff-process"
+        served = deps[dep["name"]]  # serving uses prefect.yaml's definition
+        assert served.concurrency_limit == dep["concurrency_limit"] == 1
+        assert served.tags == dep["tags"] and served.parameters == dep["parameters"]
+        assert [s.schedule.cron for s in served.schedules] == [s["cron"] for s in dep["schedules"]]
         flow_obj = load_flow_from_entrypoint(str(REPO / dep["entrypoint"]))
         assert flow_obj.name in {"mtdiff-pipeline", "mtdiff-sweep"}
     assert (REPO / by_name["weekly-tasks-sweep"]["parameters"]["config"]).exists()
+
+
+def test_compute_slot_creates_the_global_limit_and_excludes_a_second_holder(prefect_harness):
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.pipeline import COMPUTE_LIMIT, compute_slot
+
+    with get_client(sync_client=True) as client:
+        try:  # a fresh server: no limit (an earlier flow test may have created it)
+            client.delete_global_concurrency_limit_by_name(COMPUTE_LIMIT)
+        except ObjectNotFound:
+            pass
+        with compute_slot():
+            limit = client.read_global_concurrency_limit_by_name(COMPUTE_LIMIT)
+            assert limit.limit == 1 and limit.active_slots == 1
+            with pytest.raises(TimeoutError):  # the sweep waits while the pipeline holds the slot
+                with concurrency(COMPUTE_LIMIT, timeout_seconds=2, strict=True):
+                    pass
+        assert client.read_global_concurrency_limit_by_name(COMPUTE_LIMIT).active_slots == 0
+        with compute_slot():  # released, and an existing limit is reused
+            pass
+
+
+@pytest.mark.parametrize("where", ["repo", "elsewhere"])
+def test_prefect_settings_come_from_prefect_toml(tmp_path, where):
+    """Prefect reads prefect.toml from the repo root; started elsewhere, flows/__init__ passes it on."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_SERVER") and k != "PYTHONPATH"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
+    code = ("import os, flows.pipeline; from prefect.settings import get_current_settings as g; s = g(); "
+            "print(s.server.analytics_enabled, s.server.ephemeral.startup_timeout_seconds, "
+            "'PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS' in os.environ, s.home)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO if where == "repo" else tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "180", str(where == "elsewhere"), str(tmp_path / "home")]
 
 
 def test_flow_module_entry_points_parse_arguments(tmp_path, capsys):
