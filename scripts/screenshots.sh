@@ -10,7 +10,7 @@
 # `prefect server start --no-services` on free local ports, finds the runs through their REST APIs,
 # and stops both servers on exit. It installs nothing (`apt-get install chromium`, or `make screenshots`).
 #
-#   scripts/screenshots.sh [POINT_A POINT_B]   # sweep points to compare (default: joint_label_tg2 classcond_cfg2,
+#   scripts/screenshots.sh [POINT_A POINT_B]   # sweep points to compare (default: joint_label classcond_cfg2,
 #                                              # else the sweep's first two finished points)
 # Env: MTDIFF_SHOT_BUDGET_MS (Chromium's virtual time budget, default 15000; doubled on a blank page),
 #      MTDIFF_SHOT_DIR (default docs), CHROMIUM (default: chromium on PATH).
@@ -23,7 +23,7 @@ PY=${PY:-$ROOT/.venv/bin/python}
 BIN=$(dirname "$PY")
 OUT=${MTDIFF_SHOT_DIR:-docs}
 BUDGET=${MTDIFF_SHOT_BUDGET_MS:-15000}
-POINT_A=${1:-joint_label_tg2}
+POINT_A=${1:-joint_label}
 POINT_B=${2:-classcond_cfg2}
 
 export DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
