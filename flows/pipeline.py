@@ -28,7 +28,7 @@ from flows.artifacts import pipeline_artifacts
 from mtdiff import dvc_runner, tracking
 from mtdiff.config import ConfigError, Params, parse_overrides
 from mtdiff.dvc_runner import (StageConfigError, StageFailed, load_repo_params, metrics_files,  # noqa: F401
-                               read_metrics, repro_command, resolve_stages, run_checked, stage_outcome,
+                               read_metrics, repro_command, resolve_stages, run_checked, shown_command, stage_outcome,
                                summary_text, tracked_env, write_params_overrides)
 
 # Task timeout per stage in seconds (a timed-out stage is stopped and not retried); generous, since the
@@ -104,7 +104,7 @@ def run_dvc_stage(stage: str, repo: str, force: bool = False, parent_run_id: str
     attempt = int(runtime_task_run.run_count or 1)
     cmd = repro_command(stage, force)
     env = tracked_env(parent_run_id, uri, stage=stage, flow_run_id=current_flow_run_id())
-    logger.info("$ %s  (attempt %d)", " ".join(cmd[1:]), attempt)
+    logger.info("$ %s  (attempt %d)", shown_command(cmd), attempt)
     lines, seconds = run_checked(cmd, Path(repo), env, logger.info, what=stage, prefix=f"[{stage}] ")
     outcome = stage_outcome(stage, lines)
     logger.info("stage %s: %s in %.1f s", stage, outcome, seconds)

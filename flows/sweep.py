@@ -25,7 +25,7 @@ from prefect.runtime import task_run as runtime_task_run
 from flows.artifacts import sweep_artifacts
 from mtdiff import tracking
 from mtdiff.config import ConfigError
-from mtdiff.dvc_runner import dvc_command, load_repo_params, run_checked, tracked_env
+from mtdiff.dvc_runner import dvc_command, load_repo_params, run_checked, shown_command, tracked_env
 from mtdiff.report import write_report
 # SweepConfig, SweepPoint, expand_points, ... stay importable from here (they lived here before mtdiff.sweeps)
 from mtdiff.sweeps import (SweepConfig, SweepPoint, check_points, dry_run_commands, exp_name_for,  # noqa: F401
@@ -47,7 +47,7 @@ def run_point(point: str, overrides: dict[str, Any], exp_base: str, repo: str, t
     cmd = dvc_command(*exp_run_args(exp_name, overrides, targets, copy_paths))
     env = tracked_env(point_run_id, uri, flow_run_id=fp.current_flow_run_id(),
                       tags={**tags, "dvc.exp_name": exp_name})
-    logger.info("$ %s  (attempt %d)", " ".join(cmd[1:]), attempt)
+    logger.info("$ %s  (attempt %d)", shown_command(cmd), attempt)
     start = time.monotonic()
     run_checked(cmd, Path(repo), env, logger.info, what=f"exp {point}", prefix=f"[{point}] ")
     result = experiment_result(Path(repo), exp_name)

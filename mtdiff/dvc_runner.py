@@ -148,6 +148,11 @@ def dvc_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
+def shown_command(cmd: list[str]) -> str:
+    """A command as a user would type it: ``dvc repro ...`` for :func:`dvc_command`'s lists."""
+    return " ".join(["dvc", *cmd[3:]] if cmd[1:3] == ["-m", "dvc"] else cmd)
+
+
 def repro_command(stage: str, force: bool = False) -> list[str]:
     """``dvc repro --single-item [--force] <stage>``: DVC's lock decides whether it actually runs."""
     return dvc_command("repro", "--single-item", *(["--force"] if force else []), stage)
