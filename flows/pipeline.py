@@ -63,9 +63,26 @@ def ensure_concurrency_limit(name: str = COMPUTE_LIMIT, slots: int = 1) -> None:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
 
 
+def standing_server() -> bool:
+    """Whether flows talk to a standing Prefect server (``PREFECT_API_URL``), which renews slot leases
+    and revokes those of a killed holder. Without one each process starts its own ephemeral server,
+    whose leases die with it while the slot stays taken in .prefect's database: a run killed while
+    holding it left the next one waiting past the 300 s lease (measured), for ever."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
 @contextlib.contextmanager
 def compute_slot(log: Callable[[str], Any] = print) -> Iterator[None]:
-    """Hold one slot of :data:`COMPUTE_LIMIT` (waiting while another flow holds it)."""
+    """Hold one slot of :data:`COMPUTE_LIMIT` (waiting while another flow holds it) when a standing
+    Prefect server keeps the leases (deployments, schedules); without one, runs of a checkout are
+    kept apart by its pipeline lock (`python -m flows.pipeline`) instead."""
+    if not standing_server():
+        log(f"no Prefect server configured (PREFECT_API_URL): '{COMPUTE_LIMIT}' not used, so a killed "
+            f"run cannot leave its slot taken")
+        yield
+        return
     ensure_concurrency_limit()
     log(f"waiting for a '{COMPUTE_LIMIT}' slot (the pipeline and sweeps take turns)")
     with concurrency(COMPUTE_LIMIT, occupy=1, strict=True):

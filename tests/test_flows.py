@@ -356,6 +356,18 @@ def test_compute_slot_creates_the_global_limit_and_excludes_a_second_holder(pref
             pass
 
 
+def test_compute_slot_without_a_standing_server_leaves_the_limit_alone(monkeypatch):
+    # an ephemeral server's leases die with its process: a killed holder would keep the slot for ever
+    import flows.pipeline as fp
+
+    monkeypatch.setattr(fp, "standing_server", lambda: False)
+    monkeypatch.setattr(fp, "ensure_concurrency_limit", lambda *a, **k: pytest.fail("limit touched"))
+    lines = []
+    with fp.compute_slot(lines.append):
+        pass
+    assert "not used" in lines[0]
+
+
 @pytest.mark.parametrize("where", ["repo", "elsewhere"])
 def test_prefect_settings_come_from_prefect_toml(tmp_path, where):
     """Prefect reads prefect.toml from the repo root; started elsewhere, flows/__init__ passes it on."""
