@@ -5,9 +5,11 @@ A stage killed mid-write leaves either the old file or none, never a partial one
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,9 +22,11 @@ from mtdiff.config import ConfigError
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path in the target's folder; on success rename it onto ``path``."""
+    """Yield a temp path in the target's folder; on success rename it onto ``path``. Temp files a
+    killed earlier writer of ``path`` left behind are removed on entry."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -34,6 +38,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove ``.<name>.<random>.tmp`` beside ``path``: what a killed atomic write of ``path`` left (one
+    writer per output; the random part never holds a dot, so ``.<name>.x.<random>.tmp`` of another
+    output ``<name>.x`` is not matched)."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[^.]+\.tmp$")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if pattern.match(stale.name):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
 
 
 def _umask_mode(base: int) -> int:
@@ -76,8 +90,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; outputs should follow the umask
     try:

@@ -138,3 +138,18 @@ def test_atomic_outputs_follow_umask_and_stale_temp_dirs_are_removed(tmp_path):
     assert not stale.exists()
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
+
+
+def test_atomic_file_write_removes_a_killed_writers_temp_file_only_its_own(tmp_path):
+    """A SIGKILLed ``save_checkpoint`` leaves ``.last.pt.<random>.tmp``; the next write of last.pt
+    removes it, and leaves the temp files of other outputs (``last.pt.bak``) alone."""
+    from mtdiff.io import save_torch
+
+    own = tmp_path / ".last.pt.of00md0m.tmp"
+    other = tmp_path / ".last.pt.bak.k2j4x9aa.tmp"
+    own.write_bytes(b"PK half a zip")
+    other.write_bytes(b"another output's write in flight")
+    save_torch(tmp_path / "last.pt", {"step": 2})
+    assert not own.exists()
+    assert other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "last.pt"]
