@@ -3,7 +3,8 @@
 Written after Peebles & Xie's DiT (facebookresearch/DiT ``models.py``): Conv2d patchify, fixed 2D
 sin-cos position embedding, sinusoidal timestep embedding -> MLP, blocks with adaLN-Zero
 (shift / scale / gate from the conditioning vector, zero-initialised so every block starts as the
-identity), fused attention (``F.scaled_dot_product_attention``) and a GELU(tanh) MLP.
+identity), fused attention (``F.scaled_dot_product_attention``) and a GELU MLP (exact GELU: faster
+on CPU than DiT's tanh approximation).
 
 Unlike DiT there is no class embedding: in MT-Diffusion conditioning enters through the forward
 process (M1-M3, the aggregated task signal ``A`` is mixed into ``z_t``), so the backbone only sees
@@ -22,8 +23,9 @@ TIME_FREQ_DIM = 256  # width of the sinusoidal timestep features (DiT's frequenc
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: per-sample affine on token features; ``shift``/``scale`` are (B, D), ``x`` is (B, N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN: per-sample affine on token features; ``shift``/``scale`` are (B, 1, D), ``x`` is (B, N, D).
+    One fused ``shift + x * (1 + scale)`` pass (``addcmul``) instead of a multiply and an add."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -83,16 +85,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        # unbind, not qkv[0..2]: indexing's backward zero-fills and adds three (3, B, H, N, hd) grads;
+        # unbinding (B, N, 3, H, hd) before the head transpose also spares a permute copy (the CPU step
+        # measured 10% faster per block).
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).unbind(2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))  # SDPA's (B, H, N, hd) is (B, N, H, hd) in memory
 
 
 class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2. Exact (erf) GELU, not DiT's tanh approximation: on CPU the erf kernel's
+    forward + backward measured 87 vs 117 ms on DiT-S/2's (32, 256, 1536) hidden (a quarter less)."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,10 +120,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        mod = self.adaLN_modulation(c).unsqueeze(1)  # (B, 1, 6D): broadcast over the tokens
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=2)
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))  # x + gate * attn
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
@@ -128,7 +136,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=2)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -193,7 +201,9 @@ class DiTBackbone(nn.Module):
     def forward(self, z_t: torch.Tensor, t: torch.Tensor,
                 extra_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``extra_cond`` (B, D) is added to the timestep embedding (DiT's class embedding slot)."""
-        x = self.x_embedder(z_t).flatten(2).transpose(1, 2)  # (B, N, D)
+        # contiguous: the transposed view would make every residual op keep its strided layout and
+        # every LayerNorm copy its input, forward and backward (measured: 50 copies per CPU step)
+        x = self.x_embedder(z_t).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
         x = x + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t)
         if extra_cond is not None:

@@ -123,7 +123,7 @@ class PooledHead(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU()  # exact, as the DiT blocks' MLP
         self.fc2 = nn.Linear(hidden, out_dim)
         for lin in (self.fc1, self.fc2):
             nn.init.xavier_uniform_(lin.weight)
