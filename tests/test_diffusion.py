@@ -14,6 +14,7 @@ from torch import nn
 
 from mtdiff.config import DiffusionConfig, TasksConfig
 from mtdiff.diffusion import MTDiffusion, c_closed_form, c_recursion, make_betas, make_w
+from mtdiff.models.tasks import TaskModel
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)  # C, H, W of the toy "images"
@@ -52,6 +53,8 @@ class ToyModel(nn.Module):
         sizes = {"label": K, "representation": D, "masked": n, "transition": n}
         for name in self.task_names:
             self.heads[name] = nn.Linear(hidden, sizes[name])
+
+    head = TaskModel.head  # one head's output: here the whole forward, as for a DiT
 
     def aggregate(self, inputs: dict) -> torch.Tensor:  # (M2)
         B = next(iter(inputs.values())).shape[0]

@@ -15,6 +15,7 @@ import torch.nn as nn
 from mtdiff.diffusion import MTDiffusion
 from mtdiff.evaluation import accuracy as acc
 from mtdiff.io import save_npy, save_npz, write_json
+from mtdiff.models.tasks import TaskModel
 from mtdiff.stages import evaluate
 
 K = 10
@@ -33,6 +34,8 @@ class LevelModel(nn.Module):
         mean = z_t.mean(dim=(1, 2, 3))
         logits = -200.0 * (mean[:, None] - torch.as_tensor(LEVELS, dtype=z_t.dtype)[None]) ** 2
         return {"eps": torch.zeros_like(z_t), "label": logits, "representation": mean[:, None] * self.u}
+
+    head = TaskModel.head  # one head's output: here the whole forward, as for a DiT
 
     def aggregate(self, task_inputs):
         raise AssertionError("nothing is given when classifying")

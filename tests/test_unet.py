@@ -53,6 +53,29 @@ def test_unet_zero_init_heads_and_every_parameter_gets_gradient():
     assert dead == []
 
 
+@pytest.mark.parametrize("label_feedback", [False, True])
+def test_unet_head_skips_the_decoder_and_equals_forward(label_feedback):
+    """``model.head`` (evaluation's label accuracy) runs the encoder half only, with forward's values."""
+    model = _unet(TASKS, label_feedback=label_feedback).eval()
+    _randomize_zero_inits(model)
+    z, t = torch.randn(3, 1, 28, 28), torch.tensor([1, 10, 500])
+    with torch.no_grad():
+        full = model(z, t)
+        decoder_calls = []
+        hooks = [res.register_forward_pre_hook(lambda *a: decoder_calls.append(1))
+                 for level in model.backbone.up for res in level.res]
+        for name in ("label", "representation"):
+            assert torch.allclose(model.head(name, z, t), full[name], atol=1e-6), name
+        assert decoder_calls == []
+        model(z, t)
+        assert decoder_calls  # the hooks do see the decoder when it runs
+        for h in hooks:
+            h.remove()
+        assert torch.equal(model.head("masked", z, t), full["masked"])  # an image head: the whole forward
+    with pytest.raises(KeyError, match="no label head"):
+        _unet(("masked",)).head("label", z, t)
+
+
 def test_label_feedback_conditions_the_decoder_on_the_label_head():
     model = _unet(("label",), label_feedback=True)
     _randomize_zero_inits(model)

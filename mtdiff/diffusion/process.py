@@ -486,9 +486,6 @@ class MTDiffusion:
         probs = None
         for t_int in t_list:
             t = self._check_t(t_int, B, z0.device)
-            out = model(self.q_sample(z0, A, t, generator=generator), t)
-            if "label" not in out:
-                raise KeyError("classify: the model has no label head (tasks.label.enabled is false)")
-            p = torch.softmax(out["label"].float(), dim=-1)
+            p = torch.softmax(model.head("label", self.q_sample(z0, A, t, generator=generator), t).float(), dim=-1)
             probs = p if probs is None else probs + p
         return torch.log(probs / len(t_list) + 1e-12)

@@ -161,10 +161,7 @@ def representation_similarity(model: Any, diffusion: Any, z0: np.ndarray | torch
         f = _to_tensor(features[sl], device)
         for t in sums:
             tt = torch.full((len(z),), t, dtype=torch.long, device=device)
-            out = model(diffusion.q_sample(z, None, tt, generator=gen), tt)
-            if "representation" not in out:
-                raise KeyError("representation_similarity: the model has no representation head")
-            pred = out["representation"].float()
+            pred = model.head("representation", diffusion.q_sample(z, None, tt, generator=gen), tt).float()
             if pred.shape != f.shape:
                 raise ValueError(f"representation head gives {tuple(pred.shape)}, features are {tuple(f.shape)}")
             sums[t] += float(F.cosine_similarity(pred, f, dim=-1).sum())

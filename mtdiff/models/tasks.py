@@ -203,6 +203,14 @@ class TaskModel(nn.Module):
             raise ValueError(f"t: expected shape ({z_t.shape[0]},) or a scalar, got {tuple(t.shape)}")
         return t
 
+    def head(self, name: str, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One head's output ``D_name(h_t)`` (evaluation: the label / representation heads on test
+        images). Here the whole forward; a backbone whose head reads an inner feature skips the rest."""
+        out = self(z_t, t)
+        if name not in out:
+            raise KeyError(f"the model has no {name} head (tasks.{name}.enabled is false; heads: {sorted(out)})")
+        return out[name]
+
     def encode(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``E_name(x)`` -> (B, C, H, W)."""
         if name not in self.encoders:

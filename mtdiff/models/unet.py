@@ -168,6 +168,20 @@ class UNetBackbone(nn.Module):
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                 feedback_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
         """``feedback_fn(bottleneck, emb) -> (B, feedback_dim)`` conditions the decoder (see module doc)."""
+        bottleneck, hs, emb = self.encode(z_t, t, class_labels)
+        h = bottleneck
+        if self.feedback is not None and feedback_fn is not None:
+            emb = emb + self.feedback(feedback_fn(bottleneck, emb))
+        for i, (level, up) in enumerate(zip(self.up, self.upsample)):
+            for res, attn in zip(level.res, level.attn):
+                h = attn(res(torch.cat([h, hs.pop()], dim=1), emb))
+            if not isinstance(up, nn.Identity):
+                h = up(h, hs[-1].shape[-2:])
+        return h, bottleneck, emb
+
+    def encode(self, z_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The encoder half and the middle: (bottleneck map, skip features, embedding)."""
         emb = self.embed(t, class_labels)
         h = self.conv_in(z_t)
         hs = [h]
@@ -178,16 +192,7 @@ class UNetBackbone(nn.Module):
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
-        bottleneck = h
-        if self.feedback is not None and feedback_fn is not None:
-            emb = emb + self.feedback(feedback_fn(bottleneck, emb))
-        for i, (level, up) in enumerate(zip(self.up, self.upsample)):
-            for res, attn in zip(level.res, level.attn):
-                h = attn(res(torch.cat([h, hs.pop()], dim=1), emb))
-            if not isinstance(up, nn.Identity):
-                h = up(h, hs[-1].shape[-2:])
-        return h, bottleneck, emb
+        return self.mid[2](self.mid[1](self.mid[0](h, emb)), emb), hs, emb
 
 
 class ConvHead(nn.Module):
@@ -273,7 +278,7 @@ class MTUNet(TaskModel):
 
         def label_probs(bottleneck: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
             out["label"] = self.heads["label"](bottleneck, emb)
-            return torch.softmax(out["label"].float(), dim=-1).to(bottleneck.dtype)
+            return _soft_label(out["label"], bottleneck.dtype)
 
         feats, bottleneck, emb = self.backbone(z_t, t, class_labels,
                                                label_probs if self.label_feedback else None)
@@ -284,3 +289,19 @@ class MTUNet(TaskModel):
             head = self.heads[name]
             out[name] = head(bottleneck, emb) if isinstance(head, BottleneckHead) else head(feats)
         return {"eps": out["eps"], **{n: out[n] for n in self.task_names}}
+
+    def head(self, name: str, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A bottleneck head (label, representation) without the decoder: the evaluation's label
+        accuracy over the test split then costs the encoder half only (same values as ``forward``)."""
+        bottleneck_head = self.heads[name] if name in self.heads else None
+        if not isinstance(bottleneck_head, BottleneckHead):
+            return super().head(name, z_t, t)
+        bottleneck, _, emb = self.backbone.encode(z_t, self._check_inputs(z_t, t))
+        if self.label_feedback and name != "label":  # as in forward: the fed-back embedding
+            emb = emb + self.backbone.feedback(_soft_label(self.heads["label"](bottleneck, emb), bottleneck.dtype))
+        return bottleneck_head(bottleneck, emb)
+
+
+def _soft_label(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The label head's softmax (in float32), what label feedback feeds the decoder."""
+    return torch.softmax(logits.float(), dim=-1).to(dtype)
