@@ -44,6 +44,7 @@ FULL_STEPS, FULL_WARMUP = 20, 3
 # would take minutes per step on a laptop); the default profile's batch stays as is.
 QUICK_CPU_STEP_FLOPS = 150e9
 QUICK_SAMPLE_NUM, QUICK_SAMPLE_STEPS = 32, 10
+SAMPLE_STEPS = 50  # bench sample's default: the usual figure (DiT, ADM report 50-step DDIM/DDPM sampling)
 MATMUL_N = {"cpu": 2048, "cuda": 8192}  # big enough to reach the device's GEMM peak
 MATMUL_REPS = 5
 FLOP_COUNT_BATCH = 2
@@ -352,7 +353,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     """Time one ``MTDiffusion.sample`` of ``--num`` images at ``--steps`` steps after a short warm-up."""
     s = setup(args)
     sc = s.params.sample
-    steps = args.steps or (QUICK_SAMPLE_STEPS if args.quick else sc.steps)
+    steps = args.steps or (QUICK_SAMPLE_STEPS if args.quick else SAMPLE_STEPS)
     num = args.num or (QUICK_SAMPLE_NUM if args.quick else sc.batch_size)
     sampler = args.sampler or sc.sampler
     if num < 1 or steps < 1:
@@ -368,26 +369,31 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
 
         def sample(n_steps: int) -> dict[str, torch.Tensor]:
             generator = torch.Generator().manual_seed(derive_seed(s.params.seed, "sample"))
-            with autocast(s.device, s.amp_dtype):
+            with autocast(s.device, s.amp_dtype):  # guidance as the sample stage runs it
                 return diffusion.sample(model, (num, *s.shape), given=given, steps=n_steps, sampler=sampler,
-                                        eta=sc.eta, generator=generator, tasks_cfg=s.params.tasks, device=s.device)
+                                        eta=sc.eta, generator=generator, tasks_cfg=s.params.tasks, device=s.device,
+                                        cfg_scale=sc.cfg_scale, task_guidance=sc.task_guidance)
 
         sample(min(2, steps))  # warm-up: allocator, oneDNN / cuBLAS plans
         sync(s.device)
+        forwards: list[int] = []  # images through the network: guidance runs a doubled batch
+        counter = model.register_forward_pre_hook(lambda _, args: forwards.append(args[0].shape[0]))
         t0 = time.perf_counter()
         out = sample(steps)
         sync(s.device)
         seconds = time.perf_counter() - t0
+        counter.remove()
     if not torch.isfinite(out["z0"]).all():
         raise RuntimeError("bench sample: the samples are not finite")
     probe = MatmulProbe(s.device, s.amp_dtype or torch.float32)
     probe.rate()
     img_per_s = num / seconds
-    achieved = float(flops_per_image(model)) * steps * img_per_s  # one forward per step (no CFG)
+    achieved = float(flops_per_image(model)) * sum(forwards) / seconds
     return {
         "bench": "sample", "config": s.config, "device": s.device.type, "device_name": device_name(s.device),
         "dtype": s.dtype, "threads": s.threads, "num": num, "steps": steps, "sampler": sampler,
         "condition": sc.condition, "weights": args.checkpoint or "random init", "params": count_params(model),
+        "task_guidance": sc.task_guidance, "cfg_scale": sc.cfg_scale, "network_images": sum(forwards),
         "seconds": seconds, "img_per_s": img_per_s, "ms_per_step": seconds / steps * 1e3,
         "achieved_flops": achieved, "matmul_flops": probe.peak, "mfu": achieved / probe.peak, **mem,
     }
@@ -401,7 +407,9 @@ def format_sample(r: dict[str, Any]) -> str:
         f"  batch       {r['num']} images x {r['steps']} steps in {r['seconds']:.2f} s "
         f"({r['ms_per_step']:.0f} ms/step)",
         f"  throughput  {r['img_per_s']:.2f} img/s at {r['steps']} steps",
-        f"  MFU         {r['mfu']:.3f}  ({fmt_si(r['achieved_flops'], 'FLOP/s')} = forward FLOPs/img x steps x img/s;"
+        f"  network     {r['network_images']} image forwards ({r['network_images'] / (r['num'] * r['steps']):.2f} per "
+        f"image-step: task guidance {r['task_guidance']:g}, CFG {r['cfg_scale']:g})",
+        f"  MFU         {r['mfu']:.3f}  ({fmt_si(r['achieved_flops'], 'FLOP/s')} = forward FLOPs/img x image forwards / s;"
         f" matmul peak {fmt_si(r['matmul_flops'], 'FLOP/s')})",
         f"  peak memory {r['peak_mem_mb']:.0f} MiB ({r['peak_mem_kind']})",
     ])
@@ -447,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops for 2 steps")
     sample = sub.add_parser("sample", help="sampling throughput")
     _common_arguments(sample)
-    sample.add_argument("--steps", type=int, default=None, help="sampling steps (default sample.steps)")
+    sample.add_argument("--steps", type=int, default=None, help=f"sampling steps ({SAMPLE_STEPS}; --quick {QUICK_SAMPLE_STEPS})")
     sample.add_argument("--num", type=int, default=None, help="images in the batch (default sample.batch_size)")
     sample.add_argument("--sampler", default=None, choices=("ddpm", "ddim"), help="default sample.sampler")
     sample.add_argument("--checkpoint", default=None, help="load EMA weights from this checkpoint")
