@@ -216,3 +216,25 @@ def test_two_pass_task_guidance_extrapolates_from_the_label_absent_prediction():
     model.forward = two_pass
     reference = diff.sample(model, (3, 1, 28, 28), generator=torch.Generator().manual_seed(0), **kw)["z0"]
     assert torch.allclose(guided, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", [dict(task_guidance=2.0), dict(cfg_scale=3.0)], ids=["task", "cfg"])
+def test_forward_batch_splits_the_network_calls_and_keeps_the_samples(guidance):
+    """``sample.forward_batch``: guidance's doubled batch (2 x 5 images) in calls of at most 3; same samples."""
+    cfg = "cfg_scale" in guidance
+    model = _unet(() if cfg else ("label",), class_conditional=cfg).eval()
+    _randomize_zero_inits(model)
+    diff = MTDiffusion(DiffusionConfig(timesteps=20, w_schedule="sigma", w_max=0.5))
+    kw = dict(given={"label": torch.arange(5)}, steps=3, sampler="ddim", eta=1.0,
+              tasks_cfg=TasksConfig(label={"enabled": not cfg}), **guidance)
+    calls: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
+    one = diff.sample(model, (5, 1, 28, 28), generator=torch.Generator().manual_seed(0), **kw)
+    assert calls == [10, 10, 10]
+    calls.clear()
+    split = diff.sample(model, (5, 1, 28, 28), forward_batch=3, generator=torch.Generator().manual_seed(0), **kw)
+    hook.remove()
+    assert calls == [3, 3, 3, 1] * 3
+    assert one.keys() == split.keys()
+    for k in one:
+        assert torch.allclose(one[k].double(), split[k].double(), atol=1e-5), k

@@ -372,7 +372,8 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
             with autocast(s.device, s.amp_dtype):  # guidance as the sample stage runs it
                 return diffusion.sample(model, (num, *s.shape), given=given, steps=n_steps, sampler=sampler,
                                         eta=sc.eta, generator=generator, tasks_cfg=s.params.tasks, device=s.device,
-                                        cfg_scale=sc.cfg_scale, task_guidance=sc.task_guidance)
+                                        cfg_scale=sc.cfg_scale, task_guidance=sc.task_guidance,
+                                        forward_batch=sc.forward_batch)
 
         sample(min(2, steps))  # warm-up: allocator, oneDNN / cuBLAS plans
         sync(s.device)

@@ -76,6 +76,16 @@ class _SampleContext:
     work: torch.dtype
     cfg_scale: float
     task_guidance: float
+    forward_batch: Optional[int]
+
+
+def _forward_in_chunks(model: Any, args: tuple[Tensor, ...], max_batch: Optional[int]) -> dict[str, Tensor]:
+    """``model(*args)`` in calls of at most ``max_batch`` images (None: one call), outputs concatenated."""
+    n = args[0].shape[0]
+    if max_batch is None or n <= max_batch:
+        return dict(model(*args))
+    parts = [model(*(a[i:i + max_batch] for a in args)) for i in range(0, n, max_batch)]
+    return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
 
 def _randn(shape: Iterable[int], generator: Optional[torch.Generator], device: torch.device,
@@ -311,8 +321,9 @@ class MTDiffusion:
             code = float(self.schedule.c[t_int]) * self._aggregate(model, {"label": ctx.given["label"]}, z)
             args, scale = (torch.cat([zin, (z - code).to(ctx.dtype)]), torch.cat([t, t])), ctx.task_guidance
         else:
-            return dict(model(zin, t) if ctx.class_labels is None else model(zin, t, ctx.class_labels))
-        both = model(*args)
+            return _forward_in_chunks(model, (zin, t) if ctx.class_labels is None else (zin, t, ctx.class_labels),
+                                      ctx.forward_batch)
+        both = _forward_in_chunks(model, args, ctx.forward_batch)
         B = z.shape[0]
         out = {k: v[:B] for k, v in both.items()}
         out["eps"] = both["eps"][B:] + scale * (both["eps"][:B] - both["eps"][B:])
@@ -341,7 +352,7 @@ class MTDiffusion:
                tasks_cfg: Optional[TasksConfig] = None, clip_denoised: Optional[bool] = None,
                z_T: Optional[Tensor] = None, start: str = "predict", device: Optional[torch.device | str] = None,
                dtype: torch.dtype = torch.float32, cfg_scale: float = 1.0,
-               task_guidance: float = 1.0) -> dict[str, Tensor]:
+               task_guidance: float = 1.0, forward_batch: Optional[int] = None) -> dict[str, Tensor]:
         """Generate ``z0`` (and every enabled task's prediction) with the MT-Diffusion reverse process.
 
         ``given``: the conditioning task inputs (``{}`` unconditional, ``{"label": y}``,
@@ -368,7 +379,7 @@ class MTDiffusion:
         """
         shape = tuple(int(s) for s in shape)
         ctx = self._sample_context(model, shape, given, sampler, eta, start, tasks_cfg, device, dtype,
-                                   cfg_scale, task_guidance)
+                                   cfg_scale, task_guidance, forward_batch)
         clip = (self.cfg.mode == "pixel") if clip_denoised is None else bool(clip_denoised)
         seq = self.timestep_sequence(steps)
         if sampler == "ddpm" and len(seq) < self.T:
@@ -390,7 +401,7 @@ class MTDiffusion:
         return self._sample_result(z.to(dtype), out, ctx)
 
     def _sample_context(self, model, shape, given, sampler, eta, start, tasks_cfg, device, dtype,
-                        cfg_scale, task_guidance) -> "_SampleContext":
+                        cfg_scale, task_guidance, forward_batch=None) -> "_SampleContext":
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         if start not in ("predict", "zero"):
@@ -416,7 +427,7 @@ class MTDiffusion:
         # float64 chain state: keeps ddpm and ddim(eta=1) equal to rounding and long chains exact
         work = torch.float32 if device.type == "mps" else torch.float64
         return _SampleContext(enabled, given, class_labels, sampler, float(eta), mask_ratio, device, dtype, work,
-                              float(cfg_scale), float(task_guidance))
+                              float(cfg_scale), float(task_guidance), forward_batch)
 
     def _initial_state(self, model, shape, z_T, start, ctx: "_SampleContext", generator) -> Tensor:
         noise_T = _randn(shape, generator, ctx.device, ctx.dtype).to(ctx.work)

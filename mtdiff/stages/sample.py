@@ -151,7 +151,8 @@ def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict
         with autocast(device, amp):
             out = diffusion.sample(model, (count, *conditions.shape), given=given, steps=sc.steps,
                                    sampler=sc.sampler, eta=sc.eta, generator=noise_gen, tasks_cfg=params.tasks,
-                                   device=device, cfg_scale=sc.cfg_scale, task_guidance=sc.task_guidance)
+                                   device=device, cfg_scale=sc.cfg_scale, task_guidance=sc.task_guidance,
+                                   forward_batch=sc.forward_batch)
         samples.append(decode(out["z0"]))
         if "label" in out:
             labels.append(out["label"].long().cpu().numpy())
