@@ -41,10 +41,13 @@ MANIFEST = "manifest.parquet"
 class MTDiffSampler(nn.Module):
     """The trained network and its reverse process as one module: ``forward(labels)`` samples one
     image per entry of ``labels`` (int64 class labels, used as the label condition when the label
-    task is on; otherwise they only set the batch size: unconditional samples)."""
+    task is on, or the class label of a class-conditional baseline; otherwise they only set the batch
+    size: unconditional samples). ``guidance``: ``diffusion.sample``'s task_guidance / cfg_scale /
+    forward_batch, as the sample stage passes them."""
 
     def __init__(self, model: nn.Module, diffusion: Any, shape: list[int], steps: int, sampler: str,
-                 eta: float, label_conditioned: bool, tasks_cfg: Any = None, num_classes: int = 1):
+                 eta: float, label_conditioned: bool, tasks_cfg: Any = None, num_classes: int = 1,
+                 guidance: Optional[dict[str, Any]] = None):
         super().__init__()
         self.model = model
         self.num_classes = int(num_classes)
@@ -53,6 +56,7 @@ class MTDiffSampler(nn.Module):
         self.steps, self.sampler, self.eta = int(steps), str(sampler), float(eta)
         self.label_conditioned = bool(label_conditioned)
         self.tasks_cfg = tasks_cfg
+        self.guidance = dict(guidance or {})
 
     @torch.no_grad()
     def forward(self, labels: torch.Tensor, steps: Optional[int] = None, seed: int = 0) -> torch.Tensor:
@@ -62,7 +66,8 @@ class MTDiffSampler(nn.Module):
         given = {"label": labels.to(device)} if self.label_conditioned else {}
         out = self.diffusion.sample(self.model, (labels.shape[0], *self.shape), given=given,
                                     steps=int(steps or self.steps), sampler=self.sampler, eta=self.eta,
-                                    generator=gen, tasks_cfg=self.tasks_cfg, device=device)
+                                    generator=gen, tasks_cfg=self.tasks_cfg, device=device,
+                                    **getattr(self, "guidance", {}))  # models logged before it: none
         return out["z0"].float()
 
 
@@ -103,9 +108,12 @@ def build_sampler(params: Params, ema_path: str | Path) -> MTDiffSampler:
 
     model, diffusion, meta = load_for_inference(params, path=ema_path, device="cpu")
     sc = params.sample
+    label_conditioned = "label" in params.tasks.enabled or params.model.class_conditional
     return MTDiffSampler(model, diffusion, meta["shape"], sc.steps, sc.sampler, sc.eta,
-                         label_conditioned="label" in params.tasks.enabled, tasks_cfg=params.tasks,
-                         num_classes=int(meta.get("num_classes") or 1))
+                         label_conditioned=label_conditioned, tasks_cfg=params.tasks,
+                         num_classes=int(meta.get("num_classes") or 1),
+                         guidance={"task_guidance": sc.task_guidance, "cfg_scale": sc.cfg_scale,
+                                   "forward_batch": sc.forward_batch})
 
 
 def log_model(params: Params, ema_path: str | Path, summary: dict[str, Any],

@@ -371,7 +371,8 @@ class MTDiffusion:
         ``clip_denoised`` (default: on in pixel mode) clips ``z0_hat`` to [-1, 1]. Noise order:
         ``z_T``'s noise first (drawn even when ``z_T`` is passed), then one draw per step for both
         samplers, so ddim(eta=1, steps=T) reproduces ddpm with the same generator. The chain
-        state is kept in float64 (the model sees ``dtype``).
+        state is kept in float64 (the model sees ``dtype``). ``forward_batch``: the most images per
+        network call (guidance's doubled batch is split; None: one call per step).
 
         Returns ``z0`` (``dtype``) plus ``label`` (the given label, or argmax of the last step's
         logits) and ``label_probs``, and the last step's ``representation`` / ``masked`` /
