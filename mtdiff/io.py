@@ -46,8 +46,12 @@ def _remove_stale_temps(path: Path) -> None:
     output ``<name>.x`` is not matched)."""
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.[^.]+\.tmp$")
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        if pattern.match(stale.name):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
+        if not pattern.match(stale.name):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _umask_mode(base: int) -> int:

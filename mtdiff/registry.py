@@ -105,6 +105,7 @@ def log_dataset(params: Params) -> Optional[str]:
 def build_sampler(params: Params, ema_path: str | Path) -> MTDiffSampler:
     """:class:`MTDiffSampler` on the CPU from ``ema.pt`` (the train stage's output)."""
     from mtdiff.checkpoint import load_for_inference
+    from mtdiff.stages.sample import guidance_kwargs
 
     model, diffusion, meta = load_for_inference(params, path=ema_path, device="cpu")
     sc = params.sample
@@ -112,8 +113,7 @@ def build_sampler(params: Params, ema_path: str | Path) -> MTDiffSampler:
     return MTDiffSampler(model, diffusion, meta["shape"], sc.steps, sc.sampler, sc.eta,
                          label_conditioned=label_conditioned, tasks_cfg=params.tasks,
                          num_classes=int(meta.get("num_classes") or 1),
-                         guidance={"task_guidance": sc.task_guidance, "cfg_scale": sc.cfg_scale,
-                                   "forward_batch": sc.forward_batch})
+                         guidance=guidance_kwargs(params))
 
 
 def log_model(params: Params, ema_path: str | Path, summary: dict[str, Any],

@@ -33,6 +33,7 @@ from mtdiff.config import ConfigError, Params, load_params, parse_overrides
 from mtdiff.data import random_patch_mask
 from mtdiff.diffusion import MTDiffusion
 from mtdiff.models import build_model, count_params, flops_per_image, input_shape_from_params
+from mtdiff.stages.sample import guidance_kwargs
 from mtdiff.training import TrainStep, autocast, autocast_dtype, configure_backends
 from mtdiff.utils import derive_seed, pick_device
 
@@ -372,8 +373,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
             with autocast(s.device, s.amp_dtype):  # guidance as the sample stage runs it
                 return diffusion.sample(model, (num, *s.shape), given=given, steps=n_steps, sampler=sampler,
                                         eta=sc.eta, generator=generator, tasks_cfg=s.params.tasks, device=s.device,
-                                        cfg_scale=sc.cfg_scale, task_guidance=sc.task_guidance,
-                                        forward_batch=sc.forward_batch)
+                                        **guidance_kwargs(s.params))
 
         sample(min(2, steps))  # warm-up: allocator, oneDNN / cuBLAS plans
         sync(s.device)

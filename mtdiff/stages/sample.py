@@ -70,6 +70,13 @@ class _TestSplit:
         return (np.arange(start, start + count) % self.n).astype(np.int64)
 
 
+def guidance_kwargs(params: Params) -> dict[str, Any]:
+    """``diffusion.sample``'s guidance arguments as this stage passes them (also for ``bench sample``
+    and the registered MLflow sampler, so all three sample alike)."""
+    sc = params.sample
+    return {"cfg_scale": sc.cfg_scale, "task_guidance": sc.task_guidance, "forward_batch": sc.forward_batch}
+
+
 def _decoder(params: Params, device: torch.device):
     """diffusion-space z0 -> uint8 NHWC images: [-1, 1] pixels (pixel mode) or the SD-VAE decoder
     applied to ``z0 / latents.scale`` (latent mode; grayscale data gets the RGB mean)."""
@@ -151,8 +158,7 @@ def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict
         with autocast(device, amp):
             out = diffusion.sample(model, (count, *conditions.shape), given=given, steps=sc.steps,
                                    sampler=sc.sampler, eta=sc.eta, generator=noise_gen, tasks_cfg=params.tasks,
-                                   device=device, cfg_scale=sc.cfg_scale, task_guidance=sc.task_guidance,
-                                   forward_batch=sc.forward_batch)
+                                   device=device, **guidance_kwargs(params))
         samples.append(decode(out["z0"]))
         if "label" in out:
             labels.append(out["label"].long().cpu().numpy())
