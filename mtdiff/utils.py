@@ -9,6 +9,8 @@ import random
 import numpy as np
 import torch
 
+from mtdiff.host_memory import retain_freed_memory
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -36,9 +38,14 @@ def derive_seed(seed: int, stream: str, rank: int = 0) -> int:
 
 
 def pick_device(choice: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU. ``cuda`` without a GPU is an error, not a silent fallback."""
+    """``auto``: CUDA when present, else CPU. ``cuda`` without a GPU is an error, not a silent fallback.
+    On CPU the process also keeps the memory it frees (``host_memory.retain_freed_memory``: steps
+    reuse their activations' pages instead of page-faulting them in again)."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device: 'cuda' asked for but no CUDA device is visible; use 'auto' or 'cpu'")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
+    device = torch.device(choice)
+    if device.type == "cpu":
+        retain_freed_memory()
+    return device

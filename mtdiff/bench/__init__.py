@@ -32,6 +32,7 @@ from mtdiff.checkpoint import load_for_inference
 from mtdiff.config import ConfigError, Params, load_params, parse_overrides
 from mtdiff.data import random_patch_mask
 from mtdiff.diffusion import MTDiffusion
+from mtdiff.host_memory import retain_freed_memory
 from mtdiff.models import build_model, count_params, flops_per_image, input_shape_from_params
 from mtdiff.stages.sample import guidance_kwargs
 from mtdiff.training import TrainStep, autocast, autocast_dtype, configure_backends
@@ -197,6 +198,11 @@ class MatmulProbe:
                 "matmul_dtype": str(self.dtype).replace("torch.", ""), "matmul_samples": len(self.samples)}
 
 
+def minor_page_faults() -> int:
+    """The process's minor page faults so far (each a 4 KiB page of host memory touched for the first time)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
     """The workload's peak memory, filled in on exit: CUDA ``max_memory_allocated`` (tensors only),
@@ -283,12 +289,13 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             step(batch)
         sync(s.device)
         warmup_s = time.perf_counter() - t0
-        times, paired_peaks = [], []
+        times, paired_peaks, faults = [], [], 0
         for _ in range(steps):
-            t0 = time.perf_counter()
+            faults0, t0 = minor_page_faults(), time.perf_counter()
             out = step(batch)
             sync(s.device)
             times.append(time.perf_counter() - t0)
+            faults += minor_page_faults() - faults0
             paired_peaks.append(probe.rate(reps=1))  # the matmul peak under the same load as this step
     if s.device.type == "cuda":
         mem["peak_mem_mb"] -= probe.operand_mb
@@ -308,7 +315,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "step_time_best_s": min(times), "warmup_s": warmup_s, "achieved_flops": achieved, **probe.info(),
         "mfu": achieved / probe.peak, "mfu_best_step": step_flops / min(times) / probe.peak,
         "mfu_paired_median": statistics.median(step_flops / t / p for t, p in zip(times, paired_peaks)),
-        "loss": loss, "torch": torch.__version__, **mem,
+        "loss": loss, "torch": torch.__version__, **mem, "page_faults_per_step": faults / steps,
+        "malloc_retains_freed": retain_freed_memory() if s.device.type == "cpu" else None,
         "profile_table": profile_steps(step, batch, s.device) if args.profile else None,
     }
 
@@ -331,6 +339,9 @@ def format_train(r: dict[str, Any]) -> str:
         f"  MFU          {r['mfu']:.3f}  = achieved / matmul peak   (best step {r['mfu_best_step']:.3f}; "
         f"median of steps each over the matmul timed right after it {r['mfu_paired_median']:.3f})",
         f"  peak memory  {r['peak_mem_mb']:.0f} MiB ({r['peak_mem_kind']})",
+        f"  page faults  {r['page_faults_per_step']:,.0f} per step (minor; host memory the step touched afresh)"
+        + ("" if r["malloc_retains_freed"] is None else
+           f"; malloc keeps freed memory: {r['malloc_retains_freed']} (mtdiff.host_memory)"),
         f"  loss         {r['loss']:.4f} after {r['warmup'] + r['steps']} steps",
     ])
 
