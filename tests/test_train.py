@@ -40,6 +40,8 @@ def test_train_writes_checkpoints_and_metrics(root):
     assert summary["img_per_s"] > 0 and summary["world_size"] == 1 and summary["precision"] == "fp32"
     on_disk = json.loads((root / "metrics" / "train.json").read_text())
     assert on_disk["steps"] == 6 and on_disk["final_loss"] == pytest.approx(summary["final_loss"])
+    # project-relative: the metrics file reads the same on every machine
+    assert on_disk["checkpoint"] == ".mtdiff/train_state/checkpoints/last.pt"
 
     # weights_only=True load of both files (load_checkpoint uses it; check torch.load directly too)
     # the resumable state lives outside the DVC output (which holds ema.pt only)

@@ -410,8 +410,16 @@ def _summary(session: _Session, progress: _Progress, meter: TrainMeter, in_sync:
         "params_count": count_params(model), "flops_per_image": fpi,
         "train_tflops_per_s": (TRAIN_FLOPS_PER_FORWARD * fpi * steady.img_per_s / 1e12) if steady.img_per_s else None,
         "params_hash": session.params_hash, "ranks_in_sync": in_sync,
-        "checkpoint": str(session.last_path), "ema_checkpoint": str(session.ema_path),
+        "checkpoint": _project_relative(session.last_path), "ema_checkpoint": str(session.ema_path),
     }
+
+
+def _project_relative(path: Path) -> str:
+    """``path`` relative to the project when inside it: metrics files stay the same on every machine."""
+    try:
+        return path.resolve().relative_to(project_root().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _report(session: _Session, summary: dict[str, Any], tracker: Any) -> None:
