@@ -61,6 +61,15 @@ def params_hash(params: Params) -> str:
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
+def code_hash() -> str:
+    """A short hash of the ``mtdiff`` package's source: which code a training state came from."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha1()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def arch_config(params: Params) -> dict[str, Any]:
     """What inference needs to rebuild the network and the diffusion exactly as trained."""
     dump = params.model_dump()

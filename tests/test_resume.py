@@ -162,6 +162,31 @@ def test_changed_param_starts_fresh(root, caplog):
     assert load_checkpoint(_state(root, "chg") / "last.pt")["params_hash"] == params_hash(changed)
 
 
+def test_finished_run_of_other_code_is_retrained_an_unfinished_one_resumes(root, monkeypatch, caplog):
+    """DVC reruns train when its code changed: a finished state from the old code must not be
+    re-exported as the new code's weights. A killed run resumes across an edit, with a warning."""
+    from mtdiff import checkpoint as ckpt_mod
+    from mtdiff.checkpoint import load_checkpoint
+    from mtdiff.stages.train import train
+
+    train(_params(root, "code", steps=3))
+    assert load_checkpoint(root / "code" / "ema.pt")["meta"]["code_hash"] == ckpt_mod.code_hash()
+    monkeypatch.setattr(ckpt_mod, "code_hash", lambda: "edited-code")
+    with caplog.at_level("WARNING", logger="mtdiff.train"):
+        retrained = train(_params(root, "code", steps=3))
+    assert retrained.summary["resumed_from_step"] is None
+    assert "a finished run of other code" in caplog.text
+    assert load_checkpoint(_state(root, "code") / "last.pt.stale.1")["meta"]["code_hash"] != "edited-code"
+    assert load_checkpoint(_state(root, "code") / "last.pt")["meta"]["code_hash"] == "edited-code"
+
+    monkeypatch.setattr(ckpt_mod, "code_hash", lambda: "edited-again")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtdiff.train"):
+        extended = train(_params(root, "code", steps=5))
+    assert extended.summary["resumed_from_step"] == 3
+    assert "resuming a run started with other code" in caplog.text
+
+
 def test_nan_loss_raises_and_keeps_last_good_checkpoint(root, monkeypatch):
     from mtdiff.checkpoint import load_checkpoint
     from mtdiff.diffusion import MTDiffusion

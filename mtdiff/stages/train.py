@@ -14,8 +14,10 @@ Resume: when ``last.pt`` exists and its ``params_hash`` equals the current one, 
 from it exactly: same weights, optimizer, LR schedule, EMA, data order (epoch permutation from
 ``(seed, epoch)`` plus the position in the epoch) and noise (the per-rank noise generator and the
 global RNGs are restored). ``train.steps`` is not hashed, so raising it extends a finished run.
-A different hash, or a checkpoint past ``train.steps``, starts fresh and moves the old state aside
-(``last.pt.stale`` in the state dir). A ``last.pt`` left in ``checkpoints/`` by an older version is
+A different hash, a checkpoint past ``train.steps``, or a finished checkpoint of other code
+(``checkpoint.code_hash`` of the package source: DVC reruns the stage because its code changed)
+starts fresh and moves the old state aside (``last.pt.stale`` in the state dir); an unfinished one
+of other code resumes with a warning. A ``last.pt`` left in ``checkpoints/`` by an older version is
 moved into the state dir and resumed.
 
 A non-finite loss stops training with :class:`NonFiniteLossError` (step, per-task losses) before
@@ -176,7 +178,8 @@ def _setup(params: Params, info: DistInfo) -> _Session:
     configure_backends(device, tc.tf32)
     dataset = TrainDataset(params, split="train")
     phash = ckpt_mod.params_hash(params)
-    meta = {**dataset_meta(dataset, params), "arch": ckpt_mod.arch_config(params), "params_hash": phash}
+    meta = {**dataset_meta(dataset, params), "arch": ckpt_mod.arch_config(params), "params_hash": phash,
+            "code_hash": ckpt_mod.code_hash()}
     batch_size = per_rank_batch(tc.batch_size, info)
     sampler = make_sampler(len(dataset), info, params.seed)
     steps_per_epoch = len(sampler) // batch_size
@@ -219,17 +222,34 @@ def _resume(session: _Session) -> _Progress:
         # steps is outside the hash so a longer run extends a shorter one; a checkpoint already past
         # train.steps belongs to a longer run, and reusing it would break a fixed training budget.
         past_budget = same_run and int(state["step"]) > steps
-        if same_run and not past_budget:
+        stale_code = _stale_code(session, state, steps) if same_run and not past_budget else None
+        if same_run and not past_budget and not stale_code:
             progress = _restore(session, state)
         else:
             barrier(info)
             if info.is_main:
                 reason = (f"checkpoint step {state['step']} is past train.steps {steps}" if past_budget
-                          else f"params hash {state.get('params_hash')} != current {session.params_hash}")
+                          else stale_code or f"params hash {state.get('params_hash')} != current {session.params_hash}")
                 _move_aside(session, reason)
         del state
     barrier(info)
     return progress
+
+
+def _stale_code(session: _Session, state: dict[str, Any], steps: int) -> Optional[str]:
+    """Why a same-params state must not be reused after a code change, or None.
+
+    A *finished* state from other code is retrained: the stage runs on a finished state when DVC saw
+    its code change, and re-exporting the old weights would label them as the new code's. An
+    unfinished one (a killed run, the code edited meanwhile) resumes with a warning: the user's call."""
+    theirs, ours = state.get("meta", {}).get("code_hash"), session.meta["code_hash"]
+    if theirs == ours:
+        return None
+    if int(state["step"]) >= steps:
+        return f"a finished run of other code (code hash {theirs} != current {ours})"
+    if session.info.is_main:
+        log.warning("resuming a run started with other code (code hash %s != current %s)", theirs, ours)
+    return None
 
 
 def _restore(session: _Session, state: dict[str, Any]) -> _Progress:
