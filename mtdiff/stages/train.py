@@ -218,34 +218,35 @@ def _resume(session: _Session) -> _Progress:
     barrier(info)
     if session.last_path.exists():
         state = ckpt_mod.load_checkpoint(session.last_path, map_location="cpu")
-        same_run = state.get("params_hash") == session.params_hash
-        # steps is outside the hash so a longer run extends a shorter one; a checkpoint already past
-        # train.steps belongs to a longer run, and reusing it would break a fixed training budget.
-        past_budget = same_run and int(state["step"]) > steps
-        stale_code = _stale_code(session, state, steps) if same_run and not past_budget else None
-        if same_run and not past_budget and not stale_code:
+        reason = _fresh_start_reason(session, state, steps)
+        if reason is None:
             progress = _restore(session, state)
         else:
             barrier(info)
             if info.is_main:
-                reason = (f"checkpoint step {state['step']} is past train.steps {steps}" if past_budget
-                          else stale_code or f"params hash {state.get('params_hash')} != current {session.params_hash}")
                 _move_aside(session, reason)
         del state
     barrier(info)
     return progress
 
 
-def _stale_code(session: _Session, state: dict[str, Any], steps: int) -> Optional[str]:
-    """Why a same-params state must not be reused after a code change, or None.
+def _fresh_start_reason(session: _Session, state: dict[str, Any], steps: int) -> Optional[str]:
+    """Why ``state`` must not be resumed (None: resume it).
 
-    A *finished* state from other code is retrained: the stage runs on a finished state when DVC saw
+    steps is outside the params hash so a longer run extends a shorter one; a checkpoint already past
+    train.steps belongs to a longer run, and reusing it would break a fixed training budget. A
+    *finished* state from other code is retrained: the stage runs on a finished state when DVC saw
     its code change, and re-exporting the old weights would label them as the new code's. An
     unfinished one (a killed run, the code edited meanwhile) resumes with a warning: the user's call."""
+    if state.get("params_hash") != session.params_hash:
+        return f"params hash {state.get('params_hash')} != current {session.params_hash}"
+    step = int(state["step"])
+    if step > steps:
+        return f"checkpoint step {step} is past train.steps {steps}"
     theirs, ours = state.get("meta", {}).get("code_hash"), session.meta["code_hash"]
     if theirs == ours:
         return None
-    if int(state["step"]) >= steps:
+    if step == steps:
         return f"a finished run of other code (code hash {theirs} != current {ours})"
     if session.info.is_main:
         log.warning("resuming a run started with other code (code hash %s != current %s)", theirs, ours)
