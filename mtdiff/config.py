@@ -79,7 +79,9 @@ DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (
 
 
 class ModelConfig(_Section):
-    backbone: Literal["unet", "dit"] = "unet"
+    # reference_unet: diffusers' UNet2DModel (eps only, optional class embedding), the library
+    # baseline the engine is measured against (mtdiff.models.reference); not an MT-Diffusion model
+    backbone: Literal["unet", "dit", "reference_unet"] = "unet"
     # DiT (latent mode, or backbone: dit)
     size: Literal["S", "B", "L", "XL", "custom"] = "custom"
     depth: int = Field(4, ge=1)
@@ -93,6 +95,7 @@ class ModelConfig(_Section):
     num_res_blocks: int = Field(1, ge=1)
     attn_resolutions: list[int] = Field(default_factory=lambda: [7])
     dropout: float = Field(0.0, ge=0, lt=1)
+    norm_groups: int = Field(8, ge=1)   # GroupNorm groups (gcd with the channels); also the reference's
     # heads and conditioning
     head_hidden: int = Field(256, ge=1)
     label_feedback: bool = True
@@ -278,6 +281,9 @@ class Params(_Section):
         bad_t = sorted({t for t in self.evaluate.classify_t if not 1 <= t <= T})
         if bad_t:
             raise ValueError(f"evaluate.classify_t {bad_t} outside [1, diffusion.timesteps={T}]")
+        if self.model.backbone == "reference_unet" and t.enabled:
+            raise ValueError(f"model.backbone 'reference_unet' (the library baseline) has no task heads; "
+                             f"disable tasks {t.enabled} or use backbone 'unet' / 'dit'")
         _check_patch_divides(self)
         check_output_dirs(self)
         return self

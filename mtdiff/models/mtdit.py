@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mtdiff.models.dit import TIME_FREQ_DIM, DiTBackbone
 from mtdiff.config import TASKS
 from mtdiff.models.tasks import ImageHead, PooledHead, TaskModel, class_embedding
+from mtdiff.models.reference import ReferenceUNet
 from mtdiff.models.unet import MTUNet
 
 LATENT_CHANNELS = 4  # SD-VAE latent channels
@@ -82,7 +83,8 @@ def input_shape_from_params(params) -> tuple[int, int, int]:
 
 def build_model(params, repr_dim: Optional[int], num_classes: int, *,
                 input_shape: Optional[Sequence[int]] = None) -> TaskModel:
-    """MTUNet or MTDiT (``params.model.backbone``) for ``params.tasks.enabled`` and the data shape.
+    """MTUNet, MTDiT or the library ReferenceUNet (``params.model.backbone``) for
+    ``params.tasks.enabled`` and the data shape.
 
     ``input_shape`` overrides the (C, H, W) derived from params (e.g. from latents ``meta.json``).
     """
@@ -90,10 +92,14 @@ def build_model(params, repr_dim: Optional[int], num_classes: int, *,
     shape = tuple(input_shape) if input_shape is not None else input_shape_from_params(params)
     common = dict(head_hidden=mc.head_hidden, tasks=params.tasks.enabled, num_classes=num_classes,
                   repr_dim=repr_dim, class_conditional=mc.class_conditional, class_dropout=mc.class_dropout)
+    if mc.backbone == "reference_unet":
+        return ReferenceUNet(shape, base_channels=mc.channels, channel_mult=mc.channel_mult,
+                             num_res_blocks=mc.num_res_blocks, norm_groups=mc.norm_groups, **common)
     if mc.backbone == "unet":
         return MTUNet(shape, base_channels=mc.channels, channel_mult=mc.channel_mult,
                       num_res_blocks=mc.num_res_blocks, attn_resolutions=mc.attn_resolutions,
-                      num_heads=mc.num_heads, dropout=mc.dropout, label_feedback=mc.label_feedback, **common)
+                      num_heads=mc.num_heads, dropout=mc.dropout, label_feedback=mc.label_feedback,
+                      norm_groups=mc.norm_groups, **common)
     if shape[1] % mc.patch_size or shape[2] % mc.patch_size:
         raise ValueError(f"model.patch_size {mc.patch_size} must divide the input size {shape[1]}x{shape[2]}")
     depth, hidden, heads = mc.dims
@@ -109,14 +115,15 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 def flops_per_image(model: TaskModel) -> float:
     """Forward FLOPs per image (multiply-add = 2 FLOPs) of backbone + all heads.
 
-    MTUNet: counted by ``FlopCounterMode`` on one image (convs and matmuls). MTDiT: analytic.
+    MTUNet and ReferenceUNet: counted by ``FlopCounterMode`` on one image (convs and matmuls).
+    MTDiT: analytic.
 
     Counts the matmul/conv work (patch embed, t-MLP, per block: adaLN, qkv, attention scores and
     A@V, proj, MLP; each image head's adaLN + linear; the pooled heads' MLPs). Norms, activations,
     softmax and elementwise ops are ignored, as in DiT's Gflops and FlopCounterMode. Encoders
     (``aggregate``) are not part of the forward pass and are not counted.
     """
-    if isinstance(model, MTUNet):
+    if not isinstance(model, MTDiT):
         return _counted_flops(model)
     bb = model.backbone
     c = model.in_channels

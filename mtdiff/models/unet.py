@@ -26,11 +26,17 @@ from torch import nn
 from mtdiff.models.dit import TimestepEmbedder
 from mtdiff.models.tasks import TaskModel, class_embedding
 
-GROUPS = 32  # GroupNorm groups (ADM); fewer where they do not divide the channels
+NORM_GROUPS = 8  # GroupNorm groups (model.norm_groups' default); fewer where they do not divide the channels
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(GROUPS, channels), channels)
+def group_norm(channels: int, groups: int = NORM_GROUPS) -> nn.GroupNorm:
+    """GroupNorm with ``gcd(groups, channels)`` groups.
+
+    Why not ADM's 32: at this U-Net's 32-64 channels, 32 groups hold 1-2 channels each, i.e. an
+    instance norm that strips every channel's mean over the image, the signal that carries the
+    global brightness of a noisy input (engine-parity ablation, docs/engine.md).
+    """
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -43,11 +49,11 @@ def zero_module(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """GN-SiLU-conv, then GN scaled/shifted by the embedding, SiLU, dropout, zero-init conv; skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, groups: int = NORM_GROUPS):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(in_ch, groups), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
-        self.out_norm = group_norm(out_ch)
+        self.out_norm = group_norm(out_ch, groups)
         self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout),
                                         zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
@@ -62,12 +68,12 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Spatial self-attention over all positions (fused SDPA), zero-init output projection."""
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int, groups: int = NORM_GROUPS):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"U-Net channels {channels} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_module(nn.Conv2d(channels, channels, 1))
 
@@ -101,10 +107,11 @@ class Level(nn.Module):
     """Residual blocks (each optionally followed by attention) at one resolution."""
 
     def __init__(self, in_chs: Sequence[int], out_ch: int, emb_dim: int, attn: bool, num_heads: int,
-                 dropout: float):
+                 dropout: float, groups: int = NORM_GROUPS):
         super().__init__()
-        self.res = nn.ModuleList(ResBlock(c, out_ch, emb_dim, dropout) for c in in_chs)
-        self.attn = nn.ModuleList(AttentionBlock(out_ch, num_heads) if attn else nn.Identity() for _ in in_chs)
+        self.res = nn.ModuleList(ResBlock(c, out_ch, emb_dim, dropout, groups) for c in in_chs)
+        self.attn = nn.ModuleList(AttentionBlock(out_ch, num_heads, groups) if attn else nn.Identity()
+                                  for _ in in_chs)
 
 
 class UNetBackbone(nn.Module):
@@ -117,8 +124,9 @@ class UNetBackbone(nn.Module):
     def __init__(self, input_size: tuple[int, int], in_channels: int, base_channels: int,
                  channel_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
                  num_heads: int, dropout: float = 0.0, num_classes: Optional[int] = None,
-                 feedback_dim: Optional[int] = None):
+                 feedback_dim: Optional[int] = None, norm_groups: int = NORM_GROUPS):
         super().__init__()
+        self.norm_groups = norm_groups
         self.input_size = tuple(input_size)
         self.in_channels = in_channels
         self.base_channels = base_channels
@@ -133,12 +141,13 @@ class UNetBackbone(nn.Module):
         self._build(input_size, base_channels, num_res_blocks, attn_resolutions, num_heads, dropout)
 
     def _build(self, input_size, base: int, n_res: int, attn_res, heads: int, dropout: float) -> None:
-        res = min(input_size)
+        res, g = min(input_size), self.norm_groups
         chans, skips = base, [base]
         self.down, self.downsample, self.sizes = nn.ModuleList(), nn.ModuleList(), []
         for i, mult in enumerate(self.channel_mult):
             out = base * mult
-            self.down.append(Level([chans] + [out] * (n_res - 1), out, self.emb_dim, res in attn_res, heads, dropout))
+            self.down.append(Level([chans] + [out] * (n_res - 1), out, self.emb_dim, res in attn_res, heads,
+                                   dropout, g))
             chans = out
             skips += [out] * n_res
             last = i == len(self.channel_mult) - 1
@@ -147,14 +156,14 @@ class UNetBackbone(nn.Module):
             if not last:
                 skips.append(chans)
                 res = (res + 1) // 2
-        self.mid = nn.ModuleList([ResBlock(chans, chans, self.emb_dim, dropout), AttentionBlock(chans, heads),
-                                  ResBlock(chans, chans, self.emb_dim, dropout)])
+        self.mid = nn.ModuleList([ResBlock(chans, chans, self.emb_dim, dropout, g), AttentionBlock(chans, heads, g),
+                                  ResBlock(chans, chans, self.emb_dim, dropout, g)])
         self.bottleneck_channels = chans
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, mult in reversed(list(enumerate(self.channel_mult))):
             out = base * mult
             ins = [chans + skips.pop()] + [out + skips.pop() for _ in range(n_res)]
-            self.up.append(Level(ins, out, self.emb_dim, self.sizes[i] in attn_res, heads, dropout))
+            self.up.append(Level(ins, out, self.emb_dim, self.sizes[i] in attn_res, heads, dropout, g))
             chans = out
             self.upsample.append(Upsample(chans) if i > 0 else nn.Identity())
         self.out_channels = chans
@@ -198,9 +207,10 @@ class UNetBackbone(nn.Module):
 class ConvHead(nn.Module):
     """Image head: GN-SiLU-conv3x3 from the last decoder map to ``out_channels`` (zero init: 0 at start)."""
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int = NORM_GROUPS):
         super().__init__()
-        self.net = nn.Sequential(group_norm(in_ch), nn.SiLU(), zero_module(nn.Conv2d(in_ch, out_ch, 3, padding=1)))
+        self.net = nn.Sequential(group_norm(in_ch, groups), nn.SiLU(),
+                                 zero_module(nn.Conv2d(in_ch, out_ch, 3, padding=1)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
@@ -216,9 +226,9 @@ class BottleneckHead(nn.Module):
     REDUCED = 16  # channels kept per position before flattening
 
     def __init__(self, channels: int, hw: tuple[int, int], emb_dim: int, hidden: int, out_dim: int,
-                 zero_init_out: bool = False):
+                 zero_init_out: bool = False, groups: int = NORM_GROUPS):
         super().__init__()
-        self.reduce = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, self.REDUCED, 1))
+        self.reduce = nn.Sequential(group_norm(channels, groups), nn.SiLU(), nn.Conv2d(channels, self.REDUCED, 1))
         self.fc1 = nn.Linear(self.REDUCED * hw[0] * hw[1], hidden)
         self.t_proj = nn.Linear(emb_dim, hidden)
         self.fc2 = nn.Linear(hidden, out_dim)
@@ -243,7 +253,7 @@ class MTUNet(TaskModel):
                  num_res_blocks: int, attn_resolutions: Sequence[int], num_heads: int, head_hidden: int,
                  dropout: float = 0.0, tasks: Sequence[str] = (), num_classes: Optional[int] = None,
                  repr_dim: Optional[int] = None, class_conditional: bool = False, class_dropout: float = 0.0,
-                 label_feedback: bool = False):
+                 label_feedback: bool = False, norm_groups: int = NORM_GROUPS):
         super().__init__()
         self._init_tasks(input_shape, tasks, num_classes, repr_dim)
         self.class_dropout = class_dropout  # P(null label) in training: classifier-free guidance
@@ -252,18 +262,19 @@ class MTUNet(TaskModel):
         self.label_feedback = label_feedback and "label" in self.task_names
         self.backbone = UNetBackbone((h, w), c, base_channels, channel_mult, num_res_blocks, attn_resolutions,
                                      num_heads, dropout, num_classes=num_classes if class_conditional else None,
-                                     feedback_dim=num_classes if self.label_feedback else None)
+                                     feedback_dim=num_classes if self.label_feedback else None,
+                                     norm_groups=norm_groups)
         bb = self.backbone
         hw = (bb.sizes[-1], bb.sizes[-1]) if h == w else self._bottleneck_hw(h, w)
-        self.eps_head = ConvHead(bb.out_channels, c)
+        self.eps_head = ConvHead(bb.out_channels, c, norm_groups)
         self.heads = nn.ModuleDict()
         for name in self.task_names:
             if name in ("label", "representation"):
                 out_dim = num_classes if name == "label" else repr_dim
                 self.heads[name] = BottleneckHead(bb.bottleneck_channels, hw, bb.emb_dim, head_hidden, out_dim,
-                                                  zero_init_out=name == "label")
+                                                  zero_init_out=name == "label", groups=norm_groups)
             else:
-                self.heads[name] = ConvHead(bb.out_channels, c)
+                self.heads[name] = ConvHead(bb.out_channels, c, norm_groups)
 
     def _bottleneck_hw(self, h: int, w: int) -> tuple[int, int]:
         for _ in self.backbone.channel_mult[1:]:

@@ -1,0 +1,57 @@
+"""The library reference: diffusers' ``UNet2DModel`` as an eps-only :class:`TaskModel`.
+
+Not a second product: a baseline that trains, samples and is scored through exactly the project's
+training step, sampler and evaluator (``model.backbone: reference_unet``), so that a gap between it
+and :class:`~mtdiff.models.unet.MTUNet` at equal steps is a defect of our U-Net, measured inside
+every sweep that carries a ``reference_*`` point (docs/engine.md).
+
+The architecture is the textbook small U-Net of diffusers: ``block_out_channels = channels x
+channel_mult``, ``layers_per_block = num_res_blocks``, plain ``DownBlock2D`` / ``UpBlock2D`` (no
+attention but in the middle block), ``norm_num_groups = model.norm_groups``, additive timestep
+embedding, and for the class-conditional baseline ``num_class_embeds = K + 1`` (the last is the
+null label of classifier-free guidance, as in our U-Net).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from mtdiff.models.tasks import TaskModel
+
+
+class ReferenceUNet(TaskModel):
+    """``model(z_t, t, class_labels=None) -> {"eps": ...}`` through ``diffusers.UNet2DModel``.
+
+    ``t`` is mtdiff's 1-based timestep; the library model is fed ``t - 1``, the 0-based index its
+    schedulers use, so the network sees what it would in diffusers' own loop.
+    """
+
+    def __init__(self, input_shape: Sequence[int], *, base_channels: int, channel_mult: Sequence[int],
+                 num_res_blocks: int, norm_groups: int, num_classes: Optional[int] = None,
+                 class_conditional: bool = False, class_dropout: float = 0.0, **_unused):
+        super().__init__()
+        from diffusers import UNet2DModel  # heavy import: only when the reference is built
+
+        self._init_tasks(input_shape, (), num_classes, None)
+        c, h, w = self.input_shape
+        if h != w:
+            raise ValueError(f"reference_unet needs a square input, got {h}x{w}")
+        self.class_conditional = class_conditional
+        self.class_dropout = class_dropout
+        levels = len(channel_mult)
+        self.unet = UNet2DModel(
+            sample_size=h, in_channels=c, out_channels=c,
+            block_out_channels=tuple(base_channels * m for m in channel_mult),
+            layers_per_block=num_res_blocks, norm_num_groups=norm_groups,
+            down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
+            num_class_embeds=num_classes + 1 if class_conditional else None,
+        )
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor,
+                class_labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        t = self._check_inputs(z_t, t)
+        if self.class_conditional and class_labels is None:  # unconditional pass: the null label
+            class_labels = torch.full_like(t, self.num_classes)
+        labels = class_labels if self.class_conditional else None
+        return {"eps": self.unet(z_t, t - 1, class_labels=labels).sample}
