@@ -127,6 +127,10 @@ class DiffusionConfig(_Section):
     w_schedule: Literal["linear", "constant", "cosine", "sigma"] = "sigma"
     w_max: float = Field(0.5, ge=0)
     prediction: Literal["eps", "z0"] = "eps"
+    # weight of the eps term per timestep: none (Ho et al.'s simple loss) or min_snr, Hang et al.'s
+    # Min-SNR-gamma, min(SNR_t, gamma) / SNR_t for eps prediction (SNR_t = abar_t / (1 - abar_t))
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    min_snr_gamma: float = Field(5.0, gt=0)
 
 
 class LabelTask(_Section):
@@ -215,7 +219,7 @@ class SampleConfig(_Section):
     num_samples: int = Field(500, ge=1)
     batch_size: int = Field(250, ge=1)
     steps: int = Field(25, ge=1)
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpmpp2m"] = "ddim"   # dpmpp2m: DPM-Solver++(2M), deterministic
     eta: float = Field(1.0, ge=0)
     condition: Literal["uncond", "label", "masked", "transition"] = "label"
     cfg_scale: float = Field(1.0, ge=0)       # classifier-free guidance (model.class_conditional)

@@ -32,6 +32,7 @@ from mtdiff.checkpoint import load_for_inference
 from mtdiff.config import ConfigError, Params, load_params, parse_overrides
 from mtdiff.data import random_patch_mask
 from mtdiff.diffusion import MTDiffusion
+from mtdiff.diffusion.process import SAMPLERS
 from mtdiff.host_memory import retain_freed_memory
 from mtdiff.models import build_model, count_params, flops_per_image, input_shape_from_params
 from mtdiff.stages.sample import guidance_kwargs
@@ -469,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_arguments(sample)
     sample.add_argument("--steps", type=int, default=None, help=f"sampling steps ({SAMPLE_STEPS}; --quick {QUICK_SAMPLE_STEPS})")
     sample.add_argument("--num", type=int, default=None, help="images in the batch (default sample.batch_size)")
-    sample.add_argument("--sampler", default=None, choices=("ddpm", "ddim"), help="default sample.sampler")
+    sample.add_argument("--sampler", default=None, choices=SAMPLERS, help="default sample.sampler")
     sample.add_argument("--checkpoint", default=None, help="load EMA weights from this checkpoint")
     return ap
 

@@ -59,6 +59,23 @@ def make_w(kind: str, T: int, w_max: float, alphas: torch.Tensor | None = None) 
     raise ValueError(f"w_schedule must be 'linear', 'constant', 'cosine' or 'sigma', got {kind!r}")
 
 
+def eps_loss_weight(kind: str, abar: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Per-timestep weight of the primary (eps or z0) MSE, shape of ``abar`` (the (T+1,) table).
+
+    ``none``: 1 (Ho et al.'s simple loss). ``min_snr``: Hang et al.'s Min-SNR-gamma, which caps the
+    weight of the low-noise steps: ``min(SNR_t, gamma) / SNR_t`` for eps prediction, ``min(SNR_t, gamma)``
+    for z0 prediction, ``SNR_t = abar_t / (1 - abar_t)`` (t = 0, unused, gets 1).
+    """
+    if kind == "none":
+        return torch.ones_like(abar)
+    if kind != "min_snr":
+        raise ValueError(f"loss_weighting must be 'none' or 'min_snr', got {kind!r}")
+    snr = abar[1:] / (1 - abar[1:])
+    capped = snr.clamp(max=gamma)
+    weight = capped / snr if prediction == "eps" else capped
+    return torch.cat([torch.ones(1, dtype=abar.dtype), weight])
+
+
 def c_recursion(alphas: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``c_0..c_T`` from ``c_t = sqrt(alpha_t) (c_{t-1} + w_t)``, ``c_0 = 0`` (M4's recursion).
 
@@ -100,6 +117,7 @@ class Schedule:
     posterior_coef_z0: torch.Tensor
     posterior_coef_zt: torch.Tensor
     posterior_coef_A: torch.Tensor
+    eps_loss_weight: torch.Tensor
 
     def tables(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
@@ -142,4 +160,5 @@ def build_schedule(cfg: DiffusionConfig) -> Schedule:
         sqrt_abar=torch.sqrt(abar), sqrt_one_minus_abar=torch.sqrt(1 - abar),
         posterior_variance=post_var, posterior_log_variance_clipped=log_var,
         posterior_coef_z0=coef_z0, posterior_coef_zt=coef_zt, posterior_coef_A=coef_A,
+        eps_loss_weight=eps_loss_weight(cfg.loss_weighting, abar, cfg.min_snr_gamma, cfg.prediction),
     )
