@@ -30,8 +30,8 @@ from mtdiff.report import write_report
 # SweepConfig, SweepPoint, expand_points, ... stay importable from here (they lived here before mtdiff.sweeps)
 from mtdiff.sweeps import (SweepConfig, SweepPoint, check_points, dry_run_commands, exp_name_for,  # noqa: F401
                            exp_run_args, expand_points, experiment_result, find_experiment, git_head,
-                           hydra_value, load_sweep, select_points, set_param_args, untracked_files,
-                           write_sweep_file)
+                           finished_point, hydra_value, load_sweep, point_result_path, save_point_result,
+                           select_points, set_param_args, untracked_files, write_sweep_file)
 
 
 # -- task and flow ---------------------------------------------------------------------------
@@ -61,15 +61,48 @@ def run_point(point: str, overrides: dict[str, Any], exp_base: str, repo: str, t
     return {"experiment": exp_name, **result}
 
 
+def _run_and_record(point: SweepPoint, point_task: Any, cfg: SweepConfig, stamp: str, head: str, root: Path,
+                    uri: str, base_params: Any, sweep_run: Any, copy_paths: list[str] | None,
+                    logger: Any) -> dict[str, Any]:
+    """One point: its MLflow run nested under the sweep's, its experiment, and its report row."""
+    exp_base = exp_name_for(cfg.name, point.name, stamp)
+    point_tags = {"mtdiff.sweep": cfg.name, "mtdiff.sweep_point": point.name}
+    point_run = tracking.start_client_run(
+        point.name, uri=uri, experiment=base_params.mlflow.experiment, parent_run_id=sweep_run.run_id,
+        tags={**point_tags, "mtdiff.kind": "sweep_point", "dvc.exp_name": exp_base, "git_commit": head})
+    tracking.log_run_params(point_run, load_repo_params(root, point.overrides), point.overrides)
+    state = point_task(point.name, point.overrides, exp_base, str(root), cfg.targets,
+                       point_run.run_id, uri, point_tags, copy_paths, return_state=True)
+    row: dict[str, Any] = {"point": point.name, "params": point.overrides, "mlflow_run_id": point_run.run_id,
+                           "git_commit": head}
+    if state.is_completed():
+        result = state.result()
+        row.update(status="ok", experiment=result["experiment"], metrics=result["metrics"], rev=result["rev"])
+        point_run.set_tags({"dvc.exp_name": result["experiment"], "dvc.exp_rev": result["rev"]})
+        point_run.log_metrics(result["metrics"])
+        point_run.end("FINISHED")
+    else:
+        error = state.result(raise_on_failure=False)
+        row.update(status="failed", experiment=exp_base, metrics={}, error=str(error)[-2000:])
+        logger.error("point %s failed: %s", point.name, error)
+        point_run.end("FAILED")
+    return row
+
+
 @flow(name="mtdiff-sweep", log_prints=True)
 def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str | None = None,
           name: str | None = None, points: list[str] | None = None, retries: int = 1,
-          retry_delay_seconds: float = 10.0, copy_paths: list[str] | None = None) -> dict[str, Any]:
+          retry_delay_seconds: float = 10.0, copy_paths: list[str] | None = None,
+          rerun: bool = False) -> dict[str, Any]:
     """Run every point of ``config`` as a DVC experiment and write ``sweeps/<name>/comparison.*``.
 
     ``points`` runs a subset by name. A failed point is reported (status 'failed' in the table) and the
     flow fails at the end, after the report for the others is written. ``copy_paths``: untracked or
     ignored paths to copy into each experiment's temp dir (``dvc exp run -C``); committing them is better.
+
+    Resumable: each finished point's row is saved as ``sweeps/<name>/points/<point>.json`` (commit it
+    with the report); a rerun skips the points saved with the same overrides (``rerun``: run them all
+    again) and builds the report from the saved and the new rows, so a study can span sessions.
     """
     logger = get_run_logger()
     root = fp.find_repo(repo)
@@ -89,7 +122,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_file = write_sweep_file(out_dir, cfg, todo)
     point_task = run_point.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    rows: list[dict[str, Any]] = []
+    done = {} if rerun else {p.name: row for p in cfg.points if (row := finished_point(out_dir, p))}
     sweep_tags = {"mtdiff.kind": "sweep", "mtdiff.sweep": cfg.name, "git_commit": head,
                   "prefect.flow_run_id": fp.current_flow_run_id(),
                   "mtdiff.sweep_points": ",".join(p.name for p in todo)}
@@ -97,30 +130,18 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
             f"sweep:{cfg.name}", params=base_params, uri=uri, tags=sweep_tags,
             parent_run_id=tracking.parent_run_id()) as sweep_run:
         sweep_run.log_artifact(sweep_file)
+        ran: dict[str, dict[str, Any]] = {}
         for point in todo:
-            exp_base = exp_name_for(cfg.name, point.name, stamp)
-            point_tags = {"mtdiff.sweep": cfg.name, "mtdiff.sweep_point": point.name}
-            point_run = tracking.start_client_run(
-                point.name, uri=uri, experiment=base_params.mlflow.experiment, parent_run_id=sweep_run.run_id,
-                tags={**point_tags, "mtdiff.kind": "sweep_point", "dvc.exp_name": exp_base, "git_commit": head})
-            tracking.log_run_params(point_run, load_repo_params(root, point.overrides), point.overrides)
-            state = point_task(point.name, point.overrides, exp_base, str(root), cfg.targets,
-                               point_run.run_id, uri, point_tags, copy_paths, return_state=True)
-            row: dict[str, Any] = {"point": point.name, "params": point.overrides,
-                                   "mlflow_run_id": point_run.run_id}
-            if state.is_completed():
-                result = state.result()
-                row.update(status="ok", experiment=result["experiment"], metrics=result["metrics"],
-                           rev=result["rev"])
-                point_run.set_tags({"dvc.exp_name": result["experiment"], "dvc.exp_rev": result["rev"]})
-                point_run.log_metrics(result["metrics"])
-                point_run.end("FINISHED")
-            else:
-                error = state.result(raise_on_failure=False)
-                row.update(status="failed", experiment=exp_base, metrics={}, error=str(error)[-2000:])
-                logger.error("point %s failed: %s", point.name, error)
-                point_run.end("FAILED")
-            rows.append(row)
+            if point.name in done:
+                logger.info("point %s: finished before (%s), skipped; --rerun runs it again", point.name,
+                            point_result_path(out_dir, point.name).relative_to(root))
+                continue
+            ran[point.name] = _run_and_record(point, point_task, cfg, stamp, head, root, uri, base_params,
+                                              sweep_run, copy_paths, logger)
+            if ran[point.name]["status"] == "ok":
+                save_point_result(out_dir, ran[point.name])
+        # the report: every point of the config that ran now or finished in an earlier run
+        rows = [ran.get(p.name) or done[p.name] for p in cfg.points if p.name in ran or p.name in done]
         report = write_report(rows, out_dir, metrics=cfg.metrics, title=f"sweep {cfg.name}")
         for path in [report.csv, report.md, *report.plots]:
             sweep_run.log_artifact(path, artifact_path="report")
@@ -146,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=1, help="retries of a failed point (not for bad params)")
     parser.add_argument("--copy", action="append", default=None, metavar="PATH",
                         help="untracked/ignored path to copy into each experiment (dvc exp run -C); repeatable")
+    parser.add_argument("--rerun", action="store_true", help="run points again that finished before "
+                                                             "(sweeps/<name>/points/<point>.json)")
     parser.add_argument("--dry-run", action="store_true", help="print the points and commands, run nothing")
     args = parser.parse_args(argv)
     subset = [p for p in (args.points or "").split(",") if p] or None
@@ -157,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             return 0
         sweep(config=args.config, repo=args.repo, name=args.name, points=subset, retries=args.retries,
-              copy_paths=args.copy)
+              copy_paths=args.copy, rerun=args.rerun)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -208,6 +208,36 @@ def check_points(root: Path, cfg: SweepConfig, points: Sequence[SweepPoint]) -> 
             raise ConfigError(f"sweep {cfg.name} point {point.name}: {err}") from None
 
 
+# -- finished points: one JSON each, committed with the report, skipped on a rerun ---------------
+def point_result_path(out_dir: Path, point: str) -> Path:
+    return out_dir / "points" / f"{point}.json"
+
+
+def save_point_result(out_dir: Path, row: dict[str, Any]) -> Path:
+    """``out_dir/points/<point>.json`` (atomic): a finished point's row, what the report is built from.
+    Keys keep their order (not sorted): the params' order is the report's column order."""
+    path = point_result_path(out_dir, row["point"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(row, indent=2, default=str) + "\n")
+    return path
+
+
+def finished_point(out_dir: Path, point: SweepPoint) -> dict[str, Any] | None:
+    """The saved row of ``point`` if it finished (status ok) with the same overrides, else None.
+
+    A point whose overrides changed, or whose file is unreadable, counts as not run (a killed run
+    never leaves a file: it is written only after the point's experiment finished)."""
+    path = point_result_path(out_dir, point.name)
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if row.get("status") != "ok" or row.get("params") != json.loads(json.dumps(point.overrides)):
+        return None
+    return row
+
+
 def write_sweep_file(out_dir: Path, cfg: SweepConfig, points: Sequence[SweepPoint]) -> Path:
     """``out_dir/sweep.yaml``: the config with the points that run (a record beside the report)."""
     path = out_dir / "sweep.yaml"

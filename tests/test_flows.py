@@ -296,6 +296,21 @@ def test_sweep_flow_two_points_comparison_and_nested_runs(prefect_harness, flow_
     assert stage_names == {"half": ["a", "b"], "one": ["b"]}
     assert os.path.basename(result["csv"]) == "comparison.csv"
 
+    # resumable: each finished point is saved; a rerun skips both and rebuilds the same report
+    points_dir = repo / "sweeps" / "two" / "points"
+    assert sorted(p.name for p in points_dir.iterdir()) == ["half.json", "one.json"]
+    first = {r["point"]: r["experiment"] for r in result["rows"]}
+    again = sweep(config=config, repo=str(repo), retry_delay_seconds=0)
+    assert {r["point"]: r["experiment"] for r in again["rows"]} == first
+    assert pd.read_csv(repo / "sweeps" / "two" / "comparison.csv").equals(frame)
+    # a point without its file (killed before it finished) or with other overrides runs again
+    (points_dir / "half.json").unlink()
+    changed = {**config, "points": {"half": {"train.lr": 0.5}, "one": {"train.lr": 2.0}}}
+    third = sweep(config=changed, repo=str(repo), retry_delay_seconds=0)
+    rows = {r["point"]: r for r in third["rows"]}
+    assert all(rows[p]["experiment"] != first[p] for p in first)
+    assert rows["one"]["metrics"]["b/score"] == pytest.approx(4.0)
+
 
 def test_sweep_flow_rejects_invalid_point_before_running(prefect_harness, flow_env, tmp_path):
     from flows.sweep import sweep

@@ -190,3 +190,18 @@ def test_sweep_report_mean_and_std_over_seeds(tmp_path):
     assert list(summary["point"]) == ["a"] and summary["seeds"][0] == 2  # b has one ok seed: no row
     assert summary["evaluate/fid"][0] == 12.0 and math.isclose(summary["evaluate/fid std"][0], 8 ** 0.5)
     assert "| a | 2 | 12 ± 2.8 |" in report.md.read_text()
+
+
+def test_sweep_finished_point_needs_status_ok_and_the_same_overrides(tmp_path):
+    from mtdiff.sweeps import SweepPoint, finished_point, point_result_path, save_point_result
+
+    point = SweepPoint("a", {"train.lr": 0.5, "model.channel_mult": [1, 2]})
+    assert finished_point(tmp_path, point) is None
+    row = {"point": "a", "params": point.overrides, "status": "ok", "metrics": {"b/score": 1.0}}
+    assert save_point_result(tmp_path, row) == point_result_path(tmp_path, "a") == tmp_path / "points" / "a.json"
+    assert finished_point(tmp_path, point) == row
+    assert finished_point(tmp_path, SweepPoint("a", {"train.lr": 1.0, "model.channel_mult": [1, 2]})) is None
+    save_point_result(tmp_path, {**row, "status": "failed"})
+    assert finished_point(tmp_path, point) is None
+    point_result_path(tmp_path, "a").write_text('{"point": "a", "par')  # torn by hand: not finished
+    assert finished_point(tmp_path, point) is None
