@@ -27,7 +27,8 @@ from prefect.runtime import task_run as runtime_task_run
 from flows.artifacts import pipeline_artifacts
 from mtdiff import dvc_runner, tracking
 from mtdiff.config import ConfigError, Params, parse_overrides
-from mtdiff.dvc_runner import (StageConfigError, StageFailed, load_repo_params, metrics_files,  # noqa: F401
+from mtdiff.preemption import PREEMPTED_EXIT_CODE
+from mtdiff.dvc_runner import (StageConfigError, StageFailed, StagePreempted, load_repo_params, metrics_files,  # noqa: F401
                                read_metrics, repro_command, resolve_stages, run_checked, shown_command, stage_outcome,
                                summary_text, tracked_env, write_params_overrides)
 
@@ -101,7 +102,7 @@ def retryable(task_obj, task_run, state) -> bool:
             exc = state.result(raise_on_failure=False)
         except Exception as err:  # noqa: BLE001 - unreadable result: be conservative and retry
             exc = err
-    return not isinstance(exc, (ConfigError, StageConfigError, TimeoutError))
+    return not isinstance(exc, (ConfigError, StageConfigError, StagePreempted, TimeoutError))
 
 
 def current_flow_run_id() -> str:
@@ -195,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StageConfigError, ValueError, dvc_runner.PipelineBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StagePreempted as err:
+        print(f"preempted: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except Exception as err:  # noqa: BLE001 - the flow already logged the traceback
         print(f"error: pipeline failed: {err}", file=sys.stderr)
         return 1

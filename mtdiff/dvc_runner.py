@@ -23,6 +23,7 @@ import yaml
 
 from mtdiff.config import REPO_ROOT, Params, load_params
 from mtdiff.io import atomic_path
+from mtdiff.preemption import PREEMPTED_EXIT_CODE
 from mtdiff.tracking import file_metrics, numeric_leaves, redact_uri  # noqa: F401  (numeric_leaves lived here)
 
 SUMMARY_METRICS = 20  # metrics printed at the end of a run
@@ -45,6 +46,15 @@ class StageFailed(RuntimeError):
 
 class StageConfigError(StageFailed):
     """A stage failed on bad params or a bad pipeline definition: not retried."""
+
+
+class StagePreempted(StageFailed):
+    """A stage stopped on SIGTERM / SIGINT / SIGUSR1 after saving its state: not retried (the
+    scheduler is taking the machine back); running it again resumes."""
+
+    def __str__(self) -> str:
+        said = next((line.strip() for line in reversed(self.tail) if "preempted:" in line), "")
+        return f"DVC stage '{self.stage}' was preempted; run the pipeline again to resume" + (f" ({said})" if said else "")
 
 
 # -- the DVC project ------------------------------------------------------------------------
@@ -233,6 +243,8 @@ def stage_exit_code(lines: Sequence[str]) -> int | None:
 def failure_for(stage: str, returncode: int, lines: Sequence[str]) -> StageFailed:
     """The exception for a failed DVC command: :class:`StageConfigError` when a retry cannot help."""
     code = stage_exit_code(lines)
+    if code == PREEMPTED_EXIT_CODE:
+        return StagePreempted(stage, returncode, code, lines)
     text = "\n".join(lines[-30:])
     hopeless = code == CONFIG_EXIT_CODE or (code is None and any(p in text for p in _DVC_DEFINITION_ERRORS))
     return (StageConfigError if hopeless else StageFailed)(stage, returncode, code, lines)

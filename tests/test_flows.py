@@ -206,7 +206,7 @@ def test_pipeline_flow_runs_stages_in_order_with_nested_mlflow_runs(prefect_harn
 
 
 def test_pipeline_flow_retries_transient_failures_not_bad_params(prefect_harness, flow_env, tmp_path, monkeypatch):
-    from flows.pipeline import StageConfigError, pipeline
+    from flows.pipeline import StageConfigError, StagePreempted, pipeline
     from mtdiff.config import ConfigError
 
     monkeypatch.setenv("MTDIFF_MLFLOW", "0")
@@ -222,11 +222,16 @@ def test_pipeline_flow_retries_transient_failures_not_bad_params(prefect_harness
         pipeline(repo=str(repo), stages="b", force=True, retry_delay_seconds=0)
     assert (repo / "attempts.log").read_text().split().count("b") == 3
 
+    monkeypatch.setenv("FLOWTEST_FAIL", "b:75:99")  # exit 75 = preempted, its state saved: no retry
+    with pytest.raises(StagePreempted, match="'b' was preempted; run the pipeline again to resume"):
+        pipeline(repo=str(repo), stages="b", force=True, retry_delay_seconds=0)
+    assert (repo / "attempts.log").read_text().split().count("b") == 4
+
     with pytest.raises(ConfigError, match="train.nope"):  # caught before any stage runs
         pipeline(repo=str(repo), params_overrides=["train.nope=1"], retry_delay_seconds=0)
     with pytest.raises(ValueError, match="unknown DVC stage"):
         pipeline(repo=str(repo), stages=["a", "zzz"], retry_delay_seconds=0)
-    assert (repo / "attempts.log").read_text().split().count("b") == 3
+    assert (repo / "attempts.log").read_text().split().count("b") == 4
     assert "nope" not in (repo / "params.yaml").read_text()
 
 
@@ -414,7 +419,8 @@ def test_flow_module_entry_points_parse_arguments(tmp_path, capsys):
 
 
 def test_dvc_runner_failure_classification_and_outcomes():
-    from mtdiff.dvc_runner import StageConfigError, StageFailed, failure_for, stage_exit_code, stage_outcome
+    from mtdiff.dvc_runner import (StageConfigError, StageFailed, StagePreempted, failure_for, stage_exit_code,
+                                   stage_outcome)
 
     lines = ["Running stage 'b':", "> python flaky.py b", "ERROR: failed to run: python flaky.py b, exited with 2"]
     assert stage_exit_code(lines) == 2 and stage_exit_code(["all good"]) is None
@@ -425,6 +431,9 @@ def test_dvc_runner_failure_classification_and_outcomes():
     assert type(failure_for("x", 255, ["ERROR: 'x' does not exist"])) is StageConfigError  # bad definition
     assert type(failure_for("x", 1, ["ERROR: unexpected error - disk full"])) is StageFailed
     assert "dvc exited 1" in str(failure_for("x", 1, ["boom"]))
+    stopped = failure_for("train", 255, ["preempted: train stopped by SIGTERM at step 7/10; ...",
+                                         "ERROR: failed to run: python -m mtdiff.stages.train, exited with 75"])
+    assert type(stopped) is StagePreempted and "stopped by SIGTERM at step 7/10" in str(stopped)
     assert stage_outcome("b", lines) == "ran"
     assert stage_outcome("a", ["Stage 'a' is cached - skipping run, checking out outputs"]) == "restored"
     assert stage_outcome("a", ["Stage 'a' didn't change, skipping"]) == "unchanged"

@@ -78,6 +78,26 @@ def test_train_resume_matches_uninterrupted(root):
     assert resumed.summary["resumed_from_step"] == 4
     _assert_same(full, resumed)
 
+    # (3) preemption: SIGTERM after step 7 saves the state of step 7 (not only ckpt_every's step 4)
+    #     and raises Preempted; the rerun resumes there and ends where the uninterrupted run does
+    import signal
+
+    from mtdiff.preemption import Preempted
+
+    def preempt(step: int) -> None:
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="SIGTERM at step 7/10") as stop:
+        train(_params(root, "pre"), on_step=preempt)
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is only installed while training
+    assert stop.value.state_path == ".mtdiff/train_state/pre/last.pt"
+    assert load_checkpoint(_state(root, "pre") / "last.pt")["step"] == 7
+    preempted = train(_params(root, "pre"))
+    assert preempted.summary["resumed_from_step"] == 7
+    _assert_same(full, preempted)
+
     # the final checkpoints agree too, and load with weights_only=True
     a = torch.load(_state(root, "full") / "last.pt", weights_only=True)
     b = torch.load(_state(root, "int") / "last.pt", weights_only=True)

@@ -6,6 +6,7 @@ import sys
 from typing import Any, Callable
 
 from mtdiff.config import ConfigError, Params, load_params
+from mtdiff.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def stage_main(run: Callable[[Params], Any], argv: list[str] | None = None) -> Any:
@@ -13,7 +14,8 @@ def stage_main(run: Callable[[Params], Any], argv: list[str] | None = None) -> A
 
     A bad param, and any :class:`ConfigError` the stage raises (``CheckpointError`` for a corrupt
     checkpoint, ``OutputError`` for an output folder it may not replace), exits 2 with one line:
-    retrying cannot help, so the flow does not retry exit 2.
+    retrying cannot help, so the flow does not retry exit 2. A training stopped by a signal
+    (:class:`~mtdiff.preemption.Preempted`) exits :data:`~mtdiff.preemption.PREEMPTED_EXIT_CODE` with one line.
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -22,3 +24,6 @@ def stage_main(run: Callable[[Params], Any], argv: list[str] | None = None) -> A
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Preempted as stop:  # SIGTERM / SIGINT / SIGUSR1 during training: state saved, rerun resumes
+        print(f"preempted: {stop}", file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None

@@ -49,6 +49,7 @@ from mtdiff.data import TrainDataset, collate_batch
 from mtdiff.diffusion import MTDiffusion
 from mtdiff.io import write_json
 from mtdiff.models import build_model, count_params, flops_per_image
+from mtdiff.preemption import Preempted, PreemptionWatch
 from mtdiff.sampling_io import to_pil
 from mtdiff.stages import stage_main
 from mtdiff.stages.sample import preview_grid
@@ -332,8 +333,9 @@ def _epoch_loader(session: _Session, epoch: int, start_batch: int) -> DataLoader
 
 
 def _loop(session: _Session, progress: _Progress, tracker: Any,
-          on_step: Optional[Callable[[int], None]]) -> TrainMeter:
-    """Train from ``progress`` to ``train.steps``, logging and checkpointing on the way."""
+          on_step: Optional[Callable[[int], None]], watch: PreemptionWatch) -> TrainMeter:
+    """Train from ``progress`` to ``train.steps``, logging and checkpointing on the way; a stop
+    signal (``watch``) saves the resumable state at the next step boundary and raises Preempted."""
     tc = session.params.train
     meter = TrainMeter(["loss", "eps", *session.params.tasks.enabled], tc.batch_size, session.info)
     bar = tqdm(total=tc.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
@@ -348,6 +350,13 @@ def _loop(session: _Session, progress: _Progress, tracker: Any,
             _end_of_step(session, progress, meter, tracker, bar)
             if on_step is not None:
                 on_step(progress.step)
+            stop = _stop_signal(watch, session.info)
+            if stop is not None:
+                if progress.last_saved_step != progress.step:
+                    _flush_window(session, progress, meter, tracker, bar)
+                    _save_checkpoint(session, progress)
+                bar.close()
+                raise Preempted(stop, progress.step, tc.steps, _project_relative(session.last_path))
             if progress.step >= tc.steps:
                 break
         if progress.batch_in_epoch >= session.steps_per_epoch:
@@ -357,6 +366,27 @@ def _loop(session: _Session, progress: _Progress, tracker: Any,
     return meter
 
 
+def _stop_signal(watch: PreemptionWatch, info: DistInfo) -> Optional[str]:
+    """The stop signal's name if this rank (or, under DDP, any rank) got one: all ranks stop together."""
+    name = watch.requested
+    if info.world_size == 1:
+        return name
+    flag = torch.tensor([0 if name is None else 1], device=info.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return (name or "SIGTERM") if int(flag.item()) else None
+
+
+def _flush_window(session: _Session, progress: _Progress, meter: TrainMeter, tracker: Any, bar: tqdm) -> None:
+    """Check the window's losses are finite (else stop before saving anything), record and log it."""
+    kept = progress.last_saved_step if progress.last_saved_step is not None else "none"
+    meter.check_finite(f"; stopped without saving, the last good checkpoint ({session.last_path}, step {kept}) "
+                       "is kept. Lower train.lr, raise train.warmup_steps, or use train.precision fp32/bf16.")
+    window = meter.flush()
+    progress.record(window)
+    if session.info.is_main:
+        _log_window(session, progress, window, tracker, bar)
+
+
 def _end_of_step(session: _Session, progress: _Progress, meter: TrainMeter, tracker: Any, bar: tqdm) -> None:
     """Every ``log_every`` steps: check the losses are finite and log the window; every
     ``ckpt_every`` steps (and at the end): also checkpoint; every ``grid_every`` steps: a sample grid.
@@ -364,13 +394,7 @@ def _end_of_step(session: _Session, progress: _Progress, meter: TrainMeter, trac
     tc, step = session.params.train, progress.step
     save_now = step % tc.ckpt_every == 0 or step >= tc.steps
     if save_now or step % tc.log_every == 0:
-        kept = progress.last_saved_step if progress.last_saved_step is not None else "none"
-        meter.check_finite(f"; stopped without saving, the last good checkpoint ({session.last_path}, step {kept}) "
-                           "is kept. Lower train.lr, raise train.warmup_steps, or use train.precision fp32/bf16.")
-        window = meter.flush()
-        progress.record(window)
-        if session.info.is_main:
-            _log_window(session, progress, window, tracker, bar)
+        _flush_window(session, progress, meter, tracker, bar)
     if save_now:
         t0 = time.perf_counter()
         _save_checkpoint(session, progress)
@@ -516,7 +540,8 @@ def train(params: Params, on_step: Optional[Callable[[int], None]] = None) -> Tr
         with _open_tracking(params, info, session.ckpt_dir) as tracker:
             if info.is_main:
                 _log_start(session, progress, tracker)
-            meter = _loop(session, progress, tracker, on_step)
+            with PreemptionWatch() as watch:
+                meter = _loop(session, progress, tracker, on_step, watch)
             step = session.step
             in_sync = ranks_in_sync(step.model.state_dict(), info) and ranks_in_sync(step.ema.shadow, info)
             if not in_sync:
