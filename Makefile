@@ -69,5 +69,7 @@ screenshots: install
 bench: install
 	$(VENV)/bin/mtdiff bench train --quick
 
+# The run's untracked outputs and local stores. The committed results (metrics/, sweeps/) stay:
+# `git checkout -- metrics` puts back what a run changed there.
 clean:
-	rm -rf data checkpoints samples metrics plots sweeps .prefect mlflow.db mlartifacts
+	rm -rf data checkpoints samples plots .prefect mlflow.db mlartifacts .mtdiff

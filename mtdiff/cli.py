@@ -22,8 +22,10 @@ import sys
 
 import yaml
 
+from mtdiff import __version__
 from mtdiff.config import ConfigError, load_params
 
+DESCRIPTION = "MT-Diffusion as a DVC + Prefect + MLflow pipeline: the pipeline, its stages and its tools."
 STAGES = ("prepare", "latents", "representations", "train", "sample", "evaluate")
 
 # Commands handed on whole to an existing entry point: name -> (module, leading argv, help). The
@@ -52,13 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         return delegate(argv[0], argv[1:])
-    parser = argparse.ArgumentParser(prog="mtdiff", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    st = sub.add_parser("stage", help="run one pipeline stage")
+    parser = argparse.ArgumentParser(prog="mtdiff", description=DESCRIPTION,
+                                     epilog="`mtdiff <command> --help` shows the options of each.")
+    parser.add_argument("--version", action="version", version=f"mtdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    st = sub.add_parser("stage", help="run one pipeline stage: mtdiff stage <name> [key=value ...]")
     st.add_argument("name", choices=STAGES)
     st.add_argument("overrides", nargs="*", help="key.sub=value")
-    cfg = sub.add_parser("config", help="print the validated params")
+    cfg = sub.add_parser("config", help="print the validated, merged params: mtdiff config [key=value ...]")
     cfg.add_argument("overrides", nargs="*")
     for name, (_, _, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)

@@ -26,6 +26,16 @@ def test_help_lists_every_command_with_what_it_does(capsys):
                           ("replay", "mlflow_pending"), ("stage", "stage"), ("config", "params"),
                           ("bench", "bench")]:
         assert re.search(rf"^\s+{command}\s+.*{re.escape(what)}", out, re.M | re.S), command
+    assert "``" not in out  # no raw reST
+    assert len(re.findall(r"^\s+run\s", out, re.M)) == 1  # each command listed once
+
+
+def test_version(capsys):
+    from mtdiff import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"mtdiff {__version__}"
 
 
 @pytest.mark.parametrize("command, module, lead", [
