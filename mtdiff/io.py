@@ -5,6 +5,7 @@ A stage killed mid-write leaves either the old file or none, never a partial one
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -20,6 +21,23 @@ import numpy as np
 from mtdiff.config import ConfigError
 
 
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")  # numpy's tofile on a full disk: no errno
+
+
+@contextlib.contextmanager
+def _naming_failed_writes(path: Path) -> Iterator[None]:
+    """An OSError while writing the output ``path`` names ``path`` (numpy's short write names no
+    file and carries no errno: it becomes ENOSPC, 'disk full or file-size limit')."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        if err.errno is None and _SHORT_WRITE.match(str(err)):
+            raise OSError(errno.ENOSPC, f"short write ({err}): disk full or file-size limit", str(path)) from err
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path in the target's folder; on success rename it onto ``path``. Temp files a
@@ -32,9 +50,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes 0600
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with _naming_failed_writes(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -98,8 +117,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; outputs should follow the umask
     try:
-        yield tmp
-        (tmp / OUTPUT_MARKER).write_text("written by an mtdiff stage; replaced on its next run\n")
+        with _naming_failed_writes(path):
+            yield tmp
+            (tmp / OUTPUT_MARKER).write_text("written by an mtdiff stage; replaced on its next run\n")
         check_replaceable(path)  # again: something may have appeared there meanwhile
         old = path.with_name(f".{path.name}.old")
         if path.exists():

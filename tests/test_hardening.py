@@ -431,3 +431,62 @@ def test_second_pipeline_run_is_refused_at_once(tmp_path):
         holder.wait()
     with pipeline_lock(tmp_path):  # a killed holder leaves no stale lock behind
         pass
+
+
+# -- round 2: a full disk, and data errors, are one line with exit 2 -------------------------------
+def _stage(proj: Path, *args: str, preexec_fn=None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MTDIFF_PARAMS", "MTDIFF_OUTPUT_ROOTS")}
+    env.update(MTDIFF_MLFLOW="0", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run([sys.executable, "-m", *args], cwd=proj, env=env, capture_output=True, text=True,
+                          timeout=180, preexec_fn=preexec_fn)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_full_disk_is_one_line_exit_2_and_keeps_the_previous_outputs(tmp_path):
+    """A write past the file-size limit fails as a full disk does (EFBIG; ENOSPC alike): the stage
+    exits 2 with one line naming the file and the cause, the previous complete outputs are as they
+    were, and no temp file is left."""
+    import resource
+    import signal
+
+    from fixtures.fmnist_idx import build
+
+    fmnist = build(tmp_path / "fmnist", sizes={"train": 64, "test": 32})
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "dvc.yaml").write_text("stages: {}\n")
+    args = ["mtdiff.stages.prepare", f"data.fashion_mnist_dir={fmnist}", "prepare.num_workers=0"]
+    first = _stage(proj, *args, "data.max_per_split=16")
+    assert first.returncode == 0, first.stderr
+    before = _files(proj / "data")
+
+    def small_disk():  # the kernel then answers EFBIG instead of killing with SIGXFSZ
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    full = _stage(proj, *args, "data.max_per_split=64", preexec_fn=small_disk)
+    assert full.returncode == 2, full.stderr
+    lines = [ln for ln in full.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in full.stderr, full.stderr
+    assert "File too large" in lines[0] or "disk full or file-size limit" in lines[0], lines[0]
+    assert "data/prepared" in lines[0]  # the output that could not be written
+    assert _files(proj / "data") == before
+    assert not [p for p in proj.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+
+
+def test_broken_data_file_in_a_stage_is_one_line_exit_2(tmp_path):
+    from fixtures.fmnist_idx import build
+
+    fmnist = build(tmp_path / "fmnist", sizes={"train": 16, "test": 16})
+    images = fmnist / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:100])  # truncated download
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "dvc.yaml").write_text("stages: {}\n")
+    proc = _stage(proj, "mtdiff.stages.prepare", f"data.fashion_mnist_dir={fmnist}", "prepare.num_workers=0")
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and str(images) in lines[0] and "Traceback" not in proc.stderr, proc.stderr
