@@ -45,7 +45,15 @@ class StageFailed(RuntimeError):
 
 
 class StageConfigError(StageFailed):
-    """A stage failed on bad params or a bad pipeline definition: not retried."""
+    """A stage failed on bad params, bad data, a full disk or a bad pipeline definition: not retried.
+    Its message is one line: the stage's own ``error: ...`` line (or DVC's), not the output's tail."""
+
+    def __str__(self) -> str:
+        lines = [line.strip() for line in reversed(self.tail)]
+        said = next((ln for ln in lines if ln.startswith("error:")), None)  # the stage's own line
+        said = said or next((ln for ln in lines if ln.startswith("ERROR:")), None)  # else DVC's
+        said = said.split(":", 1)[1].strip() if said else "see the stage's output above"
+        return f"DVC stage '{self.stage}' failed: {said}"
 
 
 class StagePreempted(StageFailed):

@@ -425,7 +425,10 @@ def test_dvc_runner_failure_classification_and_outcomes():
     lines = ["Running stage 'b':", "> python flaky.py b", "ERROR: failed to run: python flaky.py b, exited with 2"]
     assert stage_exit_code(lines) == 2 and stage_exit_code(["all good"]) is None
     bad = failure_for("b", 255, lines)
-    assert type(bad) is StageConfigError and "stage command exited with 2" in str(bad) and bad.stage_exit == 2
+    assert type(bad) is StageConfigError and bad.stage_exit == 2
+    assert str(bad) == "DVC stage 'b' failed: failed to run: python flaky.py b, exited with 2"  # one line
+    said = failure_for("b", 255, ["error: train.lr: Input should be greater than 0", *lines[1:]])
+    assert str(said) == "DVC stage 'b' failed: train.lr: Input should be greater than 0"  # the stage's own line
     flaky = failure_for("b", 255, [*lines[:2], "ERROR: failed to run: python flaky.py b, exited with 1"])
     assert type(flaky) is StageFailed and flaky.stage_exit == 1
     assert type(failure_for("x", 255, ["ERROR: 'x' does not exist"])) is StageConfigError  # bad definition
