@@ -1,6 +1,6 @@
 """Noise schedules and MT-Diffusion's aggregation weights, precomputed in float64.
 
-Every table is indexed by the 1-based timestep ``t`` of METHOD.md: entry 0 holds the ``t = 0``
+Every table is indexed by the 1-based timestep ``t`` of docs/method.md: entry 0 holds the ``t = 0``
 value (``abar_0 = 1``, ``c_0 = 0``, ``w_0 = 0``, ``beta_0 = 0``) so that ``table[t]`` and
 ``table[t - 1]`` both gather without off-by-one shifts.
 """

@@ -1,4 +1,4 @@
-"""MT-Diffusion model: U-Net or DiT backbone, task encoders E_i and heads D_i (see METHOD.md M2, M5)."""
+"""MT-Diffusion model: U-Net or DiT backbone, task encoders E_i and heads D_i (see docs/method.md M2, M5)."""
 from mtdiff.models.dit import DiTBackbone, sincos_pos_embed_2d, timestep_features, unpatchify
 from mtdiff.models.mtdit import (TASKS, MTDiT, build_model, count_params, flops_per_image,
                                  input_shape_from_params)

@@ -44,7 +44,7 @@ class LabelEncoder(nn.Module):
     """E_label: class label -> learned (C, H, W) code with unit RMS.
 
     Accepts int64 labels (B,) or float class probabilities (B, K). For probabilities it returns the
-    expected embedding ``sum_k p_k E(k)`` (the reverse process' soft labels, METHOD.md), so one-hot
+    expected embedding ``sum_k p_k E(k)`` (the reverse process' soft labels, docs/method.md), so one-hot
     probabilities give exactly the int-label result, and an uncertain label carries a weaker signal.
     """
 
