@@ -58,6 +58,38 @@ class FashionCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class FashionEvalNet(nn.Module):
+    """The evaluation network: a second feature space for FID that no task trains on.
+
+    The representation task regresses FashionCNN's features, so FID in those features could be won
+    by fitting them. This net differs in architecture (LeNet-style 5x5 convolutions, no BatchNorm
+    in the body, a wider 256-d LayerNorm'd feature) and is trained from another seed; it only ever
+    scores samples. Same interface as FashionCNN: ``features`` (B, dim) and ``forward`` -> logits.
+    """
+
+    def __init__(self, in_channels: int = 1, dim: int = 256, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        self.config = {"in_channels": in_channels, "dim": dim, "num_classes": num_classes, "width": width}
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),   # 28 -> 14
+            nn.Conv2d(w, 2 * w, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),         # 14 -> 7
+            nn.AdaptiveAvgPool2d(4),                                                           # 7 -> 4
+        )
+        self.proj = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, dim), nn.LayerNorm(dim))
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Linear(dim, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+FMNIST_NETS = {"FashionCNN": FashionCNN, "FashionEvalNet": FashionEvalNet}  # checkpoint "arch" -> class
+EVAL_NET_FILE = "eval_net.pt"  # the representations stage's evaluation network (evaluate's second FID space)
+
+
 def images_to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float32 NCHW in [-1, 1] (the input convention of FashionCNN and the VAE)."""
     # np.array copies: memmapped inputs are read-only, which torch warns about.
@@ -67,22 +99,27 @@ def images_to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def save_fmnist_encoder(model: FashionCNN, path: str | os.PathLike, **extra: Any) -> Path:
-    """Atomic checkpoint: {"state_dict", "config", **extra} (plain types only, so weights_only loads it)."""
+def save_fmnist_encoder(model: nn.Module, path: str | os.PathLike, **extra: Any) -> Path:
+    """Atomic checkpoint: {"state_dict", "config", "arch", **extra} (plain types only, so weights_only loads it)."""
     from mtdiff.io import save_torch
 
-    return save_torch(path, {"state_dict": model.state_dict(), "config": dict(model.config), **extra})
+    return save_torch(path, {"state_dict": model.state_dict(), "config": dict(model.config),
+                             "arch": type(model).__name__, **extra})
 
 
-def load_fmnist_encoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FashionCNN:
-    """Load the representations stage's ``encoder.pt`` (weights_only) as an eval-mode FashionCNN."""
+def load_fmnist_encoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load ``encoder.pt`` / ``eval_net.pt`` of the representations stage (weights_only), in eval mode
+    (a checkpoint without ``arch`` is a FashionCNN)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no Fashion-MNIST encoder checkpoint (run `dvc repro representations` first)")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path}: not a FashionCNN checkpoint (want keys state_dict, config)")
-    model = FashionCNN(**ckpt["config"])
+    arch = ckpt.get("arch", "FashionCNN")
+    if arch not in FMNIST_NETS:
+        raise ValueError(f"{path}: unknown network {arch!r} (known: {', '.join(FMNIST_NETS)})")
+    model = FMNIST_NETS[arch](**ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 

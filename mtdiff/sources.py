@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mtdiff.config import Params, resolve_path
+from mtdiff.config import ConfigError, Params, resolve_path
 from mtdiff.io import sha1_bytes
 
 # Plain logging, not mtdiff.utils (that imports torch): decode workers import this module.
@@ -56,8 +56,9 @@ MAX_IMAGE_PIXELS = 89_478_485
 MANIFEST_HEX_PREFIX = "hex:"  # a source path that is not valid UTF-8, as the hex of its raw bytes
 
 
-class DataSourceError(RuntimeError):
-    """The raw data set is missing or malformed; the message says how to get it."""
+class DataSourceError(ConfigError):
+    """The raw data set is missing or malformed; the message says how to get it. A ConfigError: the
+    user must fix the input, a retry cannot help (stage_main: one line, exit 2; the flow does not retry)."""
 
 
 @dataclass

@@ -146,10 +146,12 @@ def write_samples(params, images: np.ndarray, condition: str, **extra) -> None:
 
 
 def write_encoder(params) -> None:
-    from mtdiff.encoders import FashionCNN, save_fmnist_encoder
+    """The representations stage's two Fashion-MNIST networks, tiny and untrained."""
+    from mtdiff.encoders import EVAL_NET_FILE, FashionCNN, FashionEvalNet, save_fmnist_encoder
 
     torch.manual_seed(0)
     save_fmnist_encoder(FashionCNN(dim=16, width=4).eval(), params.representations_dir / "encoder.pt")
+    save_fmnist_encoder(FashionEvalNet(dim=16, width=4).eval(), params.representations_dir / EVAL_NET_FILE)
 
 
 def read_csv(path):
@@ -183,7 +185,9 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     out = evaluate.run(params)
     m = json.loads((params.metrics_dir / "evaluate.json").read_text())
     assert out["metrics_path"] == str(params.metrics_dir / "evaluate.json") and calls
-    domain = {f"{k}_fmnist_cnn_32" for k in ("fid", "kid", "kid_std", "precision", "recall", "f_score", "cond_acc")}
+    # both feature spaces: the representation encoder's and the evaluation network's
+    domain = {f"{k}_{space}_32" for k in ("fid", "kid", "kid_std", "precision", "recall", "f_score", "cond_acc")
+              for space in ("fmnist_cnn", "fmnist_eval")}
     label = {"label_acc_t1_32", "label_acc_t10_32", "label_acc_t50_32", "label_acc_ens_32"}
     always = {"num_samples", "num_reference", "num_test_eval", "condition", "data_source",
               "inception_skipped_reason", "domain_skipped_reason", "label_head_skipped_reason"}
@@ -194,8 +198,9 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     assert m["domain_skipped_reason"] == "" and m["label_head_skipped_reason"] == ""
     for k in domain | label:
         assert isinstance(m[k], float) and math.isfinite(m[k]), k
-    for k in label | {"cond_acc_fmnist_cnn_32"}:
+    for k in label | {"cond_acc_fmnist_cnn_32", "cond_acc_fmnist_eval_32"}:
         assert 0.0 <= m[k] <= 1.0
+    assert m["fid_fmnist_eval_32"] != m["fid_fmnist_cnn_32"]  # two different spaces
 
     plots = params.metrics_dir / "plots"
     vs_t = read_csv(plots / "label_accuracy_vs_t.csv")

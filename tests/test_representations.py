@@ -49,6 +49,15 @@ def test_fmnist_cnn_trains_and_saves(prepared):
         acc = float((enc(x).argmax(1).numpy() == labels).mean())
     np.testing.assert_allclose(feats, test[:16], atol=1e-4, rtol=1e-4)
     assert acc == pytest.approx(metrics["test_accuracy"])
+    # the evaluation network: another architecture and seed, its accuracy stated, no task reads it
+    from mtdiff.encoders import EVAL_NET_FILE, FashionEvalNet
+
+    net = load_fmnist_encoder(out / EVAL_NET_FILE)
+    assert isinstance(net, FashionEvalNet) and not net.training
+    assert torch.load(out / EVAL_NET_FILE, weights_only=True)["seed"] == params.seed + 1000
+    with torch.no_grad():
+        net_acc = float((net(x).argmax(1).numpy() == labels).mean())
+    assert net_acc == pytest.approx(metrics["eval_net_test_accuracy"]) and net_acc > 0.35
 
 
 def test_fmnist_cnn_is_seeded(prepared):

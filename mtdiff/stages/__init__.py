@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 from mtdiff.config import ConfigError, Params, load_params
 from mtdiff.preemption import PREEMPTED_EXIT_CODE, Preempted
-from mtdiff.sources import DataSourceError
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
@@ -19,7 +18,7 @@ def stage_main(run: Callable[[Params], Any], argv: list[str] | None = None) -> A
     A bad param, and any :class:`ConfigError` the stage raises (``CheckpointError`` for a corrupt
     checkpoint, ``OutputError`` for an output folder it may not replace), exits 2 with one line:
     retrying cannot help, so the flow does not retry exit 2. So do unreadable input data
-    (:class:`~mtdiff.sources.DataSourceError`) and a full disk or file-size limit (ENOSPC, EFBIG,
+    (:class:`~mtdiff.sources.DataSourceError`, a ConfigError) and a full disk or file-size limit (ENOSPC, EFBIG,
     EDQUOT: outputs are written atomically, so the previous ones stay). A training stopped by a signal
     (:class:`~mtdiff.preemption.Preempted`) exits :data:`~mtdiff.preemption.PREEMPTED_EXIT_CODE` with one line.
     """
@@ -27,7 +26,7 @@ def stage_main(run: Callable[[Params], Any], argv: list[str] | None = None) -> A
     try:
         params = load_params(overrides=argv)
         return run(params)
-    except (ConfigError, DataSourceError) as err:
+    except ConfigError as err:  # also DataSourceError (bad input data), CheckpointError, OutputError
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as err:

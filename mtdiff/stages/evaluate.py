@@ -54,7 +54,7 @@ import torch
 from mtdiff.checkpoint import load_for_inference
 from mtdiff.config import Params, resolve_path
 from mtdiff.data import load_prepared
-from mtdiff.encoders import load_fmnist_encoder
+from mtdiff.encoders import EVAL_NET_FILE, load_fmnist_encoder
 from mtdiff.evaluation import accuracy as acc
 from mtdiff.evaluation import fidelity as fid
 from mtdiff.io import atomic_path, write_json
@@ -69,6 +69,8 @@ ACC_VS_T = "label_accuracy_vs_t.csv"
 PER_CLASS = "per_class_accuracy.csv"
 PER_CLASS_SAMPLES = "per_class_sample_accuracy.csv"
 DOMAIN = "fmnist_cnn"
+EVAL_SPACE = "fmnist_eval"
+DOMAIN_SPACES = {DOMAIN: "encoder.pt", EVAL_SPACE: EVAL_NET_FILE}  # feature space -> network file
 # Extra timesteps for the accuracy-vs-t curve (the metrics use evaluate.classify_t only).
 CURVE_T = (1, 10, 50, 100, 250, 500, 750, 1000)
 CURVE_IMAGES = 1000  # test images for the curve's timesteps outside classify_t
@@ -201,24 +203,33 @@ def _inception_metrics(inp: _Inputs) -> tuple[dict[str, Any], str]:
 
 
 def _domain_metrics(inp: _Inputs) -> tuple[dict[str, Any], Plots, str]:
-    """Domain FID with the project's Fashion-MNIST encoder, and the encoder as a classifier of the samples."""
+    """FID / precision / recall in two Fashion-MNIST feature spaces, and each network as a classifier of
+    the samples: the representation encoder (``fmnist_cnn``, ``encoder.pt``) and the evaluation network
+    that no task trains on (``fmnist_eval``, ``eval_net.pt``), so a model that fits the encoder's
+    features (the representation task) cannot win by its own metric alone."""
     params = inp.params
-    enc_path = params.representations_dir / "encoder.pt"
     if params.data.source != "fashion_mnist" or params.data.channels != 1:
         return {}, {}, f"no domain encoder for data.source {params.data.source!r} (Fashion-MNIST only)"
-    if not enc_path.is_file():
-        return {}, {}, f"{enc_path} missing (run the representations stage)"
-    encoder = load_domain_encoder(enc_path).to(inp.device).eval()
-    extractor = fid.register_module_extractor(encoder, DOMAIN)
-    m = fid.fidelity_metrics(inp.samples, inp.reference, extractor=extractor, space=DOMAIN, **inp.fidelity_kwargs())
+    m: dict[str, Any] = {}
     plots: Plots = {}
-    labels = inp.arrays.get("labels")
-    if labels is not None and inp.condition in ("label", "uncond"):
-        accuracy, per_class = acc.classifier_accuracy(encoder, inp.samples, labels[:inp.n],
-                                                      batch_size=params.evaluate.batch_size, device=inp.device)
-        m[inp.name("cond_acc" if inp.condition == "label" else "joint_label_acc", DOMAIN)] = accuracy
-        plots[PER_CLASS_SAMPLES] = _per_class_rows(per_class, inp.classes)
-    return m, plots, ""
+    missing = []
+    for space, file_name in DOMAIN_SPACES.items():
+        path = params.representations_dir / file_name
+        if not path.is_file():
+            missing.append(f"{path} missing (run the representations stage)")
+            continue
+        net = load_domain_encoder(path).to(inp.device).eval()
+        extractor = fid.register_module_extractor(net, space)
+        m.update(fid.fidelity_metrics(inp.samples, inp.reference, extractor=extractor, space=space,
+                                      **inp.fidelity_kwargs()))
+        labels = inp.arrays.get("labels")
+        if labels is not None and inp.condition in ("label", "uncond"):
+            accuracy, per_class = acc.classifier_accuracy(net, inp.samples, labels[:inp.n],
+                                                          batch_size=params.evaluate.batch_size, device=inp.device)
+            m[inp.name("cond_acc" if inp.condition == "label" else "joint_label_acc", space)] = accuracy
+            if space == DOMAIN:
+                plots[PER_CLASS_SAMPLES] = _per_class_rows(per_class, inp.classes)
+    return m, plots, "; ".join(missing)
 
 
 def _reconstruction_metrics(inp: _Inputs) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Stage ``representations``: the representation modality ``x_i`` of the joint image-representation task.
 
 - ``fmnist_cnn`` (default profile): trains :class:`mtdiff.encoders.FashionCNN` on the prepared train
-  split (seeded; representations.epochs / batch_size / lr), saves ``encoder.pt`` and its test accuracy.
+  split (seeded; representations.epochs / batch_size / lr), saves ``encoder.pt`` and its test accuracy;
+  and the evaluation network :class:`mtdiff.encoders.FashionEvalNet` (another architecture, another
+  seed), ``eval_net.pt``, which no task trains on: the evaluate stage's second FID space.
 - ``dinov2`` / ``clip``: a frozen timm image encoder (representations.name / weights_path).
 
 Outputs (atomic): ``data/representations/{split}.npy`` float32 (N, D) aligned with prepared/latents
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from mtdiff.config import Params
 from mtdiff.data import SPLITS, load_prepared
-from mtdiff.encoders import FashionCNN, images_to_unit_range, load_image_encoder, save_fmnist_encoder
+from mtdiff.encoders import EVAL_NET_FILE, FMNIST_NETS, images_to_unit_range, load_image_encoder, save_fmnist_encoder
 from mtdiff.evaluation.accuracy import classifier_accuracy
 from mtdiff.io import atomic_dir, write_json
 from mtdiff.stages import stage_main
@@ -36,6 +38,7 @@ from mtdiff.utils import get_logger, pick_device, seed_everything
 
 log = get_logger("mtdiff.representations")
 EVAL_BATCH = 1024
+EVAL_NET_SEED_OFFSET = 1000
 
 
 @torch.no_grad()
@@ -59,15 +62,20 @@ def ncm_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
     return float((pred == test_labels).mean())
 
 
-def train_fmnist_cnn(params: Params, tracker, device: torch.device) -> tuple[FashionCNN, dict[str, Any]]:
-    """Train FashionCNN on the prepared train split; returns the eval-mode model and its metrics."""
+def train_fmnist_cnn(params: Params, tracker, device: torch.device, arch: str = "FashionCNN",
+                     seed: int | None = None, tag: str = "fmnist_cnn") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train a Fashion-MNIST classifier (FashionCNN, the representation encoder; or FashionEvalNet, the
+    evaluation network, from ``seed``) on the prepared train split; returns the eval-mode model and its metrics."""
     cfg = params.representations
-    seed_everything(params.seed)
+    seed = params.seed if seed is None else seed
+    seed_everything(seed)
     images, labels, classes = load_prepared(params, "train")
     test_images, test_labels, _ = load_prepared(params, "test")
     x_train = torch.from_numpy(np.array(images))  # a uint8 copy in memory (1 byte/pixel)
     y_train = torch.from_numpy(labels.astype(np.int64))
-    model = FashionCNN(in_channels=images.shape[-1], dim=cfg.dim, num_classes=len(classes)).to(device)
+    net = FMNIST_NETS[arch]
+    dims = {"dim": cfg.dim} if arch == "FashionCNN" else {}
+    model = net(in_channels=images.shape[-1], num_classes=len(classes), **dims).to(device)
     # channels_last: oneDNN's fast conv layout on CPU (~30% faster steps here), harmless on CUDA.
     model = model.to(memory_format=torch.channels_last)
     n = len(x_train)
@@ -76,14 +84,14 @@ def train_fmnist_cnn(params: Params, tracker, device: torch.device) -> tuple[Fas
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     # One-cycle: short warm-up then cosine decay; converges in the few epochs the default profile affords.
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
-    gen = torch.Generator().manual_seed(params.seed)
+    gen = torch.Generator().manual_seed(seed)
     step, t0 = 0, time.time()
     losses: list[float] = []
     for epoch in range(cfg.epochs):
         model.train()
         perm = torch.randperm(n, generator=gen)
         running, seen = 0.0, 0
-        for start in tqdm(range(0, n, cfg.batch_size), desc=f"fmnist_cnn epoch {epoch + 1}/{cfg.epochs}",
+        for start in tqdm(range(0, n, cfg.batch_size), desc=f"{tag} epoch {epoch + 1}/{cfg.epochs}",
                           unit="batch", disable=None):
             idx = perm[start:start + cfg.batch_size]
             if len(idx) < 2:
@@ -101,17 +109,17 @@ def train_fmnist_cnn(params: Params, tracker, device: torch.device) -> tuple[Fas
             seen += len(idx)
         losses.append(running / max(seen, 1))
         acc = test_accuracy(model, test_images, test_labels, device)
-        log.info("fmnist_cnn epoch %d/%d: train loss %.4f, test accuracy %.4f (%.0fs)",
-                 epoch + 1, cfg.epochs, losses[-1], acc, time.time() - t0)
-        tracker.log_metrics({"representations/train_loss": losses[-1], "representations/test_accuracy": acc},
-                            step=epoch + 1)
+        log.info("%s epoch %d/%d: train loss %.4f, test accuracy %.4f (%.0fs)",
+                 tag, epoch + 1, cfg.epochs, losses[-1], acc, time.time() - t0)
+        prefix = "representations/" if arch == "FashionCNN" else "representations/eval_net_"
+        tracker.log_metrics({f"{prefix}train_loss": losses[-1], f"{prefix}test_accuracy": acc}, step=epoch + 1)
     model.eval()
     acc = test_accuracy(model, test_images, test_labels, device)
     return model, {"test_accuracy": acc, "train_loss": losses[-1] if losses else None,
                    "train_seconds": round(time.time() - t0, 2), "epochs": cfg.epochs}
 
 
-def test_accuracy(model: FashionCNN, images: np.ndarray, labels: np.ndarray, device: torch.device) -> float:
+def test_accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device) -> float:
     """Top-1 accuracy of the encoder's classifier head (the evaluate stage's ``classifier_accuracy``)."""
     return classifier_accuracy(model, images, labels, batch_size=EVAL_BATCH, device=device)[0]
 
@@ -121,10 +129,18 @@ FeatureFn = Callable[[np.ndarray], torch.Tensor]
 
 def _fmnist_features(params: Params, tracker: Any, device: torch.device,
                      out_dir: Path) -> tuple[FeatureFn, int, dict[str, Any], dict[str, Any]]:
-    """Train FashionCNN, save it as ``encoder.pt``; (features fn, dim, meta, metrics)."""
+    """Train FashionCNN, save it as ``encoder.pt``, and the evaluation network as ``eval_net.pt``
+    (another architecture, seed + EVAL_NET_SEED_OFFSET); (features fn, dim, meta, metrics)."""
+    classes = load_prepared(params, "train")[2]
     model, metrics = train_fmnist_cnn(params, tracker, device)
-    save_fmnist_encoder(model, out_dir / "encoder.pt", classes=load_prepared(params, "train")[2],
+    save_fmnist_encoder(model, out_dir / "encoder.pt", classes=classes,
                         test_accuracy=metrics["test_accuracy"], seed=params.seed)
+    eval_seed = params.seed + EVAL_NET_SEED_OFFSET
+    eval_net, eval_metrics = train_fmnist_cnn(params, tracker, device, "FashionEvalNet", eval_seed, "eval_net")
+    save_fmnist_encoder(eval_net, out_dir / EVAL_NET_FILE, classes=classes,
+                        test_accuracy=eval_metrics["test_accuracy"], seed=eval_seed)
+    metrics.update({"eval_net_test_accuracy": eval_metrics["test_accuracy"],
+                    "eval_net_train_seconds": eval_metrics["train_seconds"]})
 
     def features(batch: np.ndarray) -> torch.Tensor:
         return model.features(images_to_unit_range(batch).to(device))
