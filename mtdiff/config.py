@@ -218,12 +218,12 @@ class TrainConfig(_Section):
 class SampleConfig(_Section):
     num_samples: int = Field(500, ge=1)
     batch_size: int = Field(250, ge=1)
-    steps: int = Field(25, ge=1)
+    steps: int = Field(50, ge=1)
     sampler: Literal["ddpm", "ddim", "dpmpp2m"] = "ddim"   # dpmpp2m: DPM-Solver++(2M), deterministic
     eta: float = Field(1.0, ge=0)
     condition: Literal["uncond", "label", "masked", "transition"] = "label"
     cfg_scale: float = Field(1.0, ge=0)       # classifier-free guidance (model.class_conditional)
-    task_guidance: float = Field(2.0, ge=0)   # MT task guidance: eps_absent + s (eps_given - eps_absent)
+    task_guidance: float = Field(1.5, ge=0)   # MT task guidance: eps_absent + s (eps_given - eps_absent)
     # most images per network call (guidance's doubled batch is split): on CPU a call above ~128
     # images of the default U-Net falls out of the cache (measured 1.8x slower per image); null: one call
     forward_batch: Optional[int] = Field(100, ge=1)
