@@ -31,7 +31,22 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class FashionCNN(nn.Module):
+class _FeatureClassifier(nn.Module):
+    """``body`` -> ``proj`` = ``features`` (B, dim) -> ``head`` = logits: the interface of both
+    Fashion-MNIST networks (FID reads ``features``, accuracy ``forward``)."""
+
+    body: nn.Module
+    proj: nn.Module
+    head: nn.Module
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class FashionCNN(_FeatureClassifier):
     """Three conv blocks (BN, ReLU, pooling) -> ``features`` (B, dim) -> linear classifier.
 
     Input: float (B, C, H, W) in [-1, 1]. ``features`` end in a BatchNorm1d, so in eval mode each
@@ -51,14 +66,8 @@ class FashionCNN(nn.Module):
         self.proj = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 9, dim), nn.BatchNorm1d(dim))
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Linear(dim, num_classes))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.body(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-class FashionEvalNet(nn.Module):
+class FashionEvalNet(_FeatureClassifier):
     """The evaluation network: a second feature space for FID that no task trains on.
 
     The representation task regresses FashionCNN's features, so FID in those features could be won
@@ -78,12 +87,6 @@ class FashionEvalNet(nn.Module):
         )
         self.proj = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, dim), nn.LayerNorm(dim))
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Linear(dim, num_classes))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.body(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 FMNIST_NETS = {"FashionCNN": FashionCNN, "FashionEvalNet": FashionEvalNet}  # checkpoint "arch" -> class

@@ -94,7 +94,8 @@ def build_model(params, repr_dim: Optional[int], num_classes: int, *,
                   repr_dim=repr_dim, class_conditional=mc.class_conditional, class_dropout=mc.class_dropout)
     if mc.backbone == "reference_unet":
         return ReferenceUNet(shape, base_channels=mc.channels, channel_mult=mc.channel_mult,
-                             num_res_blocks=mc.num_res_blocks, norm_groups=mc.norm_groups, **common)
+                             num_res_blocks=mc.num_res_blocks, norm_groups=mc.norm_groups, num_classes=num_classes,
+                             class_conditional=mc.class_conditional, class_dropout=mc.class_dropout)
     if mc.backbone == "unet":
         return MTUNet(shape, base_channels=mc.channels, channel_mult=mc.channel_mult,
                       num_res_blocks=mc.num_res_blocks, attn_resolutions=mc.attn_resolutions,

@@ -29,7 +29,7 @@ class ReferenceUNet(TaskModel):
 
     def __init__(self, input_shape: Sequence[int], *, base_channels: int, channel_mult: Sequence[int],
                  num_res_blocks: int, norm_groups: int, num_classes: Optional[int] = None,
-                 class_conditional: bool = False, class_dropout: float = 0.0, **_unused):
+                 class_conditional: bool = False, class_dropout: float = 0.0):
         super().__init__()
         from diffusers import UNet2DModel  # heavy import: only when the reference is built
 
