@@ -213,6 +213,11 @@ class TrainConfig(_Section):
     grid_every: int = Field(200, ge=0)  # 0: off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "checkpoints"
+    # the paper's single-task fine-tune, inside the budget: the last finetune_steps of train.steps
+    # train the image (eps) loss alone; finetune_tasks stay in the forward process as the condition
+    # the sampler gives (e.g. [label]), the other tasks leave it; the EMA restarts at the switch
+    finetune_steps: int = Field(0, ge=0)
+    finetune_tasks: list[Literal["label", "representation", "masked", "transition"]] = []
 
 
 class SampleConfig(_Section):
@@ -288,9 +293,31 @@ class Params(_Section):
         if self.model.backbone == "reference_unet" and t.enabled:
             raise ValueError(f"model.backbone 'reference_unet' (the library baseline) has no task heads; "
                              f"disable tasks {t.enabled} or use backbone 'unet' / 'dit'")
+        _check_finetune(self)
         _check_patch_divides(self)
         check_output_dirs(self)
         return self
+
+    # -- the tasks in effect: all of tasks.* until the fine-tune, then only train.finetune_tasks --
+    def finetune_starts_at(self) -> Optional[int]:
+        """The number of steps done when the single-task fine-tune starts (None: no fine-tune)."""
+        tc = self.train
+        return tc.steps - tc.finetune_steps if tc.finetune_steps else None
+
+    def tasks_at(self, steps_done: int) -> TasksConfig:
+        """The tasks of the training step after ``steps_done`` steps: ``tasks`` before the fine-tune;
+        during it ``train.finetune_tasks`` only, each with loss weight 0 (the image loss alone)."""
+        start = self.finetune_starts_at()
+        if start is None or steps_done < start:
+            return self.tasks
+        keep = set(self.train.finetune_tasks)
+        return self.tasks.model_copy(update={
+            n: getattr(self.tasks, n).model_copy(update={"enabled": n in keep, "weight": 0.0}) for n in TASKS})
+
+    @property
+    def final_tasks(self) -> TasksConfig:
+        """The tasks the finished model was last trained with: what sampling aggregates."""
+        return self.tasks_at(self.train.steps)
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (``train.lr`` -> value), as MLflow logs params."""
@@ -320,6 +347,19 @@ class Params(_Section):
     @property
     def metrics_dir(self) -> Path:
         return resolve_path(self.evaluate.out_dir)
+
+
+def _check_finetune(p: "Params") -> None:
+    tc, enabled = p.train, p.tasks.enabled
+    if tc.finetune_steps >= tc.steps:
+        raise ValueError(f"train.finetune_steps {tc.finetune_steps} must be below train.steps {tc.steps}")
+    stray = [n for n in tc.finetune_tasks if n not in enabled]
+    if stray:
+        raise ValueError(f"train.finetune_tasks {stray} are not enabled (tasks enabled: {enabled})")
+    cond = p.sample.condition
+    if tc.finetune_steps and cond in enabled and cond not in tc.finetune_tasks:
+        raise ValueError(f"sample.condition {cond!r} needs {cond!r} in train.finetune_tasks "
+                         f"(the fine-tuned model is conditioned only on those)")
 
 
 def _check_patch_divides(params: "Params") -> None:

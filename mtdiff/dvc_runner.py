@@ -278,7 +278,7 @@ def metrics_files(root: Path, params: Params) -> list[Path]:
 
 
 def read_metrics(files: Sequence[Path]) -> dict[str, float]:
-    """``metrics/evaluate.json {"fid_1k": 9.1}`` -> ``{"evaluate/fid_1k": 9.1}``."""
+    """``metrics/evaluate.json {"fid": 9.1}`` -> ``{"evaluate/fid": 9.1}``."""
     out: dict[str, float] = {}
     for path in files:
         try:

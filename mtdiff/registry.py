@@ -109,9 +109,9 @@ def build_sampler(params: Params, ema_path: str | Path) -> MTDiffSampler:
 
     model, diffusion, meta = load_for_inference(params, path=ema_path, device="cpu")
     sc = params.sample
-    label_conditioned = "label" in params.tasks.enabled or params.model.class_conditional
+    label_conditioned = "label" in params.final_tasks.enabled or params.model.class_conditional
     return MTDiffSampler(model, diffusion, meta["shape"], sc.steps, sc.sampler, sc.eta,
-                         label_conditioned=label_conditioned, tasks_cfg=params.tasks,
+                         label_conditioned=label_conditioned, tasks_cfg=params.final_tasks,
                          num_classes=int(meta.get("num_classes") or 1),
                          guidance=guidance_kwargs(params))
 

@@ -2,8 +2,8 @@
 Markdown, plus a bar plot per main metric. ``flows.sweep`` calls :func:`write_report`.
 
 A row is ``{"point", "status", "experiment", "params": {dotted key: value}, "metrics": {name: float}}``;
-metric names are ``<metrics file stem>/<dotted key>`` (``metrics/evaluate.json`` ``fid_1k`` ->
-``evaluate/fid_1k``), so they never collide with the dotted param columns.
+metric names are ``<metrics file stem>/<dotted key>`` (``metrics/evaluate.json`` ``fid`` ->
+``evaluate/fid``), so they never collide with the dotted param columns.
 """
 from __future__ import annotations
 

@@ -350,7 +350,7 @@ def find_experiment(show: list[dict[str, Any]], exp_name: str) -> dict[str, Any]
 
 
 def experiment_result(root: Path, exp_name: str) -> dict[str, Any]:
-    """``{"rev", "metrics": {"evaluate/fid_1k": ...}, "missing_metrics": [files not in its commit]}``."""
+    """``{"rev", "metrics": {"evaluate/fid": ...}, "missing_metrics": [files not in its commit]}``."""
     found = find_experiment(exp_show(root), exp_name)
     if found is None:
         raise RuntimeError(f"experiment {exp_name} not in `dvc exp show` after it ran")

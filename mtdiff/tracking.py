@@ -61,7 +61,7 @@ def numeric_leaves(obj: Any) -> dict[str, float]:
 
 def file_metrics(path: str | os.PathLike, data: Any) -> dict[str, float]:
     """The numbers of metrics file ``path`` (holding ``data``) under the one MLflow key each has:
-    ``<file stem>/<dotted key>`` (``metrics/evaluate.json {"fid_1k": 9.1}`` -> ``evaluate/fid_1k``). The
+    ``<file stem>/<dotted key>`` (``metrics/evaluate.json {"fid": 9.1}`` -> ``evaluate/fid``). The
     stage run, the pipeline's parent run and the sweep-point runs all log these keys, the sweep table's
     columns (``mtdiff.report.flatten_metrics``), so MLflow's compare view shows each number once."""
     return {f"{Path(path).stem}/{k}": v for k, v in numeric_leaves(data).items()}

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 
-from mtdiff.config import Params
+from mtdiff.config import Params, TasksConfig
 from mtdiff.data import random_patch_mask
 from mtdiff.io import atomic_path
 from mtdiff.utils import get_logger, pick_device
@@ -215,6 +215,13 @@ class EMA:
             if k not in params:
                 self.shadow[k].copy_(v)
 
+    @torch.no_grad()
+    def restart(self, model: nn.Module) -> None:
+        """Start the average afresh from ``model``'s weights (its warm-up decay included)."""
+        for k, v in model.state_dict().items():
+            self.shadow[k].copy_(v)
+        self.num_updates = 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
 
@@ -318,16 +325,15 @@ class LossModule(nn.Module):
     """``forward(z0, targets) -> training_losses(...)`` so DDP sees the whole step (encoders E_i
     of M2 run inside ``aggregate``, which DDP must also cover) as one forward."""
 
-    def __init__(self, model: nn.Module, diffusion: Any, params: Params, generator: torch.Generator):
+    def __init__(self, model: nn.Module, diffusion: Any, generator: torch.Generator):
         super().__init__()
         self.model = model
         self.diffusion = diffusion
-        self.tasks_cfg = params.tasks
         self.generator = generator
 
-    def forward(self, z0: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.diffusion.training_losses(self.model, z0, targets, tasks_cfg=self.tasks_cfg,
-                                              generator=self.generator)
+    def forward(self, z0: torch.Tensor, targets: dict[str, torch.Tensor],
+                tasks: TasksConfig) -> dict[str, torch.Tensor]:
+        return self.diffusion.training_losses(self.model, z0, targets, tasks_cfg=tasks, generator=self.generator)
 
 
 @dataclass
@@ -358,16 +364,25 @@ class TrainStep:
         self.scheduler = build_scheduler(self.optimizer, tc.warmup_steps)
         self.scaler = make_grad_scaler(device, amp_dtype)
         forward_model = torch.compile(model) if compile_model else model
-        self.loss_module: nn.Module = LossModule(forward_model, diffusion, params, generator)
-        if ddp:
+        self.loss_module: nn.Module = LossModule(forward_model, diffusion, generator)
+        if ddp:  # a fine-tune leaves task encoders and heads out of the loss: unused parameters
             self.loss_module = nn.parallel.DistributedDataParallel(
-                self.loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+                self.loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=params.train.finetune_steps > 0)
         model.train()
 
+    @property
+    def steps_done(self) -> int:
+        return int(self.scheduler.last_epoch)  # one scheduler step per training step; restored on resume
+
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> StepOutput:
+        done = self.steps_done
+        if self.ema is not None and done == self.params.finetune_starts_at():
+            self.ema.restart(self.model)  # the fine-tuned model's average holds only fine-tuned weights
+        tasks = self.params.tasks_at(done)
         z0, targets = make_targets(batch, self.params, self.generator)
         with autocast(self.device, self.amp_dtype):
-            losses = self.loss_module(z0, targets)
+            losses = self.loss_module(z0, targets, tasks)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         grad_norm = self._clip_gradients()

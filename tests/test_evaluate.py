@@ -186,9 +186,9 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     m = json.loads((params.metrics_dir / "evaluate.json").read_text())
     assert out["metrics_path"] == str(params.metrics_dir / "evaluate.json") and calls
     # both feature spaces: the representation encoder's and the evaluation network's
-    domain = {f"{k}_{space}_32" for k in ("fid", "kid", "kid_std", "precision", "recall", "f_score", "cond_acc")
+    domain = {f"{k}_{space}" for k in ("fid", "kid", "kid_std", "precision", "recall", "f_score", "cond_acc")
               for space in ("fmnist_cnn", "fmnist_eval")}
-    label = {"label_acc_t1_32", "label_acc_t10_32", "label_acc_t50_32", "label_acc_ens_32"}
+    label = {"label_acc_t1", "label_acc_t10", "label_acc_t50", "label_acc_ens"}
     always = {"num_samples", "num_reference", "num_test_eval", "condition", "data_source",
               "inception_skipped_reason", "domain_skipped_reason", "label_head_skipped_reason"}
     assert set(m) == always | domain | label
@@ -198,14 +198,14 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     assert m["domain_skipped_reason"] == "" and m["label_head_skipped_reason"] == ""
     for k in domain | label:
         assert isinstance(m[k], float) and math.isfinite(m[k]), k
-    for k in label | {"cond_acc_fmnist_cnn_32", "cond_acc_fmnist_eval_32"}:
+    for k in label | {"cond_acc_fmnist_cnn", "cond_acc_fmnist_eval"}:
         assert 0.0 <= m[k] <= 1.0
-    assert m["fid_fmnist_eval_32"] != m["fid_fmnist_cnn_32"]  # two different spaces
+    assert m["fid_fmnist_eval"] != m["fid_fmnist_cnn"]  # two different spaces
 
     plots = params.metrics_dir / "plots"
     vs_t = read_csv(plots / "label_accuracy_vs_t.csv")
     assert vs_t[0] == ["t", "accuracy"] and [int(r[0]) for r in vs_t[1:]] == [1, 10, 50, 100]
-    assert float(vs_t[1][1]) == m["label_acc_t1_32"]
+    assert float(vs_t[1][1]) == m["label_acc_t1"]
     per_class = read_csv(plots / "per_class_accuracy.csv")
     assert per_class[0] == ["class", "class_index", "accuracy"] and len(per_class) == 1 + K
     assert per_class[1][:2] == ["class0", "0"]
@@ -220,7 +220,7 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     from mtdiff.report import flatten_metrics
 
     parent_keys = read_metrics([params.metrics_dir / "evaluate.json"])
-    assert "evaluate/fid_fmnist_cnn_32" in parent_keys
+    assert "evaluate/fid_fmnist_cnn" in parent_keys
     assert parent_keys == flatten_metrics({"metrics/evaluate.json": m})
     stage_logged = logged[0]["args"][0]
     assert {k: v for k, v in stage_logged.items() if k != "evaluate/wall_time_s"} == parent_keys
@@ -257,9 +257,9 @@ def test_evaluate_stage_image_conditions_via_cli(make_params, monkeypatch, workd
     m = json.loads((params.metrics_dir / "evaluate.json").read_text())
     assert set(m) == {"num_samples", "num_reference", "num_test_eval", "condition", "data_source",
                       "inception_skipped_reason", "domain_skipped_reason", "label_head_skipped_reason",
-                      f"{condition}_mse_16", f"{condition}_psnr_16"}
-    assert m[f"{condition}_mse_16"] == pytest.approx(expect)
-    assert m[f"{condition}_psnr_16"] == pytest.approx(10 * np.log10(1 / expect))
+                      f"{condition}_mse", f"{condition}_psnr"}
+    assert m[f"{condition}_mse"] == pytest.approx(expect)
+    assert m[f"{condition}_psnr"] == pytest.approx(10 * np.log10(1 / expect))
     assert "Inception weights unavailable" in m["inception_skipped_reason"]
     assert "encoder.pt missing" in m["domain_skipped_reason"]
     assert m["label_head_skipped_reason"] == "tasks.label.enabled is false"

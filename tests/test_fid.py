@@ -108,12 +108,9 @@ def test_fid_lowrank_eigvals_helper_is_exact():
 
 
 # -- names and inputs ----------------------------------------------------------------------------
-def test_fid_count_tag_and_names():
-    assert [fid.count_tag(n) for n in (10000, 50000, 1000, 500, 1500, 16)] == ["10k", "50k", "1k", "500", "1500", "16"]
-    assert fid.metric_name("fid", 1000) == "fid_1k"
-    assert fid.metric_name("kid_std", 500, "fmnist_cnn") == "kid_std_fmnist_cnn_500"
-    with pytest.raises(ValueError, match="positive"):
-        fid.count_tag(0)
+def test_fid_names_and_kid_subsets():
+    # no sample count in a name: runs with different counts share MLflow's columns
+    assert fid.metric_name("fid") == "fid" and fid.metric_name("kid_std", "fmnist_cnn") == "kid_std_fmnist_cnn"
     assert [fid.kid_subset_size(n, m) for n, m in ((50000, 50000), (1000, 10000), (6, 6), (2, 9))] == [1000, 500, 3, 2]
 
 
@@ -143,14 +140,14 @@ def test_fid_domain_extractor_self_zero_noise_large(tiny_cnn, tmp_path):
     kw = dict(extractor=name, space="fmnist_cnn", cache_root=tmp_path / "cache", batch_size=64)
     same = fid.fidelity_metrics(data, data, **kw)
     far = fid.fidelity_metrics(noise, data, **kw)
-    keys = {f"{m}_fmnist_cnn_96" for m in ("fid", "kid", "kid_std", "precision", "recall", "f_score")}
+    keys = {f"{m}_fmnist_cnn" for m in ("fid", "kid", "kid_std", "precision", "recall", "f_score")}
     assert set(same) == keys and set(far) == keys
-    assert far["fid_fmnist_cnn_96"] > 1e-3
-    assert abs(same["fid_fmnist_cnn_96"]) < 1e-6 * far["fid_fmnist_cnn_96"] + 1e-9
-    assert same["precision_fmnist_cnn_96"] == 1.0 and same["recall_fmnist_cnn_96"] == 1.0
-    assert far["kid_fmnist_cnn_96"] > same["kid_fmnist_cnn_96"]
-    assert far["kid_std_fmnist_cnn_96"] > 0  # subsets of 48 out of 96: a real spread
-    assert far["precision_fmnist_cnn_96"] < 0.5
+    assert far["fid_fmnist_cnn"] > 1e-3
+    assert abs(same["fid_fmnist_cnn"]) < 1e-6 * far["fid_fmnist_cnn"] + 1e-9
+    assert same["precision_fmnist_cnn"] == 1.0 and same["recall_fmnist_cnn"] == 1.0
+    assert far["kid_fmnist_cnn"] > same["kid_fmnist_cnn"]
+    assert far["kid_std_fmnist_cnn"] > 0  # subsets of 48 out of 96: a real spread
+    assert far["precision_fmnist_cnn"] < 0.5
     # the caller's module is untouched (the extractor works on a frozen copy)
     assert all(p.requires_grad for p in tiny_cnn.parameters())
 
@@ -167,7 +164,7 @@ def test_fid_reference_cache_is_keyed_by_data_hash(tiny_cnn, tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == first  # second run: cache hit, nothing new
     r2 = fid.fidelity_metrics(samples, b, extractor=name, cache_root=cache)
     assert len(list(cache.iterdir())) == 2 * len(first)  # changed reference: new entries, no stale reuse
-    assert r1["fid_32"] != r2["fid_32"]
+    assert r1["fid"] != r2["fid"]
 
 
 class _Payload:
@@ -193,11 +190,11 @@ def test_fid_reference_cache_is_npz_and_never_unpickled(tiny_cnn, tmp_path, monk
         input1=fid.UInt8Images(samples), input2=fid.UInt8Images(ref), feature_extractor=name, cuda=False,
         batch_size=16, fid=True, kid=True, prc=True, kid_subsets=100, kid_subset_size=fid.kid_subset_size(40, 48),
         prc_neighborhood=3, save_cpu_ram=True, cache=False, verbose=False, rng_seed=2020)
-    expect = {"fid_40": direct[torch_fidelity.KEY_METRIC_FID], "kid_40": direct[torch_fidelity.KEY_METRIC_KID_MEAN],
-              "kid_std_40": direct[torch_fidelity.KEY_METRIC_KID_STD],
-              "precision_40": direct[torch_fidelity.KEY_METRIC_PRECISION],
-              "recall_40": direct[torch_fidelity.KEY_METRIC_RECALL],
-              "f_score_40": direct[torch_fidelity.KEY_METRIC_F_SCORE]}
+    expect = {"fid": direct[torch_fidelity.KEY_METRIC_FID], "kid": direct[torch_fidelity.KEY_METRIC_KID_MEAN],
+              "kid_std": direct[torch_fidelity.KEY_METRIC_KID_STD],
+              "precision": direct[torch_fidelity.KEY_METRIC_PRECISION],
+              "recall": direct[torch_fidelity.KEY_METRIC_RECALL],
+              "f_score": direct[torch_fidelity.KEY_METRIC_F_SCORE]}
 
     cache.mkdir()
     old = f"ref-{fid.images_sha1(ref)[:12]}-{name}"
@@ -242,12 +239,12 @@ def test_fid_adm_reference_npz_path(tiny_cnn, tmp_path):
         assert z["mu"].shape == (16,) and z["sigma"].shape == (16, 16)
     self_fid = fid.fidelity_metrics(data, None, ref_stats_npz=npz, **kw)
     noise_fid = fid.fidelity_metrics(noise, None, ref_stats_npz=npz, **kw)
-    assert set(self_fid) == {"fid_adm_ref_64"}
-    assert noise_fid["fid_adm_ref_64"] > 1e-3
-    assert abs(self_fid["fid_adm_ref_64"]) < 1e-6 * noise_fid["fid_adm_ref_64"] + 1e-9
+    assert set(self_fid) == {"fid_adm_ref"}
+    assert noise_fid["fid_adm_ref"] > 1e-3
+    assert abs(self_fid["fid_adm_ref"]) < 1e-6 * noise_fid["fid_adm_ref"] + 1e-9
     # the same statistics through both paths give the same FID
     both = fid.fidelity_metrics(noise, data, ref_stats_npz=npz, **kw)
-    assert both["fid_adm_ref_64"] == pytest.approx(both["fid_64"], rel=1e-6)
+    assert both["fid_adm_ref"] == pytest.approx(both["fid"], rel=1e-6)
     # per-run sample cache entries are cleaned up; only the reference's remain
     assert all(p.name.startswith("ref-") for p in (tmp_path / "cache").iterdir())
 
@@ -286,8 +283,8 @@ def test_fid_inception_random_weights(inception_weights_file, tmp_path, monkeypa
     data, noise = structured_images(6), noise_images(6)
     kw = dict(weights_path=inception_weights_file, cache_root=tmp_path / "cache", batch_size=6)
     far = fid.fidelity_metrics(noise, data, **kw)
-    assert {"fid_6", "kid_6", "precision_6", "recall_6"} <= set(far)
-    assert far["fid_6"] > 1.0
+    assert {"fid", "kid", "precision", "recall"} <= set(far)
+    assert far["fid"] > 1.0
     # the reference statistics come from the cache the first call filled (no new entries)
     before = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert before and all("inception-v3-compat" in p for p in before)
@@ -296,4 +293,4 @@ def test_fid_inception_random_weights(inception_weights_file, tmp_path, monkeypa
     with np.load(npz) as z:
         assert z["mu"].shape == (2048,)
     same = fid.fidelity_metrics(data, None, ref_stats_npz=npz, **kw)
-    assert abs(same["fid_adm_ref_6"]) < 1e-4 * far["fid_6"]
+    assert abs(same["fid_adm_ref"]) < 1e-4 * far["fid"]

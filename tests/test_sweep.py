@@ -118,19 +118,19 @@ def test_sweep_find_experiment_in_exp_show_json():
     show = [{"rev": "workspace", "name": None, "experiments": None},
             {"rev": "abc", "name": "main", "experiments": [
                 {"name": "s-p-1", "revs": [{"rev": "111", "name": "s-p-1", "data": {"metrics": {
-                    "metrics/evaluate.json": {"data": {"fid_1k": 12.5, "nested": {"acc": 0.9}, "tag": "x"}}}}}]},
+                    "metrics/evaluate.json": {"data": {"fid": 12.5, "nested": {"acc": 0.9}, "tag": "x"}}}}}]},
                 {"name": "s-q-1", "revs": [{"rev": "222", "name": "s-q-1", "data": {}}]}]}]
     found = find_experiment(show, "s-p-1")
     assert found["rev"] == "111"
-    assert flatten_metrics(found["data"]["metrics"]) == {"evaluate/fid_1k": 12.5, "evaluate/nested.acc": 0.9}
+    assert flatten_metrics(found["data"]["metrics"]) == {"evaluate/fid": 12.5, "evaluate/nested.acc": 0.9}
     assert find_experiment(show, "nope") is None
 
 
 def _rows():
     return [{"point": "single_task", "status": "ok", "experiment": "e1", "params": {"tasks.label.enabled": False},
-             "metrics": {"evaluate/fid_1k": 30.0, "evaluate/acc": 0.5}},
+             "metrics": {"evaluate/fid": 30.0, "evaluate/acc": 0.5}},
             {"point": "joint_label", "status": "ok", "experiment": "e2", "params": {"tasks.label.enabled": True},
-             "metrics": {"evaluate/fid_1k": 20.0, "representations/acc": 0.9}},
+             "metrics": {"evaluate/fid": 20.0, "representations/acc": 0.9}},
             {"point": "masked", "status": "failed", "experiment": "e3", "params": {"tasks.masked.enabled": True},
              "metrics": {}}]
 
@@ -139,19 +139,19 @@ def test_sweep_report_table_markdown_and_plots(tmp_path):
     report = write_report(_rows(), tmp_path / "out", metrics=["fid*", "nothing*"], title="sweep t")
     frame = pd.read_csv(report.csv)
     assert list(frame.columns) == ["point", "status", "experiment", "tasks.label.enabled", "tasks.masked.enabled",
-                                   "evaluate/acc", "evaluate/fid_1k", "representations/acc"]
-    assert list(frame["evaluate/fid_1k"][:2]) == [30.0, 20.0] and math.isnan(frame["evaluate/fid_1k"][2])
+                                   "evaluate/acc", "evaluate/fid", "representations/acc"]
+    assert list(frame["evaluate/fid"][:2]) == [30.0, 20.0] and math.isnan(frame["evaluate/fid"][2])
     md = report.md.read_text()
     assert md.startswith("# sweep t") and "| joint_label | ok | e2 | True | - | - | 20 | 0.9 |" in md
     # the compact table: varying params and the main metrics only
     assert report.markdown.splitlines()[0] == ("| point | status | tasks.label.enabled | tasks.masked.enabled"
-                                               " | evaluate/fid_1k |")
+                                               " | evaluate/fid |")
     assert "| masked | failed | - | True | - |" in report.markdown and report.markdown in md
-    assert report.metrics == ["evaluate/fid_1k"]
-    assert [p.name for p in report.plots] == ["evaluate_fid_1k.png"]
+    assert report.metrics == ["evaluate/fid"]
+    assert [p.name for p in report.plots] == ["evaluate_fid.png"]
     assert report.plots[0].read_bytes()[:4] == b"\x89PNG"
     # no pattern given (or none matches): every metric is plotted
-    assert main_metrics(report.frame) == ["evaluate/acc", "evaluate/fid_1k", "representations/acc"]
+    assert main_metrics(report.frame) == ["evaluate/acc", "evaluate/fid", "representations/acc"]
     assert main_metrics(report.frame, ["zzz"]) == main_metrics(report.frame)
     assert main_metrics(report.frame, ["*/acc"]) == ["evaluate/acc", "representations/acc"]
 

@@ -260,7 +260,12 @@ class MTDiffusion:
         terms = {"eps": self._primary_loss(out["eps"], primary_target, t)}
         for n in enabled:
             terms[n] = TASK_LOSSES[n](out[n].float(), targets.get(n), z0, tasks_cfg)
-        total = terms["eps"] + sum(float(getattr(tasks_cfg, n).weight) * terms[n] for n in enabled)
+        with torch.no_grad():  # a task left out (a fine-tune): its head's loss, reported only
+            for n in TASK_ORDER:
+                if n not in terms and n in targets and n in out:
+                    terms[n] = TASK_LOSSES[n](out[n].float(), targets[n], z0, tasks_cfg)
+        # a zero weight leaves the head out of the graph (a fine-tune: no gradient, no Adam drift)
+        total = terms["eps"] + sum(w * terms[n] for n in enabled if (w := float(getattr(tasks_cfg, n).weight)))
         return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
 
     def _primary_loss(self, pred: Tensor, target: Tensor, t: Tensor) -> Tensor:

@@ -10,7 +10,6 @@ from mtdiff.evaluation.accuracy import (
 from mtdiff.evaluation.fidelity import (
     INCEPTION,
     UInt8Images,
-    count_tag,
     fidelity_metrics,
     inception_weights,
     load_ref_stats,
@@ -21,7 +20,7 @@ from mtdiff.evaluation.fidelity import (
 )
 
 __all__ = [
-    "INCEPTION", "LabelAccuracy", "UInt8Images", "classifier_accuracy", "count_tag", "fidelity_metrics",
+    "INCEPTION", "LabelAccuracy", "UInt8Images", "classifier_accuracy", "fidelity_metrics",
     "image_mse", "inception_weights", "label_head_accuracy", "load_ref_stats", "masked_region_mse",
     "metric_name", "reference_stats", "register_module_extractor", "representation_similarity",
     "write_ref_stats_npz",

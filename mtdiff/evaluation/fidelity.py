@@ -22,8 +22,8 @@ file is checked with ``torch.load(weights_only=True)`` before torch-fidelity loa
 (:func:`check_weights_file`). ADM reference batches (``.npz`` with ``mu``, ``sigma``) are compared
 with ``fid_statistics_to_metric``.
 
-Every metric name carries the number of generated samples: ``fid_1k``, ``kid_fmnist_cnn_500`` ...
-(:func:`count_tag`).
+Metric names carry no sample count (``fid``, ``kid_fmnist_cnn``): runs with different counts share
+one column in MLflow's compare view; the evaluate stage records the counts as values of their own.
 """
 from __future__ import annotations
 
@@ -64,17 +64,9 @@ _SAFE_WEIGHTS_MEMO: set[tuple[str, int, int]] = set()
 
 
 # -- names ---------------------------------------------------------------------------------------
-def count_tag(n: int) -> str:
-    """Sample count as used in metric names: 10000 -> '10k', 1000 -> '1k', 500 -> '500', 1500 -> '1500'."""
-    n = int(n)
-    if n <= 0:
-        raise ValueError(f"count_tag: sample count must be positive, got {n}")
-    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
-
-
-def metric_name(metric: str, n: int, space: str = "") -> str:
-    """``metric_name('fid', 1000)`` -> 'fid_1k'; ``metric_name('fid', 1000, 'fmnist_cnn')`` -> 'fid_fmnist_cnn_1k'."""
-    return "_".join(p for p in (metric, space, count_tag(n)) if p)
+def metric_name(metric: str, space: str = "") -> str:
+    """``metric_name('fid')`` -> 'fid'; ``metric_name('fid', 'fmnist_cnn')`` -> 'fid_fmnist_cnn'."""
+    return "_".join(p for p in (metric, space) if p)
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -394,8 +386,8 @@ def fidelity_metrics(samples: np.ndarray, reference: Optional[np.ndarray], *, ex
                      kid_subsets: int = 100, seed: int = 2020) -> dict[str, float]:
     """FID / KID / precision / recall (vs ``reference``), IS (``isc``) and FID vs an ADM ``ref_stats_npz``.
 
-    ``samples`` and ``reference`` are uint8 (N,H,W[,C]) sets. Names: ``{metric}[_{space}]_{count_tag(n)}``
-    with n the number of samples, e.g. ``fid_1k``, ``kid_std_fmnist_cnn_1k``, ``fid_adm_ref_1k``.
+    ``samples`` and ``reference`` are uint8 (N,H,W[,C]) sets. Names: ``{metric}[_{space}]``,
+    e.g. ``fid``, ``kid_std_fmnist_cnn``, ``fid_adm_ref``.
     The values are torch-fidelity's ``calculate_metrics`` ones: the same extractor, batching and
     metric functions, on features computed here; the samples' features are computed once, in memory.
     """
@@ -419,7 +411,7 @@ def fidelity_metrics(samples: np.ndarray, reference: Optional[np.ndarray], *, ex
     feats = _extract(samples, sorted(set(layer.values())), kw)
     mine = _stats(feats[layer["fid"]]) if "fid" in layer else None
     out: dict[str, float] = {}
-    name = lambda m: metric_name(m, n, space)  # noqa: E731
+    name = lambda m: metric_name(m, space)  # noqa: E731
 
     if reference is not None:
         m = len(reference)

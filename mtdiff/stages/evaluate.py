@@ -4,7 +4,8 @@ Inputs: ``samples/samples.npz`` (+ ``meta.json``), ``data/prepared/test_*``, ``d
 ``data/representations/{test.npy,encoder.pt}`` and the checkpoint (``load_for_inference``), each
 only where a metric needs it. ``evaluate.num_samples`` caps the generated samples (n below) and
 ``evaluate.num_ref`` the test images (the fidelity reference and the heads' test set; null: the
-whole split, m below); every figure's name ends in its count (``count_tag``: ``1k``, ``10k``, ``500``).
+whole split, m below); the names carry no count: n and m are values of their own (``num_samples``,
+``num_test_eval``), so runs with different counts share MLflow's columns.
 
 ``evaluate.json`` schema (flat; for a given config the same keys every run):
 
@@ -15,20 +16,20 @@ always
     part ran, else why it did not: ``inception_skipped_reason``, ``domain_skipped_reason``,
     ``label_head_skipped_reason``.
 Inception (torch-fidelity ``inception-v3-compat``, when its weights are available)
-    ``fid_<n>``, ``kid_<n>``, ``kid_std_<n>``, ``precision_<n>``, ``recall_<n>``, ``f_score_<n>``;
-    ImageNet also ``isc_<n>``, ``isc_std_<n>``; with ``evaluate.ref_stats_npz`` ``fid_adm_ref_<n>``.
+    ``fid``, ``kid``, ``kid_std``, ``precision``, ``recall``, ``f_score``;
+    ImageNet also ``isc``, ``isc_std``; with ``evaluate.ref_stats_npz`` ``fid_adm_ref``.
 Domain (Fashion-MNIST CNN of the representations stage, default profile)
-    the same six as ``<metric>_fmnist_cnn_<n>``; with sample labels ``cond_acc_fmnist_cnn_<n>``
+    the same six as ``<metric>_fmnist_cnn``; with sample labels ``cond_acc_fmnist_cnn``
     (condition ``label``: the CNN's accuracy against the asked labels) or
-    ``joint_label_acc_fmnist_cnn_<n>`` (unconditional: agreement with the jointly generated labels).
+    ``joint_label_acc_fmnist_cnn`` (unconditional: agreement with the jointly generated labels).
 Label head (tasks.label)
-    ``label_acc_t<t>_<m>`` for t in ``evaluate.classify_t``, ``label_acc_ens_<m>`` (softmax
-    averaged over those t), ImageNet also ``label_top5_t<t>_<m>``, ``label_top5_ens_<m>``.
+    ``label_acc_t<t>`` for t in ``evaluate.classify_t``, ``label_acc_ens`` (softmax
+    averaged over those t), ImageNet also ``label_top5_t<t>``, ``label_top5_ens``.
 Representation head (tasks.representation)
-    ``repr_cos_t<t>_<m>``: mean cosine to the encoder's test features.
+    ``repr_cos_t<t>``: mean cosine to the encoder's test features.
 Masked / transition samples
-    ``masked_mse_<n>``, ``masked_psnr_<n>`` (hidden pixels only) / ``transition_mse_<n>``,
-    ``transition_psnr_<n>`` (MSE in [0,1] pixel units, PSNR in dB, capped at 100).
+    ``masked_mse``, ``masked_psnr`` (hidden pixels only) / ``transition_mse``,
+    ``transition_psnr`` (MSE in [0,1] pixel units, PSNR in dB, capped at 100).
 
 Plots (CSV, ``dvc plots show``; header-only when the part does not apply, so the outputs always exist):
 ``metrics/plots/label_accuracy_vs_t.csv`` (t, accuracy; t outside classify_t on the first 1000 test images),
@@ -141,7 +142,7 @@ class _Inputs:
         return _num_ref(self.params, len(self.test_images))
 
     def name(self, metric: str, space: str = "") -> str:
-        return fid.metric_name(metric, self.n, space)
+        return fid.metric_name(metric, space)
 
     def fidelity_kwargs(self) -> dict[str, Any]:
         ev = self.params.evaluate
@@ -285,7 +286,7 @@ def _label_head_metrics(inp: _Inputs, model: Any, diffusion: Any, num_classes: i
         per_t.update(acc.label_head_accuracy(model, diffusion, z0[:n_curve], inp.test_labels[:n_curve],
                                              extra_t, **kw).per_t)
     curve_t = sorted(per_t)
-    name = lambda metric: fid.metric_name(metric, inp.n_test)  # noqa: E731
+    name = fid.metric_name
     m: dict[str, Any] = {}
     for t in ev.classify_t:
         m[name(f"label_acc_t{t}")] = res.per_t[t][1]
@@ -309,7 +310,7 @@ def _representation_head_metrics(inp: _Inputs, model: Any, diffusion: Any, z0: n
     feats = np.load(rep_path, mmap_mode="r")[:inp.n_test]
     cos = acc.representation_similarity(model, diffusion, z0, feats, ev.classify_t, batch_size=ev.batch_size,
                                         device=inp.device, seed=inp.params.seed)
-    return {fid.metric_name(f"repr_cos_t{t}", inp.n_test): c for t, c in cos.items()}
+    return {f"repr_cos_t{t}": c for t, c in cos.items()}
 
 
 # -- the stage -----------------------------------------------------------------------------------
@@ -332,7 +333,7 @@ def compute(params: Params) -> tuple[dict[str, Any], Plots]:
             log.warning("%s metrics skipped: %s", what, m[f"{part}_skipped_reason"])
     m.update({**inception, **domain, **reconstruction, **heads})
     plots.update({**domain_plots, **head_plots})
-    log.info("evaluated %s samples (tag %s), condition %s", inp.n, fid.count_tag(inp.n), inp.condition)
+    log.info("evaluated %s samples against %s reference images, condition %s", inp.n, len(inp.reference), inp.condition)
     return m, plots
 
 

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mtdiff.checkpoint import load_for_inference
-from mtdiff.config import Params
+from mtdiff.config import Params, TasksConfig
 from mtdiff.data import pair_images, random_patch_mask
 from mtdiff.encoders import decode_latents_vae, load_vae
 from mtdiff.io import atomic_dir, save_npz, write_json
@@ -143,9 +143,10 @@ class _Conditions:
 
 
 def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict[str, Any],
-              device: torch.device) -> tuple[dict[str, np.ndarray], Optional[float]]:
+              device: torch.device, tasks: Optional[TasksConfig] = None) -> tuple[dict[str, np.ndarray], Optional[float]]:
     """``sample.num_samples`` images in batches: the samples.npz arrays, and how often the label head
-    agreed with the given labels (condition ``label``; None otherwise)."""
+    agreed with the given labels (condition ``label``; None otherwise). ``tasks``: those aggregated
+    (default: what the finished model was last trained with, ``params.final_tasks``)."""
     sc = params.sample
     amp = autocast_dtype(device, params.train.precision)
     decode = _decoder(params, device)
@@ -157,7 +158,7 @@ def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict
         given = conditions(start, count)
         with autocast(device, amp):
             out = diffusion.sample(model, (count, *conditions.shape), given=given, steps=sc.steps,
-                                   sampler=sc.sampler, eta=sc.eta, generator=noise_gen, tasks_cfg=params.tasks,
+                                   sampler=sc.sampler, eta=sc.eta, generator=noise_gen, tasks_cfg=tasks or params.final_tasks,
                                    device=device, **guidance_kwargs(params))
         samples.append(decode(out["z0"]))
         if "label" in out:
@@ -220,11 +221,11 @@ def _log_to_mlflow(params: Params, summary: dict[str, Any], grid: np.ndarray) ->
 
 
 def preview_grid(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict[str, Any],
-                 device: torch.device, count: int = PREVIEW_IMAGES) -> np.ndarray:
+                 device: torch.device, count: int = PREVIEW_IMAGES, tasks: Optional[TasksConfig] = None) -> np.ndarray:
     """A small grid of ``count`` samples drawn as this stage draws them (``sample.*`` settings, seeded
     noise: the same noise at every call, so successive grids show the model, not the draw)."""
     sc = params.sample.model_copy(update={"num_samples": count, "batch_size": count})
-    npz, _ = _generate(params.model_copy(update={"sample": sc}), model, diffusion, meta, device)
+    npz, _ = _generate(params.model_copy(update={"sample": sc}), model, diffusion, meta, device, tasks)
     # too few samples for one row per class: plain sample order (labels cycle 0..K-1)
     layout = params.sample.condition if params.sample.condition in ("masked", "transition") else "uncond"
     return _make_grid(npz["arr_0"], npz, layout, int(meta["num_classes"]), side=math.isqrt(count))

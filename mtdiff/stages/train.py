@@ -416,7 +416,7 @@ def _log_grid(session: _Session, step: int, tracker: Any) -> None:
     session.step.ema.copy_to(session.preview_model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         grid = preview_grid(session.params, session.preview_model, MTDiffusion(session.params.diffusion),
-                            session.meta, device)
+                            session.meta, device, tasks=session.params.tasks_at(step - 1))
     tracker.log_image(to_pil(grid), key=GRID_KEY, step=step)
 
 
