@@ -1,7 +1,7 @@
 """Typed, validated configuration, loaded once from ``params.yaml``.
 
-``load_params()`` reads ``params.yaml``, merges ``configs/<profile>.yaml`` over it when ``profile``
-is set, applies ``key.sub=value`` overrides and validates everything. A wrong key, type or value
+``load_params()`` reads ``params.yaml``, merges ``configs/<profile>.yaml`` over it (``default``: empty
+sections, nothing changes), applies ``key.sub=value`` overrides and validates everything. A wrong key, type or value
 raises :class:`ConfigError` with one line naming the dotted key and what is allowed.
 """
 from __future__ import annotations
@@ -258,7 +258,7 @@ MAX_SEED = 2**32 - 1
 
 
 class Params(_Section):
-    profile: Optional[str] = None
+    profile: str = "default"  # configs/<profile>.yaml, merged over params.yaml (default: nothing)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -554,6 +554,23 @@ def params_from_dict(raw: dict, source: str = "params") -> Params:
         raise ConfigError(_format_error(err, source)) from None
 
 
+def _merge_profile(raw: dict[str, Any], profile: Any, path: Path) -> dict[str, Any]:
+    """``raw`` with ``configs/<profile>.yaml`` merged over it. Every profile is a file, the default
+    one too (empty sections): dvc.yaml tracks ``configs/${profile}.yaml`` for every run."""
+    allowed = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))) or "none"
+    # a profile is a plain name of a file in configs/, never a path
+    if not isinstance(profile, str) or not _PROFILE_RE.match(profile) or ".." in profile:
+        raise ConfigError(f"{path}: profile: {profile!r} is not a profile name (a file name in "
+                          f"{PROFILES_DIR} without .yaml, no path); allowed: {allowed}")
+    prof_path = PROFILES_DIR / f"{profile}.yaml"
+    if not prof_path.is_file():
+        raise ConfigError(f"{path}: profile: no profile '{profile}'; allowed: {allowed}")
+    prof = read_yaml(prof_path, "profile") or {}
+    if not isinstance(prof, dict):
+        raise ConfigError(f"{prof_path}: expected a mapping at the top level")
+    return _deep_merge(raw, prof)
+
+
 def load_params(path: str | os.PathLike | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> Params:
     """Load ``params.yaml`` (or ``path``), merge its profile and ``overrides``, validate."""
@@ -566,20 +583,7 @@ def load_params(path: str | os.PathLike | None = None,
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     flat_over = parse_overrides(overrides)
-    profile = flat_over.get("profile", raw.get("profile"))
-    if profile:
-        allowed = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))) or "none"
-        # a profile is a plain name of a file in configs/, never a path
-        if not isinstance(profile, str) or not _PROFILE_RE.match(profile) or ".." in profile:
-            raise ConfigError(f"{path}: profile: {profile!r} is not a profile name (a file name in "
-                              f"{PROFILES_DIR} without .yaml, no path); allowed: {allowed}")
-        prof_path = PROFILES_DIR / f"{profile}.yaml"
-        if not prof_path.is_file():
-            raise ConfigError(f"{path}: profile: no profile '{profile}'; allowed: {allowed}")
-        prof = read_yaml(prof_path, "profile") or {}
-        if not isinstance(prof, dict):
-            raise ConfigError(f"{prof_path}: expected a mapping at the top level")
-        raw = _deep_merge(raw, prof)
+    raw = _merge_profile(raw, flat_over.get("profile", raw.get("profile", "default")), path)
     if os.environ.get(FMNIST_DIR_ENV):
         _set_dotted(raw, "data.fashion_mnist_dir", os.environ[FMNIST_DIR_ENV])
     for key, value in flat_over.items():

@@ -40,26 +40,29 @@ def _covered(key: str, tracked) -> bool:
 
 # -- static: what dvc.yaml declares --------------------------------------------------------------
 
-def test_every_stage_tracks_config_py_and_the_profile_keys_it_reads():
-    """A profile key under (or above) a params.yaml key a stage tracks is tracked from the profile file
-    too; adding a key to configs/imagenet256.yaml without tracking it fails here."""
+PROFILE_FILE = "configs/${profile}.yaml"
+
+
+def test_every_stage_tracks_config_py_and_its_sections_of_the_active_profile():
+    """Each stage tracks the active profile's file (``configs/${profile}.yaml``, DVC templating) by the
+    sections of every params.yaml key it tracks; every profile file has each such section (DVC fails
+    on a missing one), the default profile's are empty, so no other profile's edits reach its runs."""
     profiles = sorted((REPO / "configs").glob("*.yaml"))
-    assert profiles, "no profile in configs/"
+    assert {p.stem for p in profiles} >= {"default", "imagenet256"}
     for name, stage in _dvc_yaml()["stages"].items():
         assert "mtdiff/config.py" in stage["deps"], name
         base = [p for p in stage["params"] if isinstance(p, str)]
         files = {k: v for p in stage["params"] if isinstance(p, dict) for k, v in p.items()}
+        assert set(files) == {PROFILE_FILE}, f"stage {name} tracks {set(files)}"
+        sections = set(files[PROFILE_FILE])
+        read = {b.split(".")[0] for b in base} - {"profile", "seed"}  # top-level scalars: no section
+        assert read <= sections, f"stage {name}: profile sections {read - sections} not tracked"
         for prof in profiles:
-            rel = prof.relative_to(REPO).as_posix()
-            assert rel in files, f"stage {name} does not track {rel}"
             raw = yaml.safe_load(prof.read_text()) or {}
-            keys = _flat_keys(raw)
-            tracked = files[rel] or sorted(keys)  # an empty list tracks the whole file
-            for key in _flat_keys(raw, leaves=True):
-                if _covered(key, base) or any(b.startswith(key + ".") for b in base):
-                    assert _covered(key, tracked), \
-                        f"stage {name}: {rel}:{key} is read (params.yaml {base}) but not tracked"
-            assert all(t in keys for t in tracked), f"stage {name}: {rel} has no {set(tracked) - keys}"
+            missing = sorted(s for s in sections if not isinstance(raw.get(s), dict))
+            assert not missing, f"{prof.name} lacks the section(s) {missing} that stage {name} tracks"
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    assert default and all(v == {} for v in default.values())
 
 
 def test_train_outputs_are_cacheable_and_plots_declared():
@@ -129,7 +132,7 @@ def _edit_profile(root: Path, key: str, value) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def test_editing_the_profile_or_config_py_makes_dvc_status_report_the_stages(tmp_path):
+def test_profile_edits_reach_only_its_runs_and_config_py_reaches_every_stage(tmp_path):
     root = _repo_copy(tmp_path / "repo")
     # stand-in outputs (nothing is run): `dvc commit` records deps, params and outputs as they are
     for stage in _dvc_yaml()["stages"].values():
@@ -145,13 +148,18 @@ def test_editing_the_profile_or_config_py_makes_dvc_status_report_the_stages(tmp
     _sh(root, *DVC, "commit", "-f", "-q")
     assert _status(root) == set()
 
-    _edit_profile(root, "train.lr", 0.0003)
-    assert _status(root) == {"train"}
-    _edit_profile(root, "sample.steps", 100)
-    assert _status(root) == {"train", "sample"}
+    _edit_profile(root, "train.lr", 0.0003)  # another profile's edit: the default run stays as it is
+    assert _status(root) == set()
+    _sh(root, "sed", "-i", "s/^profile: default/profile: imagenet256/", "params.yaml")
+    _sh(root, *DVC, "commit", "-f", "-q")  # now a run on the imagenet256 profile
+    _edit_profile(root, "latents.batch_size", 32)
+    assert _status(root) == {"latents", "train", "sample"}  # by section: train and sample track latents
+    _sh(root, *DVC, "commit", "-f", "-q")
+    _edit_profile(root, "evaluate.num_samples", 100)  # representations tracks evaluate.out_dir, so the section
+    assert _status(root) == {"representations", "evaluate"}
     _sh(root, *DVC, "commit", "-f", "-q")
     _edit_profile(root, "data.channels", 1)
-    assert _status(root) == {"prepare", "latents", "train", "sample", "evaluate"}
+    assert _status(root) == {"prepare", "latents", "representations", "train", "sample", "evaluate"}
     _sh(root, *DVC, "commit", "-f", "-q")
     with (root / "mtdiff" / "config.py").open("a") as f:
         f.write("\n# edited\n")
