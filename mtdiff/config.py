@@ -250,6 +250,9 @@ class EvaluateConfig(_Section):
 class MlflowConfig(_Section):
     tracking_uri: Optional[str] = None
     experiment: str = "mtdiff"
+    # registry alias moved to each model version a training outside a sweep registers
+    # (models:/mtdiff@champion); null: no alias
+    model_alias: Optional[str] = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
 # Seeds are derived per rank/stream (train: seed * 1_000_003 + 17 + rank for torch's 64-bit seeds):

@@ -8,11 +8,12 @@ Called by the train stage (rank 0) inside its MLflow run, after ``ema.pt`` is wr
 - :func:`log_model`: ``mlflow.pytorch.log_model`` of :class:`MTDiffSampler` (the EMA weights of
   ``ema.pt`` + the diffusion schedule + the sampling settings of ``params.sample``) with a signature
   and an input example, registered as model ``mtdiff`` (:data:`MODEL_NAME`): one version per training
-  run, tagged with the params hash, steps, final loss and the pipeline's parent run.
+  run, tagged with the params hash, steps, final loss and the pipeline's parent run; a training outside
+  a sweep also moves the alias ``mlflow.model_alias`` (``champion``) to its version.
 
 Load and sample (pixel mode: images in [-1, 1]; latent mode: SD-VAE latents)::
 
-    sampler = mlflow.pytorch.load_model("models:/mtdiff/latest")
+    sampler = mlflow.pytorch.load_model("models:/mtdiff@champion")  # the newest outside a sweep
     images = sampler(torch.tensor([0, 1, 2]))               # one image per class label
     images = sampler(torch.tensor([0, 1]), steps=20, seed=1)
 
@@ -116,6 +117,13 @@ def build_sampler(params: Params, ema_path: str | Path) -> MTDiffSampler:
                          guidance=guidance_kwargs(params))
 
 
+def in_sweep() -> bool:
+    """Whether this training is a sweep point (the sweep flow passes its tags down)."""
+    from mtdiff.tracking import env_tags
+
+    return "mtdiff.sweep" in env_tags()
+
+
 def log_model(params: Params, ema_path: str | Path, summary: dict[str, Any],
               parent_run_id: Optional[str] = None, register: bool = True) -> Optional[Any]:
     """Log the EMA model of the active run (signature, input example) and register it as
@@ -147,7 +155,11 @@ def log_model(params: Params, ema_path: str | Path, summary: dict[str, Any],
                     "pipeline_run_id": parent_run_id or ""}
             for key, value in tags.items():
                 client.set_model_version_tag(MODEL_NAME, str(version), key, str(value))
-            log.info("registered model %s version %s (%s)", MODEL_NAME, version, info.model_uri)
+            alias = params.mlflow.model_alias if not in_sweep() else None
+            if alias:
+                client.set_registered_model_alias(MODEL_NAME, alias, str(version))
+            log.info("registered model %s version %s (%s)%s", MODEL_NAME, version, info.model_uri,
+                     f", alias @{alias}" if alias else "")
         return info
     except Exception as exc:  # noqa: BLE001 - the registry must never fail training
         log.warning("MLflow log_model / registration of %s failed: %s", ema_path, exc)

@@ -357,11 +357,16 @@ def env_tags() -> dict[str, str]:
     return tags
 
 
+SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
+
+
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, out_dir: str | os.PathLike = ".",
-              extra_tags: dict[str, Any] | None = None) -> Iterator[StageRun]:
+              extra_tags: dict[str, Any] | None = None, system_metrics: bool = False) -> Iterator[StageRun]:
     """One MLflow run for ``stage``; yields a StageRun that logs, or keeps locally when it cannot
-    (in :func:`pending_file`, never in ``out_dir``: that is a DVC output, and DVC replaces it)."""
+    (in :func:`pending_file`, never in ``out_dir``: that is a DVC output, and DVC replaces it).
+    Nested under the pipeline's run (``parent_run_id``); ``system_metrics``: MLflow's CPU/memory/GPU
+    monitor, unless $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says otherwise."""
     pending = pending_file(stage)
     if os.environ.get("MTDIFF_MLFLOW", "1") == "0":
         yield StageRun(None, None, stage=stage, pending_path=pending)
@@ -371,21 +376,21 @@ def stage_run(params: Params, stage: str, out_dir: str | os.PathLike = ".",
             "prefect.flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", ""), **env_tags(),
             **(extra_tags or {})}
     parent = parent_run_id()
-    if parent:
-        tags["mlflow.parentRunId"] = parent
+    monitor = True if system_metrics and SYSTEM_METRICS_ENV not in os.environ else None  # None: the env decides
     try:
         import mlflow
 
         uri = tracking_uri(params)
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(uri), params.mlflow.experiment, uri))
-        active = mlflow.start_run(run_name=stage, tags=tags)
+        active = mlflow.start_run(run_name=stage, tags=tags, parent_run_id=parent, log_system_metrics=monitor)
         run_id = active.info.run_id
     except Exception as exc:
         log.warning("MLflow unavailable at %s (%s); stage '%s' goes on and keeps its logs in %s",
                     redact_uri(tracking_uri(params)), redact_uri(str(exc)), stage, pending)
     run = StageRun(run_id, None, stage=stage, pending_path=pending)
-    if run_id is None:
+    if run_id is None:  # the replay nests it through the tag, as start_run(parent_run_id=...) does
+        tags.update({"mlflow.parentRunId": parent} if parent else {})
         run._keep("start_run", (), {"run_name": stage, "tags": {k: str(v) for k, v in tags.items()},
                                     "experiment": params.mlflow.experiment})
     run.log_params(params.flat())

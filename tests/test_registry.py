@@ -37,16 +37,22 @@ def test_train_registers_the_ema_model_and_records_the_data(shared_data, workdir
     monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
     client = MlflowClient(tracking_uri=uri)
 
-    for n in (1, 2):  # a version per training run
+    # a sweep's training registers a version but leaves the alias where it was
+    monkeypatch.setenv("MTDIFF_MLFLOW_TAGS", '{"mtdiff.sweep": "s"}')
+    train.run(tiny_params(workdir, **{"train.steps": 4, "mlflow.experiment": "registry-test", "seed": 3}))
+    assert client.get_registered_model(MODEL_NAME).aliases == {}
+    monkeypatch.delenv("MTDIFF_MLFLOW_TAGS")
+    for n in (2, 3):  # a version per training run, the alias on the newest
         train.run(tiny_params(workdir, **{"train.steps": 4, "mlflow.experiment": "registry-test", "seed": n}))
         (version,) = client.search_model_versions(f"name='{MODEL_NAME}' and version_number={n}")
         run = client.get_run(version.run_id)
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "train"
         assert version.tags["params_hash"] == run.data.tags["params_hash"]
-        assert float(version.tags["final_loss"]) == pytest.approx(run.data.metrics["loss"])
+        assert float(version.tags["final_loss"]) == pytest.approx(run.data.metrics["train/step/loss"])
+        assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == n
 
     # the loss curve is a metric history, the data set the run's input (digest of the manifest)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/step/loss")] == [2, 4]
     (inp,) = run.inputs.dataset_inputs
     assert inp.dataset.digest == file_digest(workdir / "data" / "prepared" / "manifest.parquet")
     assert [t.value for t in inp.tags if t.key == "mlflow.data.context"] == ["training"]
@@ -54,10 +60,10 @@ def test_train_registers_the_ema_model_and_records_the_data(shared_data, workdir
 
     # the registered model: signature + input example, loads and samples one image per label
     mlflow.set_tracking_uri(uri)
-    info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}/2")
+    info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}/3")
     assert info.signature.inputs.to_dict()[0]["type"] == "tensor"
     assert info.saved_input_example_info is not None
-    sampler = mlflow.pytorch.load_model(f"models:/{MODEL_NAME}/2")
+    sampler = mlflow.pytorch.load_model(f"models:/{MODEL_NAME}@champion")
     ema = load_checkpoint(workdir / "checkpoints" / "ema.pt")["ema"]["shadow"]
     assert all(torch.equal(v, ema[k]) for k, v in sampler.model.state_dict().items())
     sc = tiny_params(workdir).sample  # guidance as the sample stage runs it
@@ -66,7 +72,7 @@ def test_train_registers_the_ema_model_and_records_the_data(shared_data, workdir
     images = sampler(torch.tensor([0, 3, 7]), steps=3, seed=1)
     assert images.shape == (3, 1, 28, 28) and torch.isfinite(images).all()
     assert torch.equal(images, sampler(torch.tensor([0, 3, 7]), steps=3, seed=1))  # seeded
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/2")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/3")
     assert pyfunc.predict(torch.tensor([1, 2]).numpy(), params={"steps": 2}).shape == (2, 1, 28, 28)
 
 

@@ -247,7 +247,7 @@ def test_train_logs_to_mlflow(root, monkeypatch):
     exp = client.get_experiment_by_name("train-test")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
-    for key in ("loss", "loss/eps", "loss/label", "lr", "img_per_s"):
+    for key in ("train/step/loss", "train/step/eps", "train/step/label", "train/step/lr", "train/step/img_per_s"):
         hist = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in hist][:2] == [2, 4], key
     assert run.data.tags["checkpoint"].endswith("last.pt")

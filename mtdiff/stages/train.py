@@ -68,6 +68,9 @@ __all__ = ["NonFiniteLossError", "TrainResult", "dataset_meta", "main", "run", "
 STATE_ROOT = Path(".mtdiff") / "train_state"  # under the project root: gitignored, .dvcignored, no output
 TRAIN_LOG = "train_log.csv"
 GRID_KEY = "train/samples"  # MLflow image key of the grids every train.grid_every steps
+# per-window curves (train/step/loss, train/step/eps, train/step/lr, ...) beside the run's summary
+# (train/final_loss, ... from train.json): one "train" group in MLflow's UI
+STEP_KEY_PREFIX = "train/step/"
 
 
 def train_state_dir(params: Params) -> Path:
@@ -423,9 +426,9 @@ def _log_grid(session: _Session, step: int, tracker: Any) -> None:
 def _log_window(session: _Session, progress: _Progress, window: Window, tracker: Any, bar: tqdm) -> None:
     lr = session.step.scheduler.get_last_lr()[0]
     loss = window.losses["loss"]
-    metrics = {f"loss/{n}" if n != "loss" else "loss": v for n, v in window.losses.items()}
-    metrics.update({"lr": lr, "img_per_s": window.img_per_s, "grad_norm": window.grad_norm, "epoch": progress.epoch})
-    tracker.log_metrics(metrics, step=progress.step)
+    curves = {**window.losses, "lr": lr, "img_per_s": window.img_per_s, "grad_norm": window.grad_norm,
+              "epoch": progress.epoch}
+    tracker.log_metrics({STEP_KEY_PREFIX + k: v for k, v in curves.items()}, step=progress.step)
     if session.train_log is not None:
         session.train_log.append(progress.step, progress.epoch, window.losses, lr, window.grad_norm, window.img_per_s)
         session.train_log.publish()
@@ -491,28 +494,12 @@ def _log_start(session: _Session, progress: _Progress, tracker: Any) -> None:
              session.steps_per_epoch)
 
 
-SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
-
-
-@contextlib.contextmanager
-def _system_metrics() -> Any:
-    """MLflow's system metrics (CPU, memory, GPU) on the train run, unless the environment says
-    otherwise; the setting is restored afterwards (it is process-global)."""
-    before = os.environ.get(SYSTEM_METRICS_ENV)
-    os.environ.setdefault(SYSTEM_METRICS_ENV, "true")
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(SYSTEM_METRICS_ENV, None)
-
-
 @contextlib.contextmanager
 def _open_tracking(params: Params, info: DistInfo, out_dir: Path) -> Any:
     if not info.is_main:
         yield _NullRun()
         return
-    with _system_metrics(), stage_run(params, "train", out_dir) as run:
+    with stage_run(params, "train", out_dir, system_metrics=True) as run:
         yield run
 
 
