@@ -11,7 +11,7 @@ come back through ``dvc exp show --json``; ``mtdiff.report`` writes the comparis
 """
 from __future__ import annotations
 
-import flows.pipeline as fp  # first: sets the Prefect env defaults before prefect is imported
+import flows  # noqa: F401  (sets PREFECT_HOME & co. before prefect is imported)
 
 import argparse
 import sys
@@ -23,20 +23,19 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import task_run as runtime_task_run
 
 from flows.artifacts import sweep_artifacts
+from flows.common import compute_slot, current_flow_run_id, find_repo, retryable
 from mtdiff import tracking
 from mtdiff.config import ConfigError
 from mtdiff.dvc_runner import dvc_command, load_repo_params, run_checked, shown_command, tracked_env
 from mtdiff.report import write_report
-# SweepConfig, SweepPoint, expand_points, ... stay importable from here (they lived here before mtdiff.sweeps)
-from mtdiff.sweeps import (SweepConfig, SweepPoint, check_points, dry_run_commands, exp_name_for,  # noqa: F401
-                           exp_run_args, expand_points, experiment_result, find_experiment, git_head,
-                           finished_point, hydra_value, load_sweep, point_result_path, save_point_result,
-                           select_points, set_param_args, untracked_files, write_sweep_file)
+from mtdiff.sweeps import (SweepConfig, SweepPoint, check_points, dry_run_commands, exp_name_for, exp_run_args,
+                           experiment_result, finished_point, git_head, load_sweep, point_result_path,
+                           save_point_result, select_points, untracked_files, write_sweep_file)
 
 
 # -- task and flow ---------------------------------------------------------------------------
 @task(name="sweep-point", task_run_name="exp {point}", retries=1, retry_delay_seconds=10,
-      retry_condition_fn=fp.retryable)
+      retry_condition_fn=retryable)
 def run_point(point: str, overrides: dict[str, Any], exp_base: str, repo: str, targets: list[str],
               point_run_id: str | None, uri: str, tags: dict[str, str],
               copy_paths: list[str] | None = None) -> dict[str, Any]:
@@ -45,7 +44,7 @@ def run_point(point: str, overrides: dict[str, Any], exp_base: str, repo: str, t
     attempt = int(runtime_task_run.run_count or 1)
     exp_name = exp_base if attempt <= 1 else f"{exp_base}-try{attempt}"
     cmd = dvc_command(*exp_run_args(exp_name, overrides, targets, copy_paths))
-    env = tracked_env(point_run_id, uri, flow_run_id=fp.current_flow_run_id(),
+    env = tracked_env(point_run_id, uri, flow_run_id=current_flow_run_id(),
                       tags={**tags, "dvc.exp_name": exp_name})
     logger.info("$ %s  (attempt %d)", shown_command(cmd), attempt)
     start = time.monotonic()
@@ -105,7 +104,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
     again) and builds the report from the saved and the new rows, so a study can span sessions.
     """
     logger = get_run_logger()
-    root = fp.find_repo(repo)
+    root = find_repo(repo)
     cfg = load_sweep(config, name=name, base_dir=root)
     todo = select_points(cfg, points)
     check_points(root, cfg, todo)  # every point must be valid before the first one spends compute
@@ -124,9 +123,9 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
     point_task = run_point.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     done = {} if rerun else {p.name: row for p in cfg.points if (row := finished_point(out_dir, p))}
     sweep_tags = {"mtdiff.kind": "sweep", "mtdiff.sweep": cfg.name, "git_commit": head,
-                  "prefect.flow_run_id": fp.current_flow_run_id(),
+                  "prefect.flow_run_id": current_flow_run_id(),
                   "mtdiff.sweep_points": ",".join(p.name for p in todo)}
-    with fp.compute_slot(logger.info), tracking.client_run(
+    with compute_slot(logger.info), tracking.client_run(
             f"sweep:{cfg.name}", params=base_params, uri=uri, tags=sweep_tags,
             parent_run_id=tracking.parent_run_id()) as sweep_run:
         sweep_run.log_artifact(sweep_file)
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     subset = [p for p in (args.points or "").split(",") if p] or None
     try:
         if args.dry_run:
-            root = fp.find_repo(args.repo)
+            root = find_repo(args.repo)
             cfg = load_sweep(args.config, name=args.name, base_dir=root)
             for line in dry_run_commands(root, cfg, subset, args.copy):
                 print(line)

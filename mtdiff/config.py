@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 PROFILES_DIR = REPO_ROOT / "configs"
-LATENT_DOWNSAMPLE = 8  # SD-VAE's spatial downsampling (mtdiff.models.mtdit.LATENT_DOWNSAMPLE)
+LATENT_DOWNSAMPLE = 8  # SD-VAE's spatial downsampling (the one definition; mtdiff.models.factory uses it)
 FMNIST_DIR_ENV = "MTDIFF_FMNIST_DIR"  # when set, overrides data.fashion_mnist_dir (before key=value overrides)
 _PROFILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -233,6 +233,11 @@ class SampleConfig(_Section):
     # images of the default U-Net falls out of the cache (measured 1.8x slower per image); null: one call
     forward_batch: Optional[int] = Field(100, ge=1)
     out_dir: str = "samples"
+
+    def guidance(self) -> dict[str, Any]:
+        """``diffusion.sample``'s guidance arguments: the sample stage, ``bench sample`` and the
+        registered MLflow sampler all pass these, so all three sample alike."""
+        return {"cfg_scale": self.cfg_scale, "task_guidance": self.task_guidance, "forward_batch": self.forward_batch}
 
 
 class EvaluateConfig(_Section):

@@ -106,7 +106,6 @@ def log_dataset(params: Params) -> Optional[str]:
 def build_sampler(params: Params, ema_path: str | Path) -> MTDiffSampler:
     """:class:`MTDiffSampler` on the CPU from ``ema.pt`` (the train stage's output)."""
     from mtdiff.checkpoint import load_for_inference
-    from mtdiff.stages.sample import guidance_kwargs
 
     model, diffusion, meta = load_for_inference(params, path=ema_path, device="cpu")
     sc = params.sample
@@ -114,7 +113,7 @@ def build_sampler(params: Params, ema_path: str | Path) -> MTDiffSampler:
     return MTDiffSampler(model, diffusion, meta["shape"], sc.steps, sc.sampler, sc.eta,
                          label_conditioned=label_conditioned, tasks_cfg=params.final_tasks,
                          num_classes=int(meta.get("num_classes") or 1),
-                         guidance=guidance_kwargs(params))
+                         guidance=params.sample.guidance())
 
 
 def in_sweep() -> bool:

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+GRID_SIDE = 10  # the sample stage's grid: 10 x 10 images, a row per class when labelled
+
 
 def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) floats in [-1, 1] -> uint8 (B, H, W, C), rounding as ADM does."""
@@ -74,3 +76,23 @@ def interleave_rows(groups: Sequence[np.ndarray], cols: int, max_blocks: int = 3
         for g in groups:
             out.append(g[sl])
     return np.concatenate(out)
+
+
+def sample_grid(arr: np.ndarray, npz: dict[str, np.ndarray], cond: str, num_classes: int,
+               side: int = GRID_SIDE) -> np.ndarray:
+    """side x side overview: rows = classes (label), or input/sample/reference row triplets (masked, transition)."""
+    if cond == "label":
+        cells = gather_with_blanks(arr, label_grid_indices(npz["labels"], num_classes, side, side))
+    elif cond == "masked":
+        ref = npz["reference"]
+        masked = (ref.astype(np.float32) * npz["mask"][..., None] + 127.5 * (1 - npz["mask"][..., None]))
+        cells = interleave_rows([np.round(masked).astype(np.uint8), arr, ref], side)
+    elif cond == "transition":
+        cells = interleave_rows([npz["source"], arr, npz["reference"]], side)
+    else:
+        cells = arr[:side * side]
+    grid = image_grid(cells, nrow=side)
+    scale = max(1, 64 // arr.shape[1])  # small images (Fashion-MNIST 28 px) enlarged for viewing
+    if scale > 1:
+        grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+    return grid

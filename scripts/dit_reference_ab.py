@@ -33,7 +33,8 @@ BENCH_ARGS = ["train", "--config", "imagenet256-dit-b2", "model.size=S", "--batc
 def mtdiff_step(compile_model: bool):
     import torch
 
-    from mtdiff.bench import build, build_parser, setup, synthetic_batch
+    from mtdiff.bench import build_parser
+    from mtdiff.bench.probes import build, setup, synthetic_batch
     from mtdiff.training import TrainStep
 
     s = setup(build_parser().parse_args(BENCH_ARGS))  # the CPU via pick_device, as bench and train stage

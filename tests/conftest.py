@@ -89,3 +89,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_imagenet(tmp_path):
+    """A tiny ImageNet folder with broken files (tests/fixtures/imagenet_tree.py)."""
+    from fixtures.imagenet_tree import build_tiny_imagenet
+
+    return build_tiny_imagenet(tmp_path / "imagenet")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mtdiff import bench
+from mtdiff.bench import probes
 from mtdiff.models import input_shape_from_params
 from mtdiff.training import TrainStep
 
@@ -107,16 +108,16 @@ def test_bad_arguments_exit_2(workdir, capsys):
 
 
 def test_imagenet_config_shapes():
-    p = bench.bench_params("imagenet256-dit-b2")
+    p = probes.bench_params("imagenet256-dit-b2")
     assert input_shape_from_params(p) == (4, 32, 32)
     assert p.model.dims == (12, 768, 12) and p.model.patch_size == 2
-    assert bench.CONFIGS["imagenet256-dit-b2"].num_classes == 1000 and p.tasks.enabled == ["label"]
+    assert probes.CONFIGS["imagenet256-dit-b2"].num_classes == 1000 and p.tasks.enabled == ["label"]
     with pytest.raises(ValueError, match="--config"):
-        bench.bench_params("nope")
+        probes.bench_params("nope")
 
 
 def test_matmul_peak():
-    probe = bench.MatmulProbe(torch.device("cpu"), torch.float32, n=128)
+    probe = probes.MatmulProbe(torch.device("cpu"), torch.float32, n=128)
     probe.rate(reps=2)
     info = probe.info()
     assert info["matmul_flops"] > 0 and info["matmul_n"] == 128 and info["matmul_dtype"] == "float32"

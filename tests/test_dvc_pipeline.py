@@ -4,38 +4,17 @@ training params train once), and the plots are declared."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fixtures.dvc_repo import DVC, REPO, repo_copy, sh
 from fixtures.tiny_run import ALL_TASKS, TINY, fmnist_path
-
-REPO = Path(__file__).resolve().parent.parent
-DVC = [sys.executable, "-m", "dvc"]
 
 
 def _dvc_yaml() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())
-
-
-def _flat_keys(d: dict, prefix: str = "", leaves: bool = False) -> set[str]:
-    """Dotted keys of ``d`` (``leaves``: only those holding a value, not a section)."""
-    out = set()
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flat_keys(v, f"{prefix}{k}.", leaves)
-        if not (leaves and isinstance(v, dict)):
-            out.add(prefix + k)
-    return out
-
-
-def _covered(key: str, tracked) -> bool:
-    return any(key == t or key.startswith(t + ".") for t in tracked)
 
 
 # -- static: what dvc.yaml declares --------------------------------------------------------------
@@ -85,42 +64,8 @@ def test_train_outputs_are_cacheable_and_plots_declared():
 
 # -- DVC in a temp git repo ----------------------------------------------------------------------
 
-def _env(root: Path) -> dict:
-    return {**os.environ, "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "MTDIFF_MLFLOW": "0",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@t", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PYTHONPATH": str(root), "HOME": str(root.parent)}
-
-
-def _sh(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(list(args), cwd=root, env=_env(root), capture_output=True, text=True, timeout=600)
-    if check:
-        assert res.returncode == 0, f"{args}: {res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res
-
-
-def _repo_copy(root: Path, params: dict | None = None) -> Path:
-    """A git + DVC repo holding this project's pipeline definition, code and configs."""
-    root.mkdir(parents=True)
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "configs", root / "configs")
-    shutil.copytree(REPO / "mtdiff", root / "mtdiff", ignore=shutil.ignore_patterns("__pycache__"))
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for key, value in (params or {}).items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    _sh(root, "git", "init", "-q")
-    _sh(root, *DVC, "init", "-q")
-    return root
-
-
 def _status(root: Path) -> set[str]:
-    out = _sh(root, *DVC, "status", "--json").stdout
+    out = sh(root, *DVC, "status", "--json").stdout
     return set(json.loads(out or "{}"))
 
 
@@ -133,7 +78,7 @@ def _edit_profile(root: Path, key: str, value) -> None:
 
 
 def test_profile_edits_reach_only_its_runs_and_config_py_reaches_every_stage(tmp_path):
-    root = _repo_copy(tmp_path / "repo")
+    root = repo_copy(tmp_path / "repo")
     # stand-in outputs (nothing is run): `dvc commit` records deps, params and outputs as they are
     for stage in _dvc_yaml()["stages"].values():
         for group in ("outs", "metrics", "plots"):
@@ -145,22 +90,22 @@ def test_profile_edits_reach_only_its_runs_and_config_py_reaches_every_stage(tmp
                 else:
                     path.mkdir(parents=True, exist_ok=True)
                     (path / "stand-in").write_text("x")
-    _sh(root, *DVC, "commit", "-f", "-q")
+    sh(root, *DVC, "commit", "-f", "-q")
     assert _status(root) == set()
 
     _edit_profile(root, "train.lr", 0.0003)  # another profile's edit: the default run stays as it is
     assert _status(root) == set()
-    _sh(root, "sed", "-i", "s/^profile: default/profile: imagenet256/", "params.yaml")
-    _sh(root, *DVC, "commit", "-f", "-q")  # now a run on the imagenet256 profile
+    sh(root, "sed", "-i", "s/^profile: default/profile: imagenet256/", "params.yaml")
+    sh(root, *DVC, "commit", "-f", "-q")  # now a run on the imagenet256 profile
     _edit_profile(root, "latents.batch_size", 32)
     assert _status(root) == {"latents", "train", "sample"}  # by section: train and sample track latents
-    _sh(root, *DVC, "commit", "-f", "-q")
+    sh(root, *DVC, "commit", "-f", "-q")
     _edit_profile(root, "evaluate.num_samples", 100)  # representations tracks evaluate.out_dir, so the section
     assert _status(root) == {"representations", "evaluate"}
-    _sh(root, *DVC, "commit", "-f", "-q")
+    sh(root, *DVC, "commit", "-f", "-q")
     _edit_profile(root, "data.channels", 1)
     assert _status(root) == {"prepare", "latents", "representations", "train", "sample", "evaluate"}
-    _sh(root, *DVC, "commit", "-f", "-q")
+    sh(root, *DVC, "commit", "-f", "-q")
     with (root / "mtdiff" / "config.py").open("a") as f:
         f.write("\n# edited\n")
     assert _status(root) == set(_dvc_yaml()["stages"])
@@ -173,19 +118,19 @@ def test_identical_training_params_train_once_via_the_run_cache(tmp_path):
     if not (fmnist / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST not at {fmnist}")
     tiny = {**TINY, "data.fashion_mnist_dir": str(fmnist), "train.steps": 4}
-    root = _repo_copy(tmp_path / "repo", tiny)
-    _sh(root, "git", "add", "-A")
-    _sh(root, "git", "commit", "-q", "-m", "tiny pipeline")
+    root = repo_copy(tmp_path / "repo", tiny)
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-q", "-m", "tiny pipeline")
 
-    first = _sh(root, *DVC, "exp", "run", "--temp", "-n", "a", "-S", "train.lr=0.002",
+    first = sh(root, *DVC, "exp", "run", "--temp", "-n", "a", "-S", "train.lr=0.002",
                 "-S", "sample.condition=label", "train")
     assert "Running stage 'train'" in first.stdout, first.stdout
-    second = _sh(root, *DVC, "exp", "run", "--temp", "-n", "b", "-S", "train.lr=0.002",
+    second = sh(root, *DVC, "exp", "run", "--temp", "-n", "b", "-S", "train.lr=0.002",
                  "-S", "sample.condition=uncond", "train")
     assert "Stage 'train' is cached - skipping run" in second.stdout, second.stdout
     assert "Running stage 'train'" not in second.stdout
     # both experiments hold the same model
-    shown = json.loads(_sh(root, *DVC, "exp", "show", "--json").stdout)
+    shown = json.loads(sh(root, *DVC, "exp", "show", "--json").stdout)
     hashes = {}
     for commit in shown:
         for exp in commit.get("experiments") or []:

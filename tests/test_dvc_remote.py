@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.tiny_run import TINY, fmnist_path
-from test_dvc_pipeline import DVC, REPO, _repo_copy, _sh
+from fixtures.dvc_repo import DVC, REPO, repo_copy, sh
 
 # the cached outputs of dvc.yaml (metrics and plots are `cache: false`: they travel with git)
 CACHED_OUTS = ("data/prepared", "data/latents", "data/representations", "checkpoints", "samples")
@@ -44,29 +44,29 @@ def test_push_then_pull_in_a_fresh_clone_restores_the_outputs(tmp_path):
     tiny = {**TINY, "data.fashion_mnist_dir": str(fmnist), "train.steps": 4, "sample.num_samples": 8,
             "evaluate.num_samples": 8, "evaluate.num_ref": 32, "evaluate.batch_size": 32,
             "evaluate.inception": False, "evaluate.classify_t": [1]}
-    root = _repo_copy(tmp_path / "work" / "repo", tiny)
+    root = repo_copy(tmp_path / "work" / "repo", tiny)
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # the project's default remote
-    _sh(root, *DVC, "repro", "-q")
-    _sh(root, "git", "add", "-A")
-    _sh(root, "git", "commit", "-q", "-m", "tiny run")
+    sh(root, *DVC, "repro", "-q")
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-q", "-m", "tiny run")
     assert (root / "checkpoints" / "ema.pt").is_file()
     before = _digests(root)
     assert {p.split("/")[0] for p in before} >= {"data", "checkpoints", "samples"}
 
-    _sh(root, *DVC, "push", "-q")  # to the default remote: ../../mtdiff-dvc-remote from .dvc/
+    sh(root, *DVC, "push", "-q")  # to the default remote: ../../mtdiff-dvc-remote from .dvc/
     remote = root.parent / "mtdiff-dvc-remote"  # a sibling of the checkout
     assert any(p.is_file() for p in remote.rglob("*")), "dvc push wrote nothing to the default remote"
 
     # a clone somewhere else points the default remote at the shared folder with `--local` (untracked)
     clone = tmp_path / "elsewhere" / "deeper" / "clone"
     clone.parent.mkdir(parents=True)
-    _sh(tmp_path, "git", "clone", "-q", str(root), str(clone))
-    _sh(clone, *DVC, "remote", "modify", "--local", "local", "url", str(remote))
+    sh(tmp_path, "git", "clone", "-q", str(root), str(clone))
+    sh(clone, *DVC, "remote", "modify", "--local", "local", "url", str(remote))
     assert (clone / ".dvc" / "config.local").is_file()
-    assert "config.local" not in _sh(clone, "git", "status", "--porcelain").stdout
+    assert "config.local" not in sh(clone, "git", "status", "--porcelain").stdout
     assert not (clone / "checkpoints").exists()
-    _sh(clone, *DVC, "pull", "-q")
+    sh(clone, *DVC, "pull", "-q")
 
     assert _digests(clone) == before  # bit-identical, checkpoints/ema.pt included
-    assert json.loads(_sh(clone, *DVC, "status", "--json").stdout or "{}") == {}
-    assert _sh(clone, "git", "status", "--porcelain").stdout == ""
+    assert json.loads(sh(clone, *DVC, "status", "--json").stdout or "{}") == {}
+    assert sh(clone, "git", "status", "--porcelain").stdout == ""

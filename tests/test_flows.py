@@ -181,7 +181,7 @@ def test_pipeline_flow_runs_stages_in_order_with_nested_mlflow_runs(prefect_harn
     assert json.loads(parent.data.tags["mtdiff.overrides"]) == {"train.steps": 4}
     from prefect.client.orchestration import get_client
 
-    from flows.pipeline import COMPUTE_LIMIT
+    from flows.common import COMPUTE_LIMIT
 
     with get_client(sync_client=True) as prefect_client:  # the flow created the global limit and let go of it
         assert prefect_client.read_global_concurrency_limit_by_name(COMPUTE_LIMIT).active_slots == 0
@@ -206,7 +206,8 @@ def test_pipeline_flow_runs_stages_in_order_with_nested_mlflow_runs(prefect_harn
 
 
 def test_pipeline_flow_retries_transient_failures_not_bad_params(prefect_harness, flow_env, tmp_path, monkeypatch):
-    from flows.pipeline import StageConfigError, StagePreempted, pipeline
+    from flows.pipeline import pipeline
+    from mtdiff.dvc_runner import StageConfigError, StagePreempted
     from mtdiff.config import ConfigError
 
     monkeypatch.setenv("MTDIFF_MLFLOW", "0")
@@ -358,7 +359,7 @@ def test_compute_slot_creates_the_global_limit_and_excludes_a_second_holder(pref
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectNotFound
 
-    from flows.pipeline import COMPUTE_LIMIT, compute_slot
+    from flows.common import COMPUTE_LIMIT, compute_slot
 
     with get_client(sync_client=True) as client:
         try:  # a fresh server: no limit (an earlier flow test may have created it)
@@ -378,12 +379,12 @@ def test_compute_slot_creates_the_global_limit_and_excludes_a_second_holder(pref
 
 def test_compute_slot_without_a_standing_server_leaves_the_limit_alone(monkeypatch):
     # an ephemeral server's leases die with its process: a killed holder would keep the slot for ever
-    import flows.pipeline as fp
+    import flows.common as fc
 
-    monkeypatch.setattr(fp, "standing_server", lambda: False)
-    monkeypatch.setattr(fp, "ensure_concurrency_limit", lambda *a, **k: pytest.fail("limit touched"))
+    monkeypatch.setattr(fc, "standing_server", lambda: False)
+    monkeypatch.setattr(fc, "ensure_concurrency_limit", lambda *a, **k: pytest.fail("limit touched"))
     lines = []
-    with fp.compute_slot(lines.append):
+    with fc.compute_slot(lines.append):
         pass
     assert "not used" in lines[0]
 

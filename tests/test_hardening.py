@@ -260,7 +260,7 @@ def test_broken_idx_file_is_named(tmp_path, kind):
 
 
 # -- 2, 3, 14: the ImageNet reader ---------------------------------------------------------------
-from test_prepare import _jpeg_bytes, _noise_image, tiny_imagenet  # noqa: E402,F401
+from fixtures.imagenet_tree import jpeg_bytes, noise_image  # noqa: E402
 
 
 def test_missing_val_is_found_before_decoding(tiny_imagenet, make_params, monkeypatch):
@@ -290,7 +290,7 @@ def test_non_utf8_file_names_are_kept_losslessly(tiny_imagenet, make_params):
     raw_name = b"n01440764_caf\xe9.JPEG"  # Latin-1, not UTF-8
     folder = os.fsencode(tiny_imagenet / "train" / "n01440764")
     with open(os.path.join(folder, raw_name), "wb") as f:
-        f.write(_jpeg_bytes(_noise_image(np.random.default_rng(1), 64, 64)))
+        f.write(jpeg_bytes(noise_image(np.random.default_rng(1), 64, 64)))
     params = make_params({"data.source": "imagenet", "data.imagenet_dir": str(tiny_imagenet),
                           "data.resolution": 32, "data.channels": 3, "prepare.num_workers": 0})
     prepare.run(params)
@@ -309,7 +309,7 @@ def test_symlinks_out_of_the_tree_and_huge_files_are_refused(tiny_imagenet, make
     from mtdiff.stages import prepare
 
     secret = tmp_path / "outside.JPEG"
-    secret.write_bytes(_jpeg_bytes(_noise_image(np.random.default_rng(2), 64, 64)))
+    secret.write_bytes(jpeg_bytes(noise_image(np.random.default_rng(2), 64, 64)))
     cls = tiny_imagenet / "train" / "n01443537"
     (cls / "leak.JPEG").symlink_to(secret)
     (cls / "inside_link.JPEG").symlink_to(cls / "gray.JPEG")  # a link within the tree is fine

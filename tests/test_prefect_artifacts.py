@@ -73,13 +73,14 @@ def test_stage_timeouts_and_no_retry_after_a_timeout(monkeypatch):
     from types import SimpleNamespace
 
     from flows import pipeline as fp
+    from flows.common import retryable
 
     monkeypatch.delenv("MTDIFF_STAGE_TIMEOUT_S", raising=False)
     assert fp.stage_timeout("train") == 7 * 86400 and fp.stage_timeout("sample") == 86400
     monkeypatch.setenv("MTDIFF_STAGE_TIMEOUT_S", "60")
     assert fp.stage_timeout("train") == 60
-    assert fp.retryable(None, None, SimpleNamespace(data=TimeoutError("task timed out"))) is False
-    assert fp.retryable(None, None, SimpleNamespace(data=RuntimeError("transient"))) is True
+    assert retryable(None, None, SimpleNamespace(data=TimeoutError("task timed out"))) is False
+    assert retryable(None, None, SimpleNamespace(data=RuntimeError("transient"))) is True
 
 
 def test_serve_has_the_concurrency_limits_of_prefect_yaml():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 
 import numpy as np
@@ -70,54 +69,6 @@ def test_read_idx_rejects_truncated(tmp_path):
                 + (28).to_bytes(4, "big") + b"\0" * 100)
     with pytest.raises(sources.DataSourceError, match="truncated"):
         sources.read_idx(bad)
-
-
-def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90, **kw)
-    return buf.getvalue()
-
-
-def _noise_image(rng, w: int, h: int, mode: str = "RGB") -> Image.Image:
-    arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    return Image.fromarray(arr).convert(mode)
-
-
-@pytest.fixture
-def tiny_imagenet(tmp_path):
-    """train/ and val/ with 2 wnids; the train split holds one file of each kind of trouble."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "imagenet"
-    wnids = ["n01440764", "n01443537"]
-    for split in ("train", "val"):
-        for i, wnid in enumerate(wnids):
-            d = root / split / wnid
-            d.mkdir(parents=True)
-            for k in range(3):
-                (d / f"{wnid}_{k}.JPEG").write_bytes(_jpeg_bytes(_noise_image(rng, 80 + 13 * k, 64 + 7 * i)))
-    bad = root / "train" / wnids[0]
-    broken = io.BytesIO()
-    _noise_image(rng, 64, 64).save(broken, format="PNG")
-    corrupt = bytearray(broken.getvalue())
-    corrupt[60] ^= 0xFF  # a flipped byte inside the compressed stream: "broken data stream"
-    (bad / "corrupt.png").write_bytes(bytes(corrupt))
-    good = _jpeg_bytes(_noise_image(rng, 96, 96))
-    (bad / "truncated.JPEG").write_bytes(good[: len(good) // 2])
-    (bad / "notes.txt").write_text("not an image at all")
-    (bad / "empty.JPEG").write_bytes(b"")
-    cmyk = _noise_image(rng, 70, 90, "CMYK")
-    (root / "train" / wnids[1] / "cmyk.JPEG").write_bytes(_jpeg_bytes(cmyk))
-    gray = _noise_image(rng, 64, 64, "L")
-    (root / "train" / wnids[1] / "gray.JPEG").write_bytes(_jpeg_bytes(gray))
-    png = io.BytesIO()
-    _noise_image(rng, 50, 40).save(png, format="PNG")
-    (root / "train" / wnids[1] / "really_a_png.JPEG").write_bytes(png.getvalue())
-    pal = io.BytesIO()
-    _noise_image(rng, 48, 48).convert("P").save(pal, format="GIF")
-    (root / "val" / wnids[0] / "palette.gif").write_bytes(pal.getvalue())
-    (root / "val" / "n99999999").mkdir()  # class unknown to train/: skipped, counted
-    (root / "val" / "n99999999" / "x.JPEG").write_bytes(_jpeg_bytes(_noise_image(rng, 40, 40)))
-    return root
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -33,15 +33,13 @@ from mtdiff.config import Params, TasksConfig
 from mtdiff.data import pair_images, random_patch_mask
 from mtdiff.encoders import decode_latents_vae, load_vae
 from mtdiff.io import atomic_dir, save_npz, write_json
-from mtdiff.sampling_io import (gather_with_blanks, image_grid, interleave_rows, label_grid_indices,
-                                save_png, to_pil, to_uint8_nhwc)
+from mtdiff.sampling_io import sample_grid, save_png, to_pil, to_uint8_nhwc
 from mtdiff.stages import stage_main
 from mtdiff.tracking import stage_run
 from mtdiff.training import autocast, autocast_dtype
 from mtdiff.utils import derive_seed, get_logger
 
 log = get_logger("mtdiff.sample")
-GRID_SIDE = 10
 PREVIEW_IMAGES = 16  # the train stage's grid every train.grid_every steps (4 x 4)
 
 
@@ -68,13 +66,6 @@ class _TestSplit:
 
     def indices(self, start: int, count: int) -> np.ndarray:
         return (np.arange(start, start + count) % self.n).astype(np.int64)
-
-
-def guidance_kwargs(params: Params) -> dict[str, Any]:
-    """``diffusion.sample``'s guidance arguments as this stage passes them (also for ``bench sample``
-    and the registered MLflow sampler, so all three sample alike)."""
-    sc = params.sample
-    return {"cfg_scale": sc.cfg_scale, "task_guidance": sc.task_guidance, "forward_batch": sc.forward_batch}
 
 
 def _decoder(params: Params, device: torch.device):
@@ -159,7 +150,7 @@ def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict
         with autocast(device, amp):
             out = diffusion.sample(model, (count, *conditions.shape), given=given, steps=sc.steps,
                                    sampler=sc.sampler, eta=sc.eta, generator=noise_gen, tasks_cfg=tasks or params.final_tasks,
-                                   device=device, **guidance_kwargs(params))
+                                   device=device, **sc.guidance())
         samples.append(decode(out["z0"]))
         if "label" in out:
             labels.append(out["label"].long().cpu().numpy())
@@ -195,7 +186,7 @@ def run(params: Params) -> dict[str, Any]:
         "samples_npz": str(out_dir / "samples.npz"), "grid": str(out_dir / "grid.png"),
         "png_dir": str(out_dir / "png"),
     }
-    grid = _make_grid(arr, npz, sc.condition, int(meta["num_classes"]))
+    grid = sample_grid(arr, npz, sc.condition, int(meta["num_classes"]))
     with atomic_dir(out_dir) as tmp:
         save_npz(tmp / "samples.npz", **npz)
         to_pil(grid).save(tmp / "grid.png", format="PNG")
@@ -228,27 +219,7 @@ def preview_grid(params: Params, model: torch.nn.Module, diffusion: Any, meta: d
     npz, _ = _generate(params.model_copy(update={"sample": sc}), model, diffusion, meta, device, tasks)
     # too few samples for one row per class: plain sample order (labels cycle 0..K-1)
     layout = params.sample.condition if params.sample.condition in ("masked", "transition") else "uncond"
-    return _make_grid(npz["arr_0"], npz, layout, int(meta["num_classes"]), side=math.isqrt(count))
-
-
-def _make_grid(arr: np.ndarray, npz: dict[str, np.ndarray], cond: str, num_classes: int,
-               side: int = GRID_SIDE) -> np.ndarray:
-    """side x side overview: rows = classes (label), or input/sample/reference row triplets (masked, transition)."""
-    if cond == "label":
-        cells = gather_with_blanks(arr, label_grid_indices(npz["labels"], num_classes, side, side))
-    elif cond == "masked":
-        ref = npz["reference"]
-        masked = (ref.astype(np.float32) * npz["mask"][..., None] + 127.5 * (1 - npz["mask"][..., None]))
-        cells = interleave_rows([np.round(masked).astype(np.uint8), arr, ref], side)
-    elif cond == "transition":
-        cells = interleave_rows([npz["source"], arr, npz["reference"]], side)
-    else:
-        cells = arr[:side * side]
-    grid = image_grid(cells, nrow=side)
-    scale = max(1, 64 // arr.shape[1])  # small images (Fashion-MNIST 28 px) enlarged for viewing
-    if scale > 1:
-        grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-    return grid
+    return sample_grid(npz["arr_0"], npz, layout, int(meta["num_classes"]), side=math.isqrt(count))
 
 
 def main(argv: list[str] | None = None) -> Any:

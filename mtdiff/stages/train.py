@@ -48,7 +48,7 @@ from mtdiff.config import Params, project_root
 from mtdiff.data import TrainDataset, collate_batch
 from mtdiff.diffusion import MTDiffusion
 from mtdiff.io import write_json
-from mtdiff.models import build_model, count_params, flops_per_image
+from mtdiff.models import TRAIN_FLOPS_PER_FORWARD, build_model, count_params, flops_per_image
 from mtdiff.preemption import Preempted, PreemptionWatch
 from mtdiff.sampling_io import to_pil
 from mtdiff.stages import stage_main
@@ -86,9 +86,6 @@ def train_state_dir(params: Params) -> Path:
     if not key or key.startswith("."):
         key = f"{out.name}-{hashlib.sha1(str(out).encode()).hexdigest()[:10]}"
     return root / STATE_ROOT / key
-
-# Model FLOPs per trained image: the forward once plus the backward, which costs about twice it.
-TRAIN_FLOPS_PER_FORWARD = 3
 
 
 @dataclass
