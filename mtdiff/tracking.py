@@ -52,6 +52,12 @@ def redact_uri(uri: Any) -> Any:
     return _SECRET_QUERY_RE.sub(r"\1***", _USERINFO_RE.sub(lambda m: f"{m['scheme']}***@", uri))
 
 
+def _brief(exc: BaseException) -> str:
+    """An exception as one short line, credentials redacted (a store's error can quote SQL, a URI)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return redact_uri(first[:300])
+
+
 def numeric_leaves(obj: Any) -> dict[str, float]:
     """Finite numbers of a (nested) JSON object as dotted keys (bools and strings dropped)."""
     flat = flatten(obj) if isinstance(obj, dict) else {}
@@ -318,7 +324,7 @@ def start_client_run(name: str, *, tags: dict[str, Any] | None = None, parent_ru
         run = client.create_run(exp_id, tags=all_tags, run_name=name)
         return ClientRun(client, run.info.run_id, pending, stage=name)
     except Exception as exc:
-        log.warning("MLflow unavailable at %s (%s); run '%s' is not tracked", redact_uri(uri), redact_uri(str(exc)), name)
+        log.warning("MLflow unavailable at %s (%s); run '%s' is not tracked", redact_uri(uri), _brief(exc), name)
         out = ClientRun(None, None, pending, stage=name)
         out._keep("start_run", (), {"run_name": name, "tags": all_tags, "experiment": experiment})
         return out
@@ -387,7 +393,7 @@ def stage_run(params: Params, stage: str, out_dir: str | os.PathLike = ".",
         run_id = active.info.run_id
     except Exception as exc:
         log.warning("MLflow unavailable at %s (%s); stage '%s' goes on and keeps its logs in %s",
-                    redact_uri(tracking_uri(params)), redact_uri(str(exc)), stage, pending)
+                    redact_uri(tracking_uri(params)), _brief(exc), stage, pending)
     run = StageRun(run_id, None, stage=stage, pending_path=pending)
     if run_id is None:  # the replay nests it through the tag, as start_run(parent_run_id=...) does
         tags.update({"mlflow.parentRunId": parent} if parent else {})

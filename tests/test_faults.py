@@ -2,12 +2,9 @@
 an uninterrupted run (atomic outputs, stale temp folders cleaned, nothing half-written kept)."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from fixtures.tiny_run import TINY
+from fixtures.faults import KILLED_STAGES, build_reference, kill_and_rerun
 from mtdiff.io import OUTPUT_MARKER
 
 
@@ -75,98 +71,6 @@ def test_prepare_sigkilled_at_random_points_then_rerun_matches_uninterrupted(fmn
     assert not list((root / "data").glob(".prepared.*")), "temp folders of killed runs are cleaned up"
 
 
-# -- latents, train, sample, evaluate ---------------------------------------------------------------
-# One tiny pixel-mode pipeline (joint image-label; no Inception, no representations: evaluate skips
-# those groups with a reason) is run once uninterrupted in ``ref/``. Each test copies ``ref/`` minus
-# one stage's outputs (as DVC removes them before a run), SIGKILLs that stage at random points, runs
-# it again and compares its outputs with ``ref/``'s.
-STAGES = ("prepare", "latents", "train", "sample", "evaluate")
-OUTPUTS = {"latents": ["data/latents"], "train": ["checkpoints", ".mtdiff/train_state", "metrics/train.json",
-                                                  "metrics/train_log.csv"],
-           "sample": ["samples"], "evaluate": ["metrics/evaluate.json", "metrics/plots"]}
-_TIMING = re.compile(r"(seconds|time|_s$|per_s|resumed_from)")
-
-
-def _overrides(fmnist_dir: Path) -> list[str]:
-    over = {**TINY, "data.fashion_mnist_dir": str(fmnist_dir), "data.max_per_split": 48, "data.out_dir": "data",
-            "train.out_dir": "checkpoints", "sample.out_dir": "samples", "evaluate.out_dir": "metrics",
-            "evaluate.inception": False, "prepare.num_workers": 0, "train.num_workers": 0,
-            "train.steps": 6, "train.ckpt_every": 2, "sample.num_samples": 8}
-    return [f"{k}={v}" for k, v in over.items()]
-
-
-def _stage_env() -> dict[str, str]:
-    return {"MTDIFF_MLFLOW": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MTDIFF_OFFLINE": "1"}
-
-
-def _run_stage(stage: str, root: Path, fmnist_dir: Path) -> None:
-    """``python -m mtdiff.stages.<stage> <overrides>`` in ``root``, in this process (modules already
-    imported: no interpreter start per run)."""
-    import importlib
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        for key, value in _stage_env().items():
-            mp.setenv(key, value)
-        mp.delenv("MTDIFF_PARAMS", raising=False)
-        importlib.import_module(f"mtdiff.stages.{stage}").main(_overrides(fmnist_dir))
-
-
-def _child(stage: str, root: Path, fmnist_dir: Path) -> None:  # a forked process, SIGKILLed by the test
-    # One intra-op thread: torch then never enters an OpenMP parallel region, which libgomp cannot
-    # run in a child forked from a parent that already used its thread pool (it may hang).
-    torch.set_num_threads(1)
-    # tqdm's write lock holds a process-shared semaphore: a child SIGKILLed while holding it would
-    # leave the parent's next progress bar waiting forever (seen). The child gets a private lock.
-    import threading
-
-    import tqdm.auto
-    import tqdm.std
-
-    for bar_cls in {tqdm.std.tqdm, tqdm.auto.tqdm}:
-        bar_cls.set_lock(threading.RLock())
-    _run_stage(stage, root, fmnist_dir)
-    os._exit(0)
-
-
-def _clean_json(obj, root: str):
-    """JSON without wall-clock fields, the project path replaced (two roots compare equal)."""
-    if isinstance(obj, dict):
-        return {k: _clean_json(v, root) for k, v in obj.items() if not _TIMING.search(k)}
-    if isinstance(obj, list):
-        return [_clean_json(v, root) for v in obj]
-    return obj.replace(root, "<root>") if isinstance(obj, str) else obj
-
-
-def _outputs(root: Path, stage: str) -> dict:
-    """A stage's outputs as comparable values: arrays, tensors, JSON without timings, other bytes."""
-    out = {}
-    for rel in OUTPUTS[stage]:
-        base = root / rel
-        files = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else [base]
-        for p in files:
-            key = str(p.relative_to(root))
-            if p.suffix == ".npy":
-                out[key] = np.load(p).tobytes()
-            elif p.suffix == ".npz":
-                with np.load(p, allow_pickle=False) as z:
-                    out[key] = {k: z[k].tobytes() for k in z.files}
-            elif p.suffix == ".pt":
-                if p.name != "ema.pt":  # the resumable state (RNG states, stats) is not an output to compare
-                    continue
-                state = torch.load(p, map_location="cpu", weights_only=True)
-                shadow = state["ema"].get("shadow", state["ema"])
-                out[key] = (state["step"], {k: v.numpy().tobytes() for k, v in shadow.items()})
-            elif p.suffix == ".json":
-                out[key] = _clean_json(json.loads(p.read_text()), str(root))
-            elif p.name == "train_log.csv":
-                with p.open(newline="") as f:
-                    out[key] = [{k: v for k, v in row.items() if not _TIMING.search(k)} for row in csv.DictReader(f)]
-            else:
-                out[key] = p.read_bytes()
-    return out
-
-
 @pytest.fixture(scope="module")
 def pipeline_ref(tmp_path_factory):
     """``(ref root, {stage: seconds}, fmnist dir)``: the uninterrupted run."""
@@ -177,51 +81,15 @@ def pipeline_ref(tmp_path_factory):
     from mtdiff.config import DEFAULT_PARAMS
 
     root = tmp_path_factory.mktemp("pipeline") / "ref"
-    root.mkdir()
-    # the stages read <cwd>/params.yaml: a snapshot, so edits to the repo's params.yaml during the
-    # test cannot make two runs differ
-    shutil.copyfile(DEFAULT_PARAMS, root / "params.yaml")
-    durations = {}
-    for stage in STAGES:
-        t0 = time.monotonic()
-        _run_stage(stage, root, FMNIST_DIR)
-        durations[stage] = time.monotonic() - t0
-    return root, durations, FMNIST_DIR
+    return root, build_reference(root, FMNIST_DIR, DEFAULT_PARAMS), FMNIST_DIR
 
 
-@pytest.mark.parametrize("stage", ["latents", "train", "sample", "evaluate"])
+@pytest.mark.parametrize("stage", KILLED_STAGES)
 def test_stage_sigkilled_at_a_random_point_then_rerun_matches_uninterrupted(pipeline_ref, tmp_path, stage):
-    """The killed run is a fork of this process (SIGKILL, no cleanup of any kind runs), killed at a
-    random point of the stage's work; the rerun's outputs equal the uninterrupted run's."""
-    import multiprocessing
-
+    """Two SIGKILLs at random points of the stage's work, then a full run: the outputs equal the
+    uninterrupted run's and no temp file is left (scripts/fault_loop.py runs this over many points)."""
     ref, durations, fmnist_dir = pipeline_ref
-    reference = _outputs(ref, stage)
-    assert reference, f"{stage}: no outputs in the reference run"
-    root = tmp_path / "run"
-    shutil.copytree(ref, root, symlinks=True)
-    for rel in OUTPUTS[stage]:
-        p = root / rel
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-
-    rng = random.Random(f"{stage}/11")
-    kills, fraction = 0, rng.uniform(0.1, 0.9)
-    for _ in range(8):  # two kills; a run that finished before its kill is retried with an earlier one
-        proc = multiprocessing.get_context("fork").Process(target=_child, args=(stage, root, fmnist_dir))
-        proc.start()
-        time.sleep(fraction * durations[stage])
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(timeout=60)
-        if proc.exitcode == -signal.SIGKILL:
-            kills += 1
-            fraction = rng.uniform(0.1, 0.9)
-            if kills == 2:
-                break
-        else:  # finished first (train resumes from the previous kill's checkpoint, or a fast machine)
-            fraction /= 2
-    assert kills >= 1, f"{stage}: every run finished before its kill"
-    _run_stage(stage, root, fmnist_dir)
-    assert _outputs(root, stage) == reference
-    leftovers = [p for p in root.rglob(".*") if p.name not in (".mtdiff", OUTPUT_MARKER)
-                 and (not p.is_relative_to(root / ".mtdiff") or p.name.endswith(".tmp"))]
-    assert not leftovers, f"temp files of killed runs left behind: {leftovers}"
+    result = kill_and_rerun(ref, durations, fmnist_dir, stage, tmp_path / "run", random.Random(f"{stage}/11"))
+    assert result["kills"], f"{stage}: every run finished before its kill"
+    assert result["equal"], f"{stage}: outputs after kills at {result['kills']} differ from the uninterrupted run's"
+    assert not result["leftovers"], f"temp files of killed runs left behind: {result['leftovers']}"

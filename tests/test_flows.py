@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -490,3 +491,46 @@ def test_dvc_runner_params_overrides_metrics_and_env(tmp_path, monkeypatch):
     with pytest.raises(StageFailed, match="dvc exited 3"):
         run_checked([sys.executable, "-c", "import sys; print('x'); sys.exit(3)"], tmp_path, dict(os.environ),
                     seen.append, what="t")
+
+
+def test_sweep_sigkilled_during_a_point_reruns_only_the_unfinished_one(prefect_harness, flow_env, tmp_path):
+    """Issue 22: the whole sweep (flow, dvc, the stage) SIGKILLed while its second point runs; the rerun
+    keeps the first point's saved result, runs the second, and every report file is whole."""
+    import signal
+
+    import pandas as pd
+
+    from flows.sweep import sweep
+
+    repo = make_repo(tmp_path / "repo")
+    stage = (repo / "stage.py").read_text()
+    # the killed run's second point hangs in stage b until the test kills everything
+    stage = stage.replace('if name == "b":\n', 'if name == "b" and params.train.lr > 1 and os.environ.get("FLOWTEST_HANG"):\n'
+                          '        Path(os.environ["FLOWTEST_HANG"]).write_text("in b")\n        time.sleep(600)\n'
+                          '    if name == "b":\n', 1).replace("import json, sys", "import json, os, sys, time")
+    (repo / "stage.py").write_text(stage)
+    _git(repo, "commit", "-qam", "a stage that can hang")
+    config = {"name": "killed", "base": {"train.steps": 2},
+              "points": {"first": {"train.lr": 0.5}, "second": {"train.lr": 2.0}}, "metrics": ["b/score"]}
+    (repo / "killed.yaml").write_text(yaml.safe_dump(config))
+    hang = tmp_path / "hanging"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.sweep", "killed.yaml", "--repo", str(repo)], cwd=repo,
+                            env={**os.environ, "FLOWTEST_HANG": str(hang), "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not hang.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert hang.exists(), "the second point never started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    out = repo / "sweeps" / "killed"
+    assert sorted(p.name for p in (out / "points").iterdir()) == ["first.json"]
+    assert not list(out.glob("comparison*")) and not list(out.rglob("*.tmp*"))
+    first = json.loads((out / "points" / "first.json").read_text())
+
+    result = sweep(config=str(repo / "killed.yaml"), repo=str(repo), retry_delay_seconds=0)
+    rows = {r["point"]: r for r in result["rows"]}
+    assert rows["first"]["experiment"] == first["experiment"]  # not run again
+    assert rows["second"]["status"] == "ok" and rows["second"]["metrics"]["b/score"] == pytest.approx(4.0)
+    frame = pd.read_csv(out / "comparison.csv")
+    assert list(frame["point"]) == ["first", "second"] and list(frame["b/score"]) == pytest.approx([1.0, 4.0])

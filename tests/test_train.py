@@ -3,6 +3,7 @@ step and its meter, inference loading, MLflow."""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -252,3 +253,40 @@ def test_train_logs_to_mlflow(root, monkeypatch):
         assert [m.step for m in hist][:2] == [2, 4], key
     assert run.data.tags["checkpoint"].endswith("last.pt")
     assert any(a.path == "train.json" for a in client.list_artifacts(run.info.run_id))
+
+
+# -- issue 22: an MLflow store that cannot be written ---------------------------------------------
+
+def test_an_unusable_mlflow_store_leaves_the_training_outputs_whole(root, monkeypatch):
+    """A store that is no database (corrupt file) and one that fails every write mid-run (a full
+    disk under it): the stage's own outputs are written all the same, the records are kept."""
+    import mlflow
+
+    from mtdiff.stages import train
+    from mtdiff.tracking import pending_file, read_pending
+
+    for var in ("MTDIFF_PARENT_RUN_ID", "MLFLOW_PARENT_RUN_ID", "MTDIFF_MLFLOW_TAGS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MTDIFF_MLFLOW", "1")
+    broken = root / "broken.db"
+    broken.write_bytes(b"this is not an SQLite database\n" * 64)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{broken}")
+    params = tiny_params(root, **{"train.steps": 4, "mlflow.experiment": "broken-store"})
+    summary = train.run(params)
+    assert summary["steps"] == 4 and (root / "checkpoints" / "ema.pt").is_file()
+    assert json.loads((root / "metrics" / "train.json").read_text())["steps"] == 4
+    kept = [r["what"] for r in read_pending(pending_file("train"))]
+    assert kept[0] == "start_run" and "log_metrics" in kept and kept[-1] == "end_run"
+
+    # a store that opens but whose every write fails (ENOSPC under it), from the first metric on
+    from fixtures.mlflow_store import sqlite_store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_store(root / "store"))
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    for name in ("log_metrics", "log_params", "set_tags", "log_artifact", "log_image", "log_input"):
+        monkeypatch.setattr(mlflow, name, disk_full)
+    monkeypatch.setattr("mlflow.pytorch.log_model", disk_full)
+    shutil.rmtree(root / "checkpoints")
+    summary = train.run(tiny_params(root, **{"train.steps": 4, "mlflow.experiment": "full-store", "seed": 1}))
+    assert summary["steps"] == 4 and (root / "checkpoints" / "ema.pt").is_file()
