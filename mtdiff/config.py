@@ -139,6 +139,9 @@ class LabelTask(_Section):
     # P(label absent from A in a training example; M2: absent modalities contribute 0). The head
     # then learns to read the image, and the sampler can guide between label given and absent.
     dropout: float = Field(0.1, ge=0, lt=1)
+    # the label loss only on samples with t <= max_t (null: every t): the head is read as a
+    # classifier at small t (evaluate.classify_t), so its capacity can go there
+    max_t: Optional[int] = Field(None, ge=1)
 
 
 class RepresentationTask(_Section):
@@ -298,6 +301,8 @@ class Params(_Section):
         bad_t = sorted({t for t in self.evaluate.classify_t if not 1 <= t <= T})
         if bad_t:
             raise ValueError(f"evaluate.classify_t {bad_t} outside [1, diffusion.timesteps={T}]")
+        if t.label.max_t is not None and t.label.max_t > T:
+            raise ValueError(f"tasks.label.max_t {t.label.max_t} exceeds diffusion.timesteps {T}")
         if self.model.backbone == "reference_unet" and t.enabled:
             raise ValueError(f"model.backbone 'reference_unet' (the library baseline) has no task heads; "
                              f"disable tasks {t.enabled} or use backbone 'unet' / 'dit'")

@@ -326,14 +326,34 @@ def test_training_losses_returns_each_task_term_matching_m5():
         assert model.heads["label"].weight.grad is not None and model.label_emb.weight.grad is not None
         model.zero_grad()
 
-    # a disabled task contributes nothing: neither to A nor to the loss
+    # a disabled task contributes nothing: neither to A nor to the loss (a fine-tune's left-out task:
+    # its head's loss on the inputs given is reported, detached)
     res = diff.training_losses(model, z0, targets, tasks("label"), t=t, noise=noise)
-    assert set(res) == {"loss", "eps", "label"}
+    assert set(res) == {"loss", "eps", "label", "representation", "masked", "transition"}
+    assert res["masked"].item() == pytest.approx(F.mse_loss(model(diff.q_sample(
+        z0, model.aggregate({"label": targets["label"]}), t, noise=noise), t)["masked"], z0).item(), rel=1e-5)
     out = model(diff.q_sample(z0, model.aggregate({"label": targets["label"]}), t, noise=noise), t)
     assert res["loss"].item() == pytest.approx(
         (F.mse_loss(out["eps"], noise) + 0.3 * F.cross_entropy(out["label"], targets["label"])).item(), rel=1e-5)
     with pytest.raises(KeyError, match="representation"):
         diff.training_losses(model, z0, {"label": targets["label"]}, tasks("label", "representation"), t=t)
+
+
+def test_label_loss_max_t_counts_only_the_small_t_samples():
+    """tasks.label.max_t: the label head's cross-entropy over the samples at t <= max_t only (a
+    masked mean); none of them in the batch gives 0, not NaN."""
+    model, diff = ToyModel(("label",)), MTDiffusion(cfg())
+    g = torch.Generator().manual_seed(12)
+    z0, noise = torch.randn(6, *SHAPE, generator=g), torch.randn(6, *SHAPE, generator=g)
+    y = torch.randint(0, K, (6,), generator=g)
+    t = torch.tensor([1, 5, 10, 20, 40, 50])
+    tc = tasks("label").model_copy(update={"label": tasks("label").label.model_copy(update={"max_t": 10})})
+    res = diff.training_losses(model, z0, {"label": y}, tc, t=t, noise=noise)
+    out = model(diff.q_sample(z0, model.aggregate({"label": y}), t, noise=noise), t)
+    assert res["label"].item() == pytest.approx(F.cross_entropy(out["label"][:3], y[:3]).item(), rel=1e-5)
+    tc0 = tc.model_copy(update={"label": tc.label.model_copy(update={"max_t": 1})})
+    none = diff.training_losses(model, z0, {"label": y}, tc0, t=t.clamp(min=2), noise=noise)
+    assert none["label"].item() == 0.0
 
 
 def test_training_losses_without_tasks_is_ddpm_simple_loss():

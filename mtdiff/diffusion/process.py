@@ -33,25 +33,32 @@ _IMAGE_TASKS = ("masked", "transition")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 
 
-def _label_loss(pred: Tensor, label: Tensor, z0: Tensor, cfg: TasksConfig) -> Tensor:
+def _label_loss(pred: Tensor, label: Tensor, z0: Tensor, cfg: TasksConfig, t: Tensor) -> Tensor:
+    """Cross-entropy; with ``tasks.label.max_t`` only the samples at t <= max_t count (the head is
+    read as a classifier at small t), as a masked mean so no step waits on the host."""
     if label.is_floating_point():  # soft targets
-        return -(label.float() * F.log_softmax(pred, dim=-1)).sum(-1).mean()
-    return F.cross_entropy(pred, label.long())
+        per_sample = -(label.float() * F.log_softmax(pred, dim=-1)).sum(-1)
+    else:
+        per_sample = F.cross_entropy(pred, label.long(), reduction="none")
+    if cfg.label.max_t is None:
+        return per_sample.mean()
+    keep = (t <= cfg.label.max_t).to(per_sample.dtype)
+    return (per_sample * keep).sum() / keep.sum().clamp(min=1.0)
 
 
-def _representation_loss(pred: Tensor, rep: Tensor, z0: Tensor, cfg: TasksConfig) -> Tensor:
+def _representation_loss(pred: Tensor, rep: Tensor, z0: Tensor, cfg: TasksConfig, t: Tensor) -> Tensor:
     if cfg.representation.loss == "cosine":
         return (1 - F.cosine_similarity(pred, rep.float(), dim=-1)).mean()
     return F.mse_loss(pred, rep.float())
 
 
-# (M5) l_i per task: (head output, task input x_i, z0, tasks config) -> scalar. The masked head
+# (M5) l_i per task: (head output, task input x_i, z0, tasks config, t) -> scalar. The masked head
 # restores what the mask hid, so its target is the full image z0, not the masked input.
-TASK_LOSSES: dict[str, Callable[[Tensor, Optional[Tensor], Tensor, TasksConfig], Tensor]] = {
+TASK_LOSSES: dict[str, Callable[[Tensor, Optional[Tensor], Tensor, TasksConfig, Tensor], Tensor]] = {
     "label": _label_loss,
     "representation": _representation_loss,
-    "masked": lambda pred, masked, z0, cfg: F.mse_loss(pred, z0.float()),
-    "transition": lambda pred, paired, z0, cfg: F.mse_loss(pred, paired.float()),
+    "masked": lambda pred, masked, z0, cfg, t: F.mse_loss(pred, z0.float()),
+    "transition": lambda pred, paired, z0, cfg, t: F.mse_loss(pred, paired.float()),
 }
 
 
@@ -259,11 +266,11 @@ class MTDiffusion:
         primary_target = noise if self.prediction == "eps" else z0
         terms = {"eps": self._primary_loss(out["eps"], primary_target, t)}
         for n in enabled:
-            terms[n] = TASK_LOSSES[n](out[n].float(), targets.get(n), z0, tasks_cfg)
+            terms[n] = TASK_LOSSES[n](out[n].float(), targets.get(n), z0, tasks_cfg, t)
         with torch.no_grad():  # a task left out (a fine-tune): its head's loss, reported only
             for n in TASK_ORDER:
                 if n not in terms and n in targets and n in out:
-                    terms[n] = TASK_LOSSES[n](out[n].float(), targets[n], z0, tasks_cfg)
+                    terms[n] = TASK_LOSSES[n](out[n].float(), targets[n], z0, tasks_cfg, t)
         # a zero weight leaves the head out of the graph (a fine-tune: no gradient, no Adam drift)
         total = terms["eps"] + sum(w * terms[n] for n in enabled if (w := float(getattr(tasks_cfg, n).weight)))
         return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
