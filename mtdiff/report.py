@@ -133,14 +133,14 @@ def compact_frame(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     return frame[["point", "status", *varying, *[m for m in metrics if m in frame.columns]]]
 
 
-def seed_summary(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """Mean and sample std over seeds of ``metrics`` for every point run at ≥ 2 seeds (its
+def seed_summary(frame: pd.DataFrame, metrics: Sequence[str], min_seeds: int = 2) -> pd.DataFrame:
+    """Mean and sample std over seeds of ``metrics`` for every point run at ≥ ``min_seeds`` seeds (its
     ``<point>__seed-<v>`` rows with it): columns point, seeds, ``<metric>`` and ``<metric> std``."""
     ok = frame[frame["status"] == "ok"] if "status" in frame else frame
     base = ok["point"].astype(str).str.split(SEED_SUFFIX, n=1, regex=False).str[0]
     records = []
     for point, group in ok.groupby(base, sort=False):
-        if len(group) < 2:
+        if len(group) < min_seeds:
             continue
         rec: dict[str, Any] = {"point": point, "seeds": len(group)}
         for m in metrics:

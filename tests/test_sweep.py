@@ -205,3 +205,26 @@ def test_sweep_finished_point_needs_status_ok_and_the_same_overrides(tmp_path):
     assert finished_point(tmp_path, point) is None
     point_result_path(tmp_path, "a").write_text('{"point": "a", "par')  # torn by hand: not finished
     assert finished_point(tmp_path, point) is None
+
+
+def test_study_verdicts_need_three_seeds_and_two_standard_errors(tmp_path):
+    import pandas as pd
+
+    from mtdiff.study import verdict, verdict_table
+
+    assert verdict((10.0, 1.0, 3), (15.0, 1.0, 3)) == "holds"          # 5 > 2 * 0.82
+    assert verdict((15.0, 1.0, 3), (10.0, 1.0, 3)) == "does not hold"
+    assert verdict((10.0, 2.0, 3), (12.0, 2.0, 3)) == "no difference"  # 2 < 2 * 1.63
+    assert verdict((10.0, 0.1, 2), (20.0, 0.1, 3)) == "not resolved"   # too few seeds to judge
+    assert verdict((10.0, 0.1, 3), (float("nan"), float("nan"), 0)) == "not run"
+    rows = []
+    for point, fid in (("classcond_cfg1", 20.0), ("classcond_masked", 15.0)):
+        for seed, noise in enumerate((0.0, 0.5, -0.5)):
+            name = point if seed == 0 else f"{point}__seed-{seed}"
+            rows.append({"point": name, "status": "ok", "evaluate/fid_fmnist_cnn": fid + noise,
+                         "evaluate/fid_fmnist_eval": fid + 1 + noise})
+    pd.DataFrame(rows).to_csv(tmp_path / "comparison.csv", index=False)
+    table = verdict_table(tmp_path / "comparison.csv").splitlines()
+    row = next(r for r in table if "`classcond_masked` vs `classcond_cfg1`" in r)
+    assert row.endswith("| holds |") and "15.0 ± 0.5 (3) vs 20.0 ± 0.5 (3)" in row
+    assert next(r for r in table if "`joint_label` vs" in r).endswith("| not run |")

@@ -1,0 +1,116 @@
+"""The decisive study's verdict table, from what the sweep committed (sweeps/study/comparison.csv).
+
+Each claim compares two points of the study at equal budget (1500 steps, 2000 samples) by FID in
+both feature spaces (mean ± sample std over seeds). A claim *holds* when the difference goes its
+way by more than twice its standard error (Welch: sqrt(s_a²/n_a + s_b²/n_b)) in both spaces, *does
+not hold* when it goes the other way by as much, and is *not resolved* when a side has fewer than
+3 seeds (no spread to judge by) or the difference is within the noise. The label head is read
+against the FashionCNN's test accuracy (the representations stage's) and the 0.91 target.
+
+    python -m mtdiff.study [sweeps/study/comparison.csv]   # prints the markdown table (docs/study.md, README)
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mtdiff.report import seed_summary
+
+SPACES = ("fmnist_cnn", "fmnist_eval")
+MIN_SEEDS = 3
+LABEL_TARGET = 0.91
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    paper: str
+    better: str   # the point the claim says has the lower FID
+    worse: str
+
+
+CLAIMS = (
+    Claim("MT-X (class-conditional + masked task) beats the class-conditional model, CFG 1",
+          "9.85 vs 16.35 (one reading)", "classcond_masked", "classcond_cfg1"),
+    Claim("... at CFG 2", "", "classcond_masked_cfg2", "classcond_cfg2"),
+    Claim("joint image-label (task guidance 1.5) beats the class-conditional model, CFG 2",
+          "9.85 vs 16.35 (other reading)", "joint_label", "classcond_cfg2"),
+    Claim("joint image-label fine-tuned (last 20 %) beats the class-conditional model, CFG 2",
+          "3.5–13.5 after fine-tune", "joint_label_ft", "classcond_cfg2"),
+    Claim("the fine-tune lifts joint image-label", "34–41 → 3.5–13.5", "joint_label_ft", "joint_label"),
+    Claim("the fine-tune lifts MT-X", "34–41 → 3.5–13.5", "classcond_masked_ft", "classcond_masked"),
+    Claim("the fine-tune lifts joint image-representation", "34–41 → 3.5–13.5",
+          "joint_representation_ft", "joint_representation"),
+    Claim("unconditional MT (label predicted) is slightly worse than single-task", "26.00 vs 23.22",
+          "single_task", "joint_label_uncond"),
+)
+
+
+def _stat(summary: pd.DataFrame, point: str, metric: str) -> tuple[float, float, int]:
+    row = summary[summary["point"] == point]
+    if row.empty or metric not in row or pd.isna(row[metric].iloc[0]):
+        return math.nan, math.nan, 0
+    std = row[f"{metric} std"].iloc[0]
+    return float(row[metric].iloc[0]), float(std) if not pd.isna(std) else math.nan, int(row["seeds"].iloc[0])
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    if n == 0:
+        return "not run"
+    return f"{mean:.1f}" + (f" ± {std:.1f}" if n > 1 else "") + f" ({n})"
+
+
+def verdict(a: tuple[float, float, int], b: tuple[float, float, int]) -> str:
+    """'holds' when a's FID is below b's by > 2 standard errors, 'does not' when above, else unresolved."""
+    (ma, sa, na), (mb, sb, nb) = a, b
+    if min(na, nb) < MIN_SEEDS:
+        return "not resolved" if na and nb else "not run"
+    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    if mb - ma > 2 * se:
+        return "holds"
+    if ma - mb > 2 * se:
+        return "does not hold"
+    return "no difference"
+
+
+def claim_row(summary: pd.DataFrame, claim: Claim) -> str:
+    cells, verdicts = [], []
+    for space in SPACES:
+        metric = f"evaluate/fid_{space}"
+        a, b = _stat(summary, claim.better, metric), _stat(summary, claim.worse, metric)
+        cells.append(f"{_fmt(*a)} vs {_fmt(*b)}")
+        verdicts.append(verdict(a, b))
+    if len(set(verdicts)) > 1:
+        final = "not resolved" if "not resolved" in verdicts or "not run" in verdicts else "spaces disagree"
+    else:
+        final = verdicts[0]
+    return f"| {claim.text} (`{claim.better}` vs `{claim.worse}`) | {claim.paper} | {' / '.join(cells)} | {final} |"
+
+
+def label_row(summary: pd.DataFrame) -> str:
+    acc = _stat(summary, "joint_label", "evaluate/label_acc_ens")
+    cnn = _stat(summary, "joint_label", "representations/test_accuracy")
+    if acc[2] == 0:
+        return "| the label head is a competitive classifier | no number | not run | not run |"
+    done = "holds" if acc[0] >= LABEL_TARGET else ("not resolved" if acc[2] < MIN_SEEDS else "does not hold")
+    return (f"| the label head is a competitive classifier (≥ {LABEL_TARGET}, the FashionCNN's level) | no number | "
+            f"{acc[0]:.3f}" + (f" ± {acc[1]:.3f}" if acc[2] > 1 else "") + f" ({acc[2]}) vs FashionCNN "
+            f"{cnn[0]:.3f} | {done} |")
+
+
+def verdict_table(comparison_csv: str | Path) -> str:
+    frame = pd.read_csv(comparison_csv)
+    metrics = [c for c in frame.columns if c.startswith(("evaluate/", "representations/test_accuracy"))
+               and pd.api.types.is_numeric_dtype(frame[c])]
+    summary = seed_summary(frame, metrics, min_seeds=1)
+    head = ("| claim (lower FID first) | paper (ImageNet-64) | ours: FID fmnist_cnn / fmnist_eval, "
+            "mean ± std (seeds) | verdict |\n|---|---|---|---|")
+    return "\n".join([head, *(claim_row(summary, c) for c in CLAIMS), label_row(summary)])
+
+
+if __name__ == "__main__":
+    print(verdict_table(sys.argv[1] if len(sys.argv) > 1 else "sweeps/study/comparison.csv"))
