@@ -7,7 +7,8 @@ not hold* when it goes the other way by as much, and is *not resolved* when a si
 3 seeds (no spread to judge by) or the difference is within the noise. The label head is read
 against the FashionCNN's test accuracy (the representations stage's) and the 0.91 target.
 
-    python -m mtdiff.study [sweeps/study/comparison.csv]   # prints the markdown table (docs/study.md, README)
+    python -m mtdiff.study [sweeps/study/comparison.csv]   # prints the markdown table
+    python -m mtdiff.study --write                         # ... into README.md and docs/study.md
 """
 from __future__ import annotations
 
@@ -112,5 +113,42 @@ def verdict_table(comparison_csv: str | Path) -> str:
     return "\n".join([head, *(claim_row(summary, c) for c in CLAIMS), label_row(summary)])
 
 
+MARKERS = ("<!-- study-verdicts: python -m mtdiff.study --write -->", "<!-- /study-verdicts -->")
+
+
+def write_between_markers(path: Path, table: str) -> None:
+    """Replace what stands between :data:`MARKERS` in ``path`` with ``table`` (atomically)."""
+    from mtdiff.io import atomic_path
+
+    text = path.read_text()
+    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+    if start < 0 or end < start:
+        raise ValueError(f"{path}: no {MARKERS[0]} ... {MARKERS[1]} block")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text[:start + len(MARKERS[0])] + "\n" + table + "\n" + text[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mtdiff.study", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("comparison", nargs="?", default="sweeps/study/comparison.csv")
+    ap.add_argument("--write", nargs="*", metavar="FILE", default=None,
+                    help="put the table between the markers of these files (default: README.md docs/study.md)")
+    args = ap.parse_args(argv)
+    if not Path(args.comparison).is_file():
+        print(f"error: {args.comparison}: no study results yet (python -m flows.sweep configs/sweeps/study.yaml)",
+              file=sys.stderr)
+        return 2
+    table = verdict_table(args.comparison)
+    if args.write is None:
+        print(table)
+    for path in args.write or (["README.md", "docs/study.md"] if args.write is not None else []):
+        write_between_markers(Path(path), table)
+        print(f"verdicts written into {path}")
+    return 0
+
+
 if __name__ == "__main__":
-    print(verdict_table(sys.argv[1] if len(sys.argv) > 1 else "sweeps/study/comparison.csv"))
+    raise SystemExit(main())

@@ -228,3 +228,10 @@ def test_study_verdicts_need_three_seeds_and_two_standard_errors(tmp_path):
     row = next(r for r in table if "`classcond_masked` vs `classcond_cfg1`" in r)
     assert row.endswith("| holds |") and "15.0 ± 0.5 (3) vs 20.0 ± 0.5 (3)" in row
     assert next(r for r in table if "`joint_label` vs" in r).endswith("| not run |")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- study-verdicts: python -m mtdiff.study --write -->\nSTALE TABLE\n<!-- /study-verdicts -->\nrest\n")
+    from mtdiff.study import main
+
+    assert main([str(tmp_path / "comparison.csv"), "--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert "STALE" not in text and "| holds |" in text and text.endswith("<!-- /study-verdicts -->\nrest\n")
