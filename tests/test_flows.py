@@ -239,7 +239,8 @@ def test_pipeline_flow_retries_transient_failures_not_bad_params(prefect_harness
 
 def test_pipeline_flow_goes_on_when_tracking_server_is_down(prefect_harness, flow_env, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
-    from mtdiff.tracking import pending_file, read_pending, replay_pending
+    from mtdiff.mlflow_replay import read_pending, replay_pending
+    from mtdiff.tracking import pending_file
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

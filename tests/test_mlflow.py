@@ -9,7 +9,8 @@ import pytest
 
 from fixtures.mlflow_store import sqlite_store
 from mtdiff.config import DEFAULT_PARAMS, load_params
-from mtdiff.tracking import PENDING_FILE, client_run, pending_file, read_pending, replay_pending, stage_run
+from mtdiff.mlflow_replay import read_pending, replay_pending
+from mtdiff.tracking import PENDING_FILE, client_run, pending_file, stage_run
 
 
 def _closed_port() -> int:
