@@ -24,7 +24,7 @@ import yaml
 from mtdiff.config import REPO_ROOT, Params, load_params
 from mtdiff.io import atomic_path
 from mtdiff.preemption import PREEMPTED_EXIT_CODE
-from mtdiff.tracking import file_metrics, numeric_leaves, redact_uri  # noqa: F401  (numeric_leaves lived here)
+from mtdiff.tracking import file_metrics, redact_uri
 
 SUMMARY_METRICS = 20  # metrics printed at the end of a run
 CONFIG_EXIT_CODE = 2  # stage_main exits 2 on a bad parameter: retrying cannot help

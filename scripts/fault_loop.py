@@ -7,6 +7,10 @@ and a summary; exits 1 when any run failed (its stage and seed reproduce it).
 
     python scripts/fault_loop.py --kills 100           # ~10 min on 2 cores
     python scripts/fault_loop.py --stage train --seed 12 --kills 2   # one case again
+
+Run it on a tree nobody edits meanwhile (a clone, with PYTHONPATH=<clone>): a resumable training
+state remembers the hash of the mtdiff source that made it, and a finished state of other code is
+set aside (``last.pt.stale.N``) rather than resumed, which the comparison counts as a failure.
 """
 from __future__ import annotations
 
