@@ -42,3 +42,30 @@ def test_preempted_stage_exits_75_with_one_line(capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "preempted: train stopped by SIGTERM at step 7/10; resumable state saved to "
         ".mtdiff/train_state/checkpoints/last.pt; run the stage again to resume"]
+
+
+def test_ddp_ranks_agree_on_a_stop_every_n_steps_only(monkeypatch):
+    """Under DDP the stop flag is all-reduced every DDP_STOP_CHECK_EVERY steps (all ranks at the same
+    steps), not every step: a per-step collective would wait for the device at each step."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mtdiff.stages import train
+    from mtdiff.training import DistInfo
+
+    info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), distributed=True)
+    calls = []
+
+    def all_reduce(flag, op=None):  # another rank got the signal
+        calls.append(int(flag.item()))
+        flag.fill_(1)
+
+    monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
+    quiet = SimpleNamespace(requested=None)
+    every = train.DDP_STOP_CHECK_EVERY
+    assert [train._stop_signal(quiet, info, s) for s in range(1, every)] == [None] * (every - 1) and not calls
+    assert train._stop_signal(quiet, info, every) == "SIGTERM" and calls == [0]
+    assert train._stop_signal(SimpleNamespace(requested="SIGUSR1"), info, 2 * every) == "SIGUSR1"
+    single = DistInfo(rank=0, world_size=1, local_rank=0, device=info.device, distributed=False)
+    assert train._stop_signal(SimpleNamespace(requested="SIGINT"), single, 3) == "SIGINT"  # no collective: every step

@@ -350,7 +350,7 @@ def _loop(session: _Session, progress: _Progress, tracker: Any,
             _end_of_step(session, progress, meter, tracker, bar)
             if on_step is not None:
                 on_step(progress.step)
-            stop = _stop_signal(watch, session.info)
+            stop = _stop_signal(watch, session.info, progress.step)
             if stop is not None:
                 if progress.last_saved_step != progress.step:
                     _flush_window(session, progress, meter, tracker, bar)
@@ -366,11 +366,18 @@ def _loop(session: _Session, progress: _Progress, tracker: Any,
     return meter
 
 
-def _stop_signal(watch: PreemptionWatch, info: DistInfo) -> Optional[str]:
+# Under DDP the ranks agree on a stop by an all-reduce, which waits for the device: every N steps
+# only (all ranks at the same steps), so a step does not sync for it; the grace period pays N steps.
+DDP_STOP_CHECK_EVERY = 10
+
+
+def _stop_signal(watch: PreemptionWatch, info: DistInfo, step: int) -> Optional[str]:
     """The stop signal's name if this rank (or, under DDP, any rank) got one: all ranks stop together."""
     name = watch.requested
     if info.world_size == 1:
         return name
+    if step % DDP_STOP_CHECK_EVERY:
+        return None
     flag = torch.tensor([0 if name is None else 1], device=info.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return (name or "SIGTERM") if int(flag.item()) else None
