@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +29,8 @@ from tqdm import tqdm
 
 from mtdiff.config import Params
 from mtdiff.data import SPLITS, load_prepared
-from mtdiff.encoders import EVAL_NET_FILE, FMNIST_NETS, images_to_unit_range, load_image_encoder, save_fmnist_encoder
+from mtdiff.encoders import (EVAL_NET_FILE, FashionCNN, FashionEvalNet, images_to_unit_range, load_image_encoder,
+                             save_fmnist_encoder)
 from mtdiff.evaluation.accuracy import classifier_accuracy
 from mtdiff.io import atomic_dir, write_json
 from mtdiff.stages import stage_main
@@ -62,20 +64,18 @@ def ncm_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
     return float((pred == test_labels).mean())
 
 
-def train_fmnist_cnn(params: Params, tracker, device: torch.device, arch: str = "FashionCNN",
-                     seed: int | None = None, tag: str = "fmnist_cnn") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train a Fashion-MNIST classifier (FashionCNN, the representation encoder; or FashionEvalNet, the
-    evaluation network, from ``seed``) on the prepared train split; returns the eval-mode model and its metrics."""
+def train_fmnist_classifier(params: Params, tracker, device: torch.device, build: Callable[..., torch.nn.Module], *,
+                            seed: int, tag: str, metric_prefix: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train the classifier ``build(in_channels=, num_classes=)`` makes (seeded by ``seed``: FashionCNN,
+    the representation encoder, or FashionEvalNet, the evaluation network) on the prepared train split;
+    logs its curve as ``<metric_prefix>train_loss`` / ``test_accuracy``; returns the eval-mode model and metrics."""
     cfg = params.representations
-    seed = params.seed if seed is None else seed
     seed_everything(seed)
     images, labels, classes = load_prepared(params, "train")
     test_images, test_labels, _ = load_prepared(params, "test")
     x_train = torch.from_numpy(np.array(images))  # a uint8 copy in memory (1 byte/pixel)
     y_train = torch.from_numpy(labels.astype(np.int64))
-    net = FMNIST_NETS[arch]
-    dims = {"dim": cfg.dim} if arch == "FashionCNN" else {}
-    model = net(in_channels=images.shape[-1], num_classes=len(classes), **dims).to(device)
+    model = build(in_channels=images.shape[-1], num_classes=len(classes)).to(device)
     # channels_last: oneDNN's fast conv layout on CPU (~30% faster steps here), harmless on CUDA.
     model = model.to(memory_format=torch.channels_last)
     n = len(x_train)
@@ -111,8 +111,8 @@ def train_fmnist_cnn(params: Params, tracker, device: torch.device, arch: str = 
         acc = test_accuracy(model, test_images, test_labels, device)
         log.info("%s epoch %d/%d: train loss %.4f, test accuracy %.4f (%.0fs)",
                  tag, epoch + 1, cfg.epochs, losses[-1], acc, time.time() - t0)
-        prefix = "representations/" if arch == "FashionCNN" else "representations/eval_net_"
-        tracker.log_metrics({f"{prefix}train_loss": losses[-1], f"{prefix}test_accuracy": acc}, step=epoch + 1)
+        tracker.log_metrics({f"{metric_prefix}train_loss": losses[-1], f"{metric_prefix}test_accuracy": acc},
+                            step=epoch + 1)
     model.eval()
     acc = test_accuracy(model, test_images, test_labels, device)
     return model, {"test_accuracy": acc, "train_loss": losses[-1] if losses else None,
@@ -132,11 +132,13 @@ def _fmnist_features(params: Params, tracker: Any, device: torch.device,
     """Train FashionCNN, save it as ``encoder.pt``, and the evaluation network as ``eval_net.pt``
     (another architecture, seed + EVAL_NET_SEED_OFFSET); (features fn, dim, meta, metrics)."""
     classes = load_prepared(params, "train")[2]
-    model, metrics = train_fmnist_cnn(params, tracker, device)
+    model, metrics = train_fmnist_classifier(params, tracker, device, partial(FashionCNN, dim=params.representations.dim),
+                                             seed=params.seed, tag="fmnist_cnn", metric_prefix="representations/")
     save_fmnist_encoder(model, out_dir / "encoder.pt", classes=classes,
                         test_accuracy=metrics["test_accuracy"], seed=params.seed)
     eval_seed = params.seed + EVAL_NET_SEED_OFFSET
-    eval_net, eval_metrics = train_fmnist_cnn(params, tracker, device, "FashionEvalNet", eval_seed, "eval_net")
+    eval_net, eval_metrics = train_fmnist_classifier(params, tracker, device, FashionEvalNet, seed=eval_seed,
+                                                     tag="eval_net", metric_prefix="representations/eval_net_")
     save_fmnist_encoder(eval_net, out_dir / EVAL_NET_FILE, classes=classes,
                         test_accuracy=eval_metrics["test_accuracy"], seed=eval_seed)
     metrics.update({"eval_net_test_accuracy": eval_metrics["test_accuracy"],
