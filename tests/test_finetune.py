@@ -2,6 +2,7 @@
 the params that switch it on, the training step across the switch, and what the sampler aggregates."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,3 +81,24 @@ def test_finetune_off_trains_exactly_as_before(tmp_path):
         la, lb = a(batch).losses, b(batch).losses
         assert all(torch.equal(la[k], lb[k]) for k in la)
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+@pytest.mark.parametrize("over", [
+    # the study's MT-X fine-tune: class-conditional + masked, the masked task out for the last steps
+    {"model.class_conditional": True, "tasks.label.enabled": False, "tasks.masked.enabled": True,
+     "train.finetune_steps": 2, "sample.cfg_scale": 2.0},
+    # joint image-label fine-tuned with the label kept, sampled given it with task guidance
+    {"tasks.label.enabled": True, "train.finetune_steps": 2, "train.finetune_tasks": ["label"],
+     "sample.task_guidance": 1.5},
+], ids=["classcond_masked_ft", "joint_label_ft"])
+def test_the_study_fine_tunes_train_and_sample_end_to_end(tmp_path_factory, workdir, over):
+    """The train and sample stages on tiny data with the study's fine-tune points' params."""
+    from fixtures.tiny_run import data_root, link_data
+    from mtdiff.stages import sample, train
+
+    link_data(data_root(tmp_path_factory), workdir)
+    params = tiny_params(workdir, **{"train.steps": 4, "sample.condition": "label", "sample.num_samples": 4,
+                                     "sample.batch_size": 4, **over})
+    assert train.run(params)["steps"] == 4
+    with np.load(sample.run(params)["samples_npz"]) as z:
+        assert z["arr_0"].shape[0] == 4 and list(z["labels"]) == [0, 1, 2, 3]
