@@ -33,17 +33,21 @@ _IMAGE_TASKS = ("masked", "transition")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 
 
+def _cross_entropy(pred: Tensor, label: Tensor, reduction: str) -> Tensor:
+    """Cross-entropy against class indices or soft targets (probabilities), ``mean`` or per sample."""
+    if label.is_floating_point():
+        per_sample = -(label.float() * F.log_softmax(pred, dim=-1)).sum(-1)
+        return per_sample.mean() if reduction == "mean" else per_sample
+    return F.cross_entropy(pred, label.long(), reduction=reduction)
+
+
 def _label_loss(pred: Tensor, label: Tensor, z0: Tensor, cfg: TasksConfig, t: Tensor) -> Tensor:
     """Cross-entropy; with ``tasks.label.max_t`` only the samples at t <= max_t count (the head is
     read as a classifier at small t), as a masked mean so no step waits on the host."""
-    if label.is_floating_point():  # soft targets
-        per_sample = -(label.float() * F.log_softmax(pred, dim=-1)).sum(-1)
-    else:
-        per_sample = F.cross_entropy(pred, label.long(), reduction="none")
-    if cfg.label.max_t is None:
-        return per_sample.mean()
-    keep = (t <= cfg.label.max_t).to(per_sample.dtype)
-    return (per_sample * keep).sum() / keep.sum().clamp(min=1.0)
+    if cfg.label.max_t is None:  # the plain mean: bit for bit the loss before max_t existed
+        return _cross_entropy(pred, label, "mean")
+    keep = (t <= cfg.label.max_t).float()
+    return (_cross_entropy(pred, label, "none") * keep).sum() / keep.sum().clamp(min=1.0)
 
 
 def _representation_loss(pred: Tensor, rep: Tensor, z0: Tensor, cfg: TasksConfig, t: Tensor) -> Tensor:
