@@ -30,7 +30,7 @@ from mtdiff.dvc_runner import dvc_command, load_repo_params, run_checked, shown_
 from mtdiff.report import write_report
 from mtdiff.sweeps import (SweepConfig, SweepPoint, check_points, dry_run_commands, exp_name_for, exp_run_args,
                            experiment_result, finished_point, git_head, load_sweep, point_result_path,
-                           save_point_result, select_points, untracked_files, write_sweep_file)
+                           save_point_grid, save_point_result, select_points, untracked_files, write_sweep_file)
 
 
 # -- task and flow ---------------------------------------------------------------------------
@@ -88,6 +88,15 @@ def _run_and_record(point: SweepPoint, point_task: Any, cfg: SweepConfig, stamp:
     return row
 
 
+def _keep_grid(root: Path, out_dir: Path, point: str, rev: str | None, logger: Any) -> None:
+    """The point's sample grid beside its row (a missing grid is a warning: the numbers stand)."""
+    try:
+        if rev:
+            logger.info("point %s: grid -> %s", point, save_point_grid(root, out_dir, point, rev).relative_to(root))
+    except (RuntimeError, OSError) as exc:
+        logger.warning("point %s: no grid kept: %s", point, exc)
+
+
 @flow(name="mtdiff-sweep", log_prints=True)
 def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str | None = None,
           name: str | None = None, points: list[str] | None = None, retries: int = 1,
@@ -139,6 +148,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
                                               sweep_run, copy_paths, logger)
             if ran[point.name]["status"] == "ok":
                 save_point_result(out_dir, ran[point.name])
+                _keep_grid(root, out_dir, point.name, ran[point.name]["rev"], logger)
         # the report: every point of the config that ran now or finished in an earlier run
         rows = [ran.get(p.name) or done[p.name] for p in cfg.points if p.name in ran or p.name in done]
         report = write_report(rows, out_dir, metrics=cfg.metrics, title=f"sweep {cfg.name}")

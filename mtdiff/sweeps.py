@@ -223,6 +223,23 @@ def save_point_result(out_dir: Path, row: dict[str, Any]) -> Path:
     return path
 
 
+POINT_GRID = "samples/grid.png"  # the sample stage's grid, kept beside each point's row
+
+
+def save_point_grid(root: Path, out_dir: Path, point: str, rev: str) -> Path | None:
+    """``out_dir/points/<point>.png``: the point's sample grid out of its experiment (``dvc get`` at the
+    experiment's commit, from this repo's cache), so the pictures are committed with the numbers.
+    None (with the reason logged by the caller) when the experiment has no grid."""
+    dest = out_dir / "points" / f"{point}.png"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        proc = subprocess.run(dvc_command("get", str(root), POINT_GRID, "--rev", rev, "-o", str(tmp), "--force"),
+                              cwd=root, env=subprocess_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"dvc get {POINT_GRID} at {rev[:7]} failed: {proc.stderr.strip()[-500:]}")
+    return dest
+
+
 def finished_point(out_dir: Path, point: SweepPoint) -> dict[str, Any] | None:
     """The saved row of ``point`` if it finished (status ok) with the same overrides, else None.
 

@@ -40,6 +40,8 @@ with stage_run(params, name, out) as run:
     (out / "done.txt").write_text(str(params.train.steps))
     if name == "b":
         Path("metrics").mkdir(exist_ok=True)
+        Path("samples").mkdir(exist_ok=True)
+        Path("samples/grid.png").write_text(f"grid of lr {params.train.lr}")  # the sweep keeps it per point
         numbers = {"score": params.train.steps * params.train.lr, "detail": {"n": 2}, "note": "text"}
         Path("metrics/b.json").write_text(json.dumps(numbers))
         run.log_metrics(file_metrics("metrics/b.json", numbers))  # as the real stages do
@@ -64,6 +66,8 @@ Path("out", name, "done.txt").write_text("ok")
 if name == "b":
     Path("metrics").mkdir(exist_ok=True)
     Path("metrics/b.json").write_text('{"score": 1}')
+    Path("samples").mkdir(exist_ok=True)
+    Path("samples/grid.png").write_text("grid")
 '''
 
 PARAMS_YAML = """\
@@ -88,7 +92,7 @@ stages:
     cmd: python {script} b
     deps: [{script}, out/a]
     params: [train]
-    outs: [out/b]
+    outs: [out/b, samples]
     metrics:
       - metrics/b.json:
           cache: false
@@ -306,7 +310,8 @@ def test_sweep_flow_two_points_comparison_and_nested_runs(prefect_harness, flow_
 
     # resumable: each finished point is saved; a rerun skips both and rebuilds the same report
     points_dir = repo / "sweeps" / "two" / "points"
-    assert sorted(p.name for p in points_dir.iterdir()) == ["half.json", "one.json"]
+    assert sorted(p.name for p in points_dir.iterdir()) == ["half.json", "half.png", "one.json", "one.png"]
+    assert (points_dir / "one.png").read_text() == "grid of lr 1.0"  # out of the point's experiment
     first = {r["point"]: r["experiment"] for r in result["rows"]}
     again = sweep(config=config, repo=str(repo), retry_delay_seconds=0)
     assert {r["point"]: r["experiment"] for r in again["rows"]} == first
@@ -525,7 +530,7 @@ def test_sweep_sigkilled_during_a_point_reruns_only_the_unfinished_one(prefect_h
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     out = repo / "sweeps" / "killed"
-    assert sorted(p.name for p in (out / "points").iterdir()) == ["first.json"]
+    assert sorted(p.name for p in (out / "points").iterdir()) == ["first.json", "first.png"]
     assert not list(out.glob("comparison*")) and not list(out.rglob("*.tmp*"))
     first = json.loads((out / "points" / "first.json").read_text())
 
