@@ -103,29 +103,59 @@ def label_row(summary: pd.DataFrame) -> str:
             f"{cnn[0]:.3f} | {done} |")
 
 
-def verdict_table(comparison_csv: str | Path) -> str:
+def _summary(comparison_csv: str | Path) -> pd.DataFrame:
+    """Every point's mean ± std over its seeds (one seed: std NaN) of the numeric metrics."""
     frame = pd.read_csv(comparison_csv)
     metrics = [c for c in frame.columns if c.startswith(("evaluate/", "representations/test_accuracy"))
                and pd.api.types.is_numeric_dtype(frame[c])]
-    summary = seed_summary(frame, metrics, min_seeds=1)
+    return seed_summary(frame, metrics, min_seeds=1)
+
+
+POINT_COLUMNS = (("FID cnn", "evaluate/fid_fmnist_cnn", 1), ("FID eval", "evaluate/fid_fmnist_eval", 1),
+                 ("recall cnn", "evaluate/recall_fmnist_cnn", 2), ("recall eval", "evaluate/recall_fmnist_eval", 2),
+                 ("requested class", "evaluate/cond_acc_fmnist_eval", 3), ("label head", "evaluate/label_acc_ens", 3))
+
+
+def points_table(comparison_csv: str | Path, grids_from: str = "../sweeps/study/points") -> str:
+    """Every finished point: the main figures (mean ± std, seeds) and its seed-0 sample grid."""
+    summary = _summary(comparison_csv)
+    head = "| point | seeds | " + " | ".join(c[0] for c in POINT_COLUMNS) + " | grid |\n|---|---:|" + \
+        "---:|" * len(POINT_COLUMNS) + "---|"
+    rows = []
+    for _, r in summary.iterrows():
+        cells = []
+        for _, metric, digits in POINT_COLUMNS:
+            mean, std, n = _stat(summary, r["point"], metric)
+            cells.append("" if n == 0 else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else ""))
+        rows.append(f"| `{r['point']}` | {r['seeds']} | " + " | ".join(cells) +
+                    f" | [grid]({grids_from}/{r['point']}.png) |")
+    return "\n".join([head, *rows])
+
+
+def verdict_table(comparison_csv: str | Path) -> str:
+    summary = _summary(comparison_csv)
     head = ("| claim (lower FID first) | paper (ImageNet-64) | ours: FID fmnist_cnn / fmnist_eval, "
             "mean ± std (seeds) | verdict |\n|---|---|---|---|")
     return "\n".join([head, *(claim_row(summary, c) for c in CLAIMS), label_row(summary)])
 
 
-MARKERS = ("<!-- study-verdicts: python -m mtdiff.study --write -->", "<!-- /study-verdicts -->")
+def markers(block: str) -> tuple[str, str]:
+    return f"<!-- {block}: python -m mtdiff.study --write -->", f"<!-- /{block} -->"
 
 
-def write_between_markers(path: Path, table: str) -> None:
-    """Replace what stands between :data:`MARKERS` in ``path`` with ``table`` (atomically)."""
+def write_between_markers(path: Path, table: str, block: str = "study-verdicts") -> bool:
+    """Replace what stands between the ``block``'s markers in ``path`` with ``table`` (atomically);
+    False when ``path`` has no such block."""
     from mtdiff.io import atomic_path
 
     text = path.read_text()
-    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+    first, last = markers(block)
+    start, end = text.find(first), text.find(last)
     if start < 0 or end < start:
-        raise ValueError(f"{path}: no {MARKERS[0]} ... {MARKERS[1]} block")
+        return False
     with atomic_path(path) as tmp:
-        tmp.write_text(text[:start + len(MARKERS[0])] + "\n" + table + "\n" + text[end:])
+        tmp.write_text(text[:start + len(first)] + "\n" + table + "\n" + text[end:])
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,9 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     table = verdict_table(args.comparison)
     if args.write is None:
         print(table)
+    points = points_table(args.comparison)
     for path in args.write or (["README.md", "docs/study.md"] if args.write is not None else []):
-        write_between_markers(Path(path), table)
-        print(f"verdicts written into {path}")
+        wrote = [b for b, t in (("study-verdicts", table), ("study-points", points))
+                 if write_between_markers(Path(path), t, b)]
+        if not wrote:
+            print(f"error: {path}: no {markers('study-verdicts')[0]} block", file=sys.stderr)
+            return 2
+        print(f"{', '.join(wrote)} written into {path}")
     return 0
 
 
