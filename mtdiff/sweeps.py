@@ -226,10 +226,10 @@ def save_point_result(out_dir: Path, row: dict[str, Any]) -> Path:
 POINT_GRID = "samples/grid.png"  # the sample stage's grid, kept beside each point's row
 
 
-def save_point_grid(root: Path, out_dir: Path, point: str, rev: str) -> Path | None:
+def save_point_grid(root: Path, out_dir: Path, point: str, rev: str) -> Path:
     """``out_dir/points/<point>.png``: the point's sample grid out of its experiment (``dvc get`` at the
     experiment's commit, from this repo's cache), so the pictures are committed with the numbers.
-    None (with the reason logged by the caller) when the experiment has no grid."""
+    Raises RuntimeError (nothing written) when the experiment has no grid."""
     dest = out_dir / "points" / f"{point}.png"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:
