@@ -232,6 +232,13 @@ class SampleConfig(_Section):
     condition: Literal["uncond", "label", "masked", "transition"] = "label"
     cfg_scale: float = Field(1.0, ge=0)       # classifier-free guidance (model.class_conditional)
     task_guidance: float = Field(1.5, ge=0)   # MT task guidance: eps_absent + s (eps_given - eps_absent)
+    # a label the sampler is not given enters A_hat as the head's softmax (soft: the method's expected
+    # code), its argmax (hard: one class's code, as training shows), or not at all (absent: code 0,
+    # the label-dropout state of training)
+    predicted_label: Literal["soft", "hard", "absent"] = "soft"
+    # a masked image the sampler is not given enters A_hat as (1 - mask_ratio) times the head's image
+    # (expected: its mean over masks) or times a patch mask drawn per sample (masked: training's form)
+    predicted_masked: Literal["expected", "masked"] = "expected"
     # most images per network call (guidance's doubled batch is split): on CPU a call above ~128
     # images of the default U-Net falls out of the cache (measured 1.8x slower per image); null: one call
     forward_batch: Optional[int] = Field(100, ge=1)
@@ -240,7 +247,8 @@ class SampleConfig(_Section):
     def guidance(self) -> dict[str, Any]:
         """``diffusion.sample``'s guidance arguments: the sample stage, ``bench sample`` and the
         registered MLflow sampler all pass these, so all three sample alike."""
-        return {"cfg_scale": self.cfg_scale, "task_guidance": self.task_guidance, "forward_batch": self.forward_batch}
+        return {"cfg_scale": self.cfg_scale, "task_guidance": self.task_guidance, "forward_batch": self.forward_batch,
+                "predicted_label": self.predicted_label}
 
 
 class EvaluateConfig(_Section):

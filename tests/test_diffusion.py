@@ -608,6 +608,42 @@ def test_sample_feeds_given_or_predicted_task_inputs_to_aggregate(start):
     assert all(torch.equal(a["label"], lbl) for a in agg)
 
 
+@pytest.mark.parametrize("mode", ["hard", "absent"])
+def test_sample_predicted_label_modes(mode):
+    """A label not given enters A_hat as its argmax's one-hot (hard) or not at all (absent: code 0)."""
+    torch.manual_seed(6)
+    model = SpyModel(("label",)).eval()
+    diff = MTDiffusion(cfg(w_max=1.0))
+    out = diff.sample(model, (4, *SHAPE), steps=3, sampler="ddim", generator=torch.Generator().manual_seed(8),
+                      tasks_cfg=tasks("label"), predicted_label=mode)
+    fwd = [c[1][1] for c in model.calls if c[0] == "forward"]
+    agg = [c[1]["label"] for c in model.calls if c[0] == "aggregate"]
+    assert len(agg) == len(fwd) == 4
+    for heads, code in zip(fwd, agg):
+        want = F.one_hot(heads["label"].argmax(-1), K).float() if mode == "hard" else torch.zeros(4, K)
+        assert torch.equal(code, want)
+    # the returned label is the head's argmax whatever entered A_hat
+    assert torch.equal(out["label"], torch.softmax(fwd[-1]["label"], -1).argmax(-1))
+    with pytest.raises(ValueError, match="predicted_label must be one of soft, hard, absent"):
+        diff.sample(model, (4, *SHAPE), steps=2, tasks_cfg=tasks("label"), predicted_label="argmax")
+
+
+def test_sample_predicted_mask_gives_masked_input_training_form():
+    """With ``predicted_mask`` a masked input not given enters A_hat as head image * mask (training's z0 * mask)."""
+    torch.manual_seed(6)
+    model = SpyModel(("masked",)).eval()
+    diff = MTDiffusion(cfg(w_max=1.0))
+    mask = (torch.rand(4, 1, *SHAPE[1:], generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    diff.sample(model, (4, *SHAPE), steps=3, sampler="ddim", generator=torch.Generator().manual_seed(8),
+                tasks_cfg=tasks("masked"), predicted_mask=mask)
+    fwd = [c[1][1] for c in model.calls if c[0] == "forward"]
+    agg = [c[1]["masked"] for c in model.calls if c[0] == "aggregate"]
+    assert len(agg) == len(fwd) == 4
+    assert all(torch.equal(code, heads["masked"] * mask) for heads, code in zip(fwd, agg))
+    with pytest.raises(ValueError, match=r"given\['predicted_mask'\] has batch size 2, expected 4"):
+        diff.sample(model, (4, *SHAPE), steps=2, tasks_cfg=tasks("masked"), predicted_mask=mask[:2])
+
+
 def test_sample_conditioning_modes_and_errors():
     torch.manual_seed(3)
     names = ("label", "representation", "masked", "transition")

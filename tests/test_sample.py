@@ -103,6 +103,28 @@ def test_same_seed_same_samples_other_seed_differs(trained, workdir):
     assert not np.array_equal(a["arr_0"], c["arr_0"])
 
 
+@pytest.mark.parametrize("condition", ["uncond", "masked"])
+def test_predicted_input_modes_reach_the_sampler(trained, workdir, monkeypatch, condition):
+    """sample.predicted_label / predicted_masked: the stage passes the mode and, for an unconditioned
+    masked input, one training-form patch mask per sample; the samples change, the default stays."""
+    from mtdiff.diffusion import MTDiffusion
+
+    seen, real = [], MTDiffusion.sample
+    monkeypatch.setattr(MTDiffusion, "sample", lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw))
+    over = {"sample.condition": condition, "sample.num_samples": 6}
+    _, _, plain = _sample(trained, f"plain_{condition}", **over)
+    assert seen[-1]["predicted_label"] == "soft" and seen[-1]["predicted_mask"] is None
+    _, _, moded = _sample(trained, f"modes_{condition}", **over, **{"sample.predicted_label": "hard",
+                                                                     "sample.predicted_masked": "masked"})
+    assert seen[-1]["predicted_label"] == "hard"
+    mask = seen[-1]["predicted_mask"]
+    if condition == "masked":  # the masked image is given: no mask for a prediction
+        assert mask is None
+    else:  # 49 patches of 4 x 4, round(0.5 * 49) = 24 hidden
+        assert mask.shape == (6, 1, 28, 28) and (mask.reshape(6, -1).sum(1) == 25 * 16).all()
+        assert not np.array_equal(plain["arr_0"], moded["arr_0"])
+
+
 def test_sample_without_checkpoint_is_a_clear_error(workdir):
     from mtdiff.stages import sample
 

@@ -31,6 +31,7 @@ from mtdiff.diffusion.schedules import Schedule, build_schedule
 
 _IMAGE_TASKS = ("masked", "transition")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+PREDICTED_LABEL = ("soft", "hard", "absent")  # how a label the sampler is not given enters A_hat
 
 
 def _cross_entropy(pred: Tensor, label: Tensor, reduction: str) -> Tensor:
@@ -90,6 +91,8 @@ class _SampleContext:
     cfg_scale: float
     task_guidance: float
     forward_batch: Optional[int]
+    predicted_label: str = "soft"  # how a label not given enters A_hat (PREDICTED_LABEL)
+    predicted_mask: Optional[Tensor] = None  # a masked input not given: the head's image times this mask
     # DPM-Solver++(2M)'s memory: the previous step's z0_hat and log-SNR gap h
     prev_z0: Optional[Tensor] = None
     prev_h: Optional[float] = None
@@ -312,15 +315,21 @@ class MTDiffusion:
         return model.aggregate(dict(inputs)).to(like.dtype)
 
     @staticmethod
-    def _prediction_input(name: str, pred: Tensor, mask_ratio: float) -> Tensor:
-        """The expected task input ``x_i`` given the head's prediction (what ``E_i`` gets when not given)."""
+    def _prediction_input(name: str, pred: Tensor, ctx: "_SampleContext") -> Tensor:
+        """The task input ``x_i`` given the head's prediction (what ``E_i`` gets when not given)."""
         if name == "label":
-            return torch.softmax(pred.float(), dim=-1)  # soft labels: expected embedding under the softmax
+            probs = torch.softmax(pred.float(), dim=-1)  # soft labels: expected embedding under the softmax
+            if ctx.predicted_label == "hard":  # one class's code, as training shows the label
+                return F.one_hot(probs.argmax(-1), probs.shape[-1]).float()
+            return torch.zeros_like(probs) if ctx.predicted_label == "absent" else probs  # code 0: dropout
         if name == "masked":
             # The head predicts the full image; the task input during training was z0 * mask with
             # a fraction (1 - mask_ratio) kept, so its expectation over masks is (1 - r) z0_hat
-            # (E_i is linear: identity / 1x1 conv), the analogue of soft labels.
-            return (1.0 - mask_ratio) * pred.float()
+            # (E_i is linear: identity / 1x1 conv), the analogue of soft labels; with a mask drawn
+            # for the chain, the input has training's form z0_hat * mask instead.
+            if ctx.predicted_mask is not None:
+                return pred.float() * ctx.predicted_mask
+            return (1.0 - ctx.mask_ratio) * pred.float()
         return pred.float()
 
     def _denoise(self, model: Any, z: Tensor, t_int: int, ctx: "_SampleContext") -> tuple[dict[str, Tensor], Tensor]:
@@ -330,7 +339,7 @@ class MTDiffusion:
         missing = [n for n in ("eps", *ctx.enabled) if n not in ctx.given and n not in out]
         if missing:
             raise KeyError(f"sample: model output lacks head(s) {missing} (has {sorted(out)})")
-        predicted = {n: self._prediction_input(n, out[n], ctx.mask_ratio) for n in ctx.enabled if n in out}
+        predicted = {n: self._prediction_input(n, out[n], ctx) for n in ctx.enabled if n in out}
         inputs = {n: ctx.given.get(n, predicted.get(n)) for n in ctx.enabled}
         return out, self._aggregate(model, inputs, z)
 
@@ -384,13 +393,16 @@ class MTDiffusion:
                tasks_cfg: Optional[TasksConfig] = None, clip_denoised: Optional[bool] = None,
                z_T: Optional[Tensor] = None, start: str = "predict", device: Optional[torch.device | str] = None,
                dtype: torch.dtype = torch.float32, cfg_scale: float = 1.0,
-               task_guidance: float = 1.0, forward_batch: Optional[int] = None) -> dict[str, Tensor]:
+               task_guidance: float = 1.0, forward_batch: Optional[int] = None,
+               predicted_label: str = "soft", predicted_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
         """Generate ``z0`` (and every enabled task's prediction) with the MT-Diffusion reverse process.
 
         ``given``: the conditioning task inputs (``{}`` unconditional, ``{"label": y}``,
         ``{"masked": z0 * mask}``, ``{"transition": src}``); a given modality enters ``A_hat``
         as is, every other enabled one through its head's prediction at the current step
-        (labels as softmax probabilities, "soft labels"). For a class-conditional baseline model
+        (labels as softmax probabilities, "soft labels"; ``predicted_label`` "hard": the argmax's
+        one-hot, "absent": code 0, training's dropped label; the masked image as ``(1 - mask_ratio)``
+        times the head's image, or times ``predicted_mask`` (B,1,H,W) when passed). For a class-conditional baseline model
         ``given["label"]`` is its class label instead (with ``cfg_scale``).
 
         ``z_T`` defaults to ``c_T A_hat + noise`` (the prior of (M3) is ~ N(c_T A, I)). ``start``
@@ -413,7 +425,7 @@ class MTDiffusion:
         """
         shape = tuple(int(s) for s in shape)
         ctx = self._sample_context(model, shape, given, sampler, eta, start, tasks_cfg, device, dtype,
-                                   cfg_scale, task_guidance, forward_batch)
+                                   cfg_scale, task_guidance, forward_batch, predicted_label, predicted_mask)
         clip = (self.cfg.mode == "pixel") if clip_denoised is None else bool(clip_denoised)
         seq = self.timestep_sequence(steps)
         if sampler == "ddpm" and len(seq) < self.T:
@@ -436,9 +448,12 @@ class MTDiffusion:
         return self._sample_result(z.to(dtype), out, ctx)
 
     def _sample_context(self, model, shape, given, sampler, eta, start, tasks_cfg, device, dtype,
-                        cfg_scale, task_guidance, forward_batch=None) -> "_SampleContext":
+                        cfg_scale, task_guidance, forward_batch=None, predicted_label="soft",
+                        predicted_mask=None) -> "_SampleContext":
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if predicted_label not in PREDICTED_LABEL:
+            raise ValueError(f"predicted_label must be one of {', '.join(PREDICTED_LABEL)}, got {predicted_label!r}")
         if start not in ("predict", "zero"):
             raise ValueError(f"start must be 'predict' or 'zero', got {start!r}")
         if eta < 0:
@@ -455,14 +470,18 @@ class MTDiffusion:
         unknown = [k for k in given if k not in enabled]
         if unknown:
             raise ValueError(f"given modalities {unknown} are not enabled tasks (enabled: {enabled})")
-        for k, v in [*given.items(), *([("label", class_labels)] if class_labels is not None else [])]:
+        checked = [*given.items(), *([("label", class_labels)] if class_labels is not None else []),
+                   *([("predicted_mask", predicted_mask)] if predicted_mask is not None else [])]
+        for k, v in checked:
             if v.shape[0] != shape[0]:
                 raise ValueError(f"given[{k!r}] has batch size {v.shape[0]}, expected {shape[0]}")
         mask_ratio = (tasks_cfg.masked if tasks_cfg is not None else MaskedTask()).mask_ratio
         # float64 chain state: keeps ddpm and ddim(eta=1) equal to rounding and long chains exact
         work = torch.float32 if device.type == "mps" else torch.float64
+        if predicted_mask is not None:
+            predicted_mask = predicted_mask.to(device, torch.float32)
         return _SampleContext(enabled, given, class_labels, sampler, float(eta), mask_ratio, device, dtype, work,
-                              float(cfg_scale), float(task_guidance), forward_batch)
+                              float(cfg_scale), float(task_guidance), forward_batch, predicted_label, predicted_mask)
 
     def _initial_state(self, model, shape, z_T, start, ctx: "_SampleContext", generator) -> Tensor:
         noise_T = _randn(shape, generator, ctx.device, ctx.dtype).to(ctx.work)

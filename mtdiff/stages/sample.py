@@ -100,6 +100,14 @@ class _Conditions:
         self.mask_gen = torch.Generator().manual_seed(derive_seed(params.seed, "sample/mask"))
         self.extras: dict[str, list[np.ndarray]] = {}
 
+    def predicted_mask(self, count: int, tasks: TasksConfig) -> Optional[torch.Tensor]:
+        """The patch masks a predicted masked input is multiplied by (``sample.predicted_masked``:
+        masked), one per sample for its whole chain; None: its expectation over masks."""
+        if self.params.sample.predicted_masked != "masked" or "masked" not in tasks.enabled or self.condition == "masked":
+            return None
+        return random_patch_mask(count, self.shape, tasks.masked.mask_ratio, self.params.model.patch_size,
+                                 generator=self.mask_gen, device=self.device)
+
     def __call__(self, start: int, count: int) -> dict[str, torch.Tensor]:
         if self.condition == "label":
             labels = torch.arange(start, start + count, device=self.device, dtype=torch.long)
@@ -147,10 +155,12 @@ def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict
     for start in tqdm(range(0, sc.num_samples, sc.batch_size), desc="sample", unit="batch", disable=None):
         count = min(sc.batch_size, sc.num_samples - start)
         given = conditions(start, count)
+        tasks_cfg = tasks or params.final_tasks
         with autocast(device, amp):
             out = diffusion.sample(model, (count, *conditions.shape), given=given, steps=sc.steps,
-                                   sampler=sc.sampler, eta=sc.eta, generator=noise_gen, tasks_cfg=tasks or params.final_tasks,
-                                   device=device, **sc.guidance())
+                                   sampler=sc.sampler, eta=sc.eta, generator=noise_gen, tasks_cfg=tasks_cfg,
+                                   device=device, predicted_mask=conditions.predicted_mask(count, tasks_cfg),
+                                   **sc.guidance())
         samples.append(decode(out["z0"]))
         if "label" in out:
             labels.append(out["label"].long().cpu().numpy())
