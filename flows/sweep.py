@@ -16,6 +16,7 @@ import flows  # noqa: F401  (sets PREFECT_HOME & co. before prefect is imported)
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,8 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_file = write_sweep_file(out_dir, cfg, todo)
     point_task = run_point.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    done = {} if rerun else {p.name: row for p in cfg.points if (row := finished_point(out_dir, p))}
+    same_params = partial(load_repo_params, root)  # overrides that resolve to the same params: the same point
+    done = {} if rerun else {p.name: row for p in cfg.points if (row := finished_point(out_dir, p, same_params))}
     sweep_tags = {"mtdiff.kind": "sweep", "mtdiff.sweep": cfg.name, "git_commit": head,
                   "prefect.flow_run_id": current_flow_run_id(),
                   "mtdiff.sweep_points": ",".join(p.name for p in todo)}

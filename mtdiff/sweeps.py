@@ -27,7 +27,7 @@ import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
@@ -240,19 +240,27 @@ def save_point_grid(root: Path, out_dir: Path, point: str, rev: str) -> Path:
     return dest
 
 
-def finished_point(out_dir: Path, point: SweepPoint) -> dict[str, Any] | None:
+def finished_point(out_dir: Path, point: SweepPoint,
+                   resolve: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any] | None:
     """The saved row of ``point`` if it finished (status ok) with the same overrides, else None.
 
-    A point whose overrides changed, or whose file is unreadable, counts as not run (a killed run
-    never leaves a file: it is written only after the point's experiment finished)."""
+    ``resolve`` (overrides -> the params they give): overrides that differ but resolve to the same
+    params count as the same (a ``seed: 0`` a seeds block added over the default seed 0). A point
+    whose params changed, or whose file is unreadable, counts as not run (a killed run never leaves
+    a file: it is written only after the point's experiment finished)."""
     path = point_result_path(out_dir, point.name)
     try:
         row = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if row.get("status") != "ok" or row.get("params") != json.loads(json.dumps(point.overrides)):
+    if row.get("status") != "ok" or not isinstance(row.get("params"), dict):
         return None
-    return row
+    if row["params"] == json.loads(json.dumps(point.overrides)):
+        return row
+    try:
+        return row if resolve is not None and resolve(row["params"]) == resolve(point.overrides) else None
+    except ValueError:  # a saved override the config no longer accepts (ConfigError)
+        return None
 
 
 def write_sweep_file(out_dir: Path, cfg: SweepConfig, points: Sequence[SweepPoint]) -> Path:

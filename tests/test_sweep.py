@@ -207,6 +207,22 @@ def test_sweep_finished_point_needs_status_ok_and_the_same_overrides(tmp_path):
     assert finished_point(tmp_path, point) is None
 
 
+def test_sweep_finished_point_same_params_through_resolve(tmp_path):
+    """A seeds block that adds ``seed: 0`` over the default seed 0 keeps the point finished; another
+    seed, or a saved override the config no longer accepts, does not."""
+    from mtdiff.config import load_params
+    from mtdiff.sweeps import SweepPoint, finished_point, save_point_result
+
+    params_yaml = Path(__file__).resolve().parents[1] / "params.yaml"
+    resolve = lambda overrides: load_params(params_yaml, overrides=overrides)  # noqa: E731
+    save_point_result(tmp_path, {"point": "a", "params": {"train.lr": 0.5}, "status": "ok"})
+    assert finished_point(tmp_path, SweepPoint("a", {"train.lr": 0.5, "seed": 0})) is None  # overrides alone
+    assert finished_point(tmp_path, SweepPoint("a", {"train.lr": 0.5, "seed": 0}), resolve)["params"] == {"train.lr": 0.5}
+    assert finished_point(tmp_path, SweepPoint("a", {"train.lr": 0.5, "seed": 1}), resolve) is None
+    save_point_result(tmp_path, {"point": "a", "params": {"train.no_such_key": 1}, "status": "ok"})
+    assert finished_point(tmp_path, SweepPoint("a", {"train.lr": 0.5}), resolve) is None
+
+
 def test_study_verdicts_need_three_seeds_and_two_standard_errors(tmp_path):
     import pandas as pd
 
