@@ -40,6 +40,8 @@ CLAIMS = (
     Claim("MT-X (class-conditional + masked task) beats the class-conditional model, CFG 1",
           "9.85 vs 16.35 (one reading)", "classcond_masked", "classcond_cfg1"),
     Claim("... at CFG 2", "", "classcond_masked_cfg2", "classcond_cfg2"),
+    Claim("... its predicted masked input in training's form (head's image x a drawn patch mask), CFG 1", "",
+          "classcond_masked_drawnmask", "classcond_cfg1"),
     Claim("joint image-label beats the class-conditional model, both unguided",
           "9.85 vs 16.35 (other reading)", "joint_label_tg1", "classcond_cfg1"),
     Claim("joint image-label (task guidance 1.5) beats the best class-conditional setting",
@@ -52,6 +54,10 @@ CLAIMS = (
           "joint_representation_ft", "joint_representation"),
     Claim("unconditional MT (label predicted) is slightly worse than single-task", "26.00 vs 23.22",
           "single_task", "joint_label_uncond"),
+    Claim("... the predicted label entering as one class's code (the head's argmax)", "",
+          "single_task", "joint_label_uncond_hard"),
+    Claim("... the label absent from the forward process (code 0, as label dropout trains)", "",
+          "single_task", "joint_label_uncond_absent"),
 )
 
 
