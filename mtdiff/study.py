@@ -8,7 +8,8 @@ not hold* when it goes the other way by as much, and is *not resolved* when a si
 against the FashionCNN's test accuracy (the representations stage's) and the 0.91 target.
 
     python -m mtdiff.study [sweeps/study/comparison.csv]   # prints the markdown table
-    python -m mtdiff.study --write                         # ... into README.md and docs/study.md
+    python -m mtdiff.study --write                         # ... into README.md and docs/study.md,
+                                                           # the plot into sweeps/study/fid_per_seed.png
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from mtdiff.report import seed_summary
 SPACES = ("fmnist_cnn", "fmnist_eval")
 MIN_SEEDS = 3
 LABEL_TARGET = 0.91
+PLOT = "fid_per_seed.png"  # written by --write beside comparison.csv
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,41 @@ def verdict_table(comparison_csv: str | Path) -> str:
     return "\n".join([head, *(claim_row(summary, c) for c in CLAIMS), label_row(summary)])
 
 
+def plot_points(comparison_csv: str | Path, path: str | Path) -> Path:
+    """FID of every finished point in both spaces: one dot per seed, the mean ± std beside them,
+    the points in the config's order (written atomically as PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtdiff.io import atomic_path
+    from mtdiff.report import SEED_SUFFIX
+
+    frame = pd.read_csv(comparison_csv)
+    frame = frame[frame["status"] == "ok"]
+    base = frame["point"].astype(str).str.split(SEED_SUFFIX, n=1, regex=False).str[0]
+    names = list(dict.fromkeys(base))
+    fig, axes = plt.subplots(len(SPACES), 1, figsize=(max(6.0, 0.7 * len(names) + 2), 6.4), sharex=True)
+    try:
+        for ax, space in zip(axes, SPACES):
+            values = [frame.loc[base == n, f"evaluate/fid_{space}"].dropna().astype(float) for n in names]
+            for x, v in enumerate(values):
+                ax.plot([x - 0.12] * len(v), v, "o", color="#4C72B0", alpha=0.6, ms=4)
+                ax.errorbar(x + 0.12, v.mean(), yerr=v.std(ddof=1) if len(v) > 1 else 0, fmt="s", color="#C44E52",
+                            ms=5, capsize=3)
+            ax.set_ylabel(f"FID {space}")
+            ax.grid(axis="y", alpha=0.3)
+        axes[0].set_title("FID per seed (dots) and mean ± std (squares)")
+        axes[-1].set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        fig.tight_layout()
+        with atomic_path(Path(path)) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def markers(block: str) -> tuple[str, str]:
     return f"<!-- {block}: python -m mtdiff.study --write -->", f"<!-- /{block} -->"
 
@@ -201,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path}: no {markers('study-verdicts')[0]} block", file=sys.stderr)
             return 2
         print(f"{', '.join(wrote)} written into {path}")
+    if args.write is not None:
+        print(f"plot written: {plot_points(args.comparison, Path(args.comparison).with_name(PLOT))}")
     return 0
 
 

@@ -251,5 +251,7 @@ def test_study_verdicts_need_three_seeds_and_two_standard_errors(tmp_path):
     assert main([str(tmp_path / "comparison.csv"), "--write", str(readme)]) == 0
     text = readme.read_text()
     assert "STALE" not in text and "| holds |" in text and text.endswith("<!-- /study-verdicts -->\nrest\n")
+    plot = tmp_path / "fid_per_seed.png"  # the per-seed plot beside comparison.csv
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "plain.md").write_text("no block here\n")
     assert main([str(tmp_path / "comparison.csv"), "--write", str(tmp_path / "plain.md")]) == 2
