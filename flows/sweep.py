@@ -16,7 +16,6 @@ import flows  # noqa: F401  (sets PREFECT_HOME & co. before prefect is imported)
 import argparse
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from mtdiff.config import ConfigError
 from mtdiff.dvc_runner import dvc_command, load_repo_params, run_checked, shown_command, tracked_env
 from mtdiff.report import write_report
 from mtdiff.sweeps import (SweepConfig, SweepPoint, check_points, dry_run_commands, exp_name_for, exp_run_args,
-                           experiment_result, finished_point, git_head, load_sweep, point_result_path,
+                           experiment_result, finished_rows, git_head, load_sweep, point_result_path,
                            save_point_grid, save_point_result, select_points, untracked_files, write_sweep_file)
 
 
@@ -131,8 +130,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_file = write_sweep_file(out_dir, cfg, todo)
     point_task = run_point.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    same_params = partial(load_repo_params, root)  # overrides that resolve to the same params: the same point
-    done = {} if rerun else {p.name: row for p in cfg.points if (row := finished_point(out_dir, p, same_params))}
+    done = {} if rerun else finished_rows(root, cfg, out_dir)
     sweep_tags = {"mtdiff.kind": "sweep", "mtdiff.sweep": cfg.name, "git_commit": head,
                   "prefect.flow_run_id": current_flow_run_id(),
                   "mtdiff.sweep_points": ",".join(p.name for p in todo)}

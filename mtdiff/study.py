@@ -1,11 +1,12 @@
 """The decisive study's verdict table, from what the sweep committed (sweeps/study/comparison.csv).
 
 Each claim compares two points of the study at equal budget (1500 steps, 2000 samples) by FID in
-both feature spaces (mean ± sample std over seeds). A claim *holds* when the difference goes its
-way by more than twice its standard error (Welch: sqrt(s_a²/n_a + s_b²/n_b)) in both spaces, *does
-not hold* when it goes the other way by as much, and is *not resolved* when a side has fewer than
-3 seeds (no spread to judge by) or the difference is within the noise. The label head is read
-against the FashionCNN's test accuracy (the representations stage's) and the 0.91 target.
+both feature spaces. The seed sets the training, the sampling noise *and* the two evaluation
+networks, so the points are compared seed by seed: the paired differences d_s = FID_a(s) - FID_b(s)
+over the seeds both finished. A claim *holds* when their mean goes its way beyond the two-sided 95 %
+bound of a paired t-test (|mean| > t_{0.975, n-1} · std/√n) in both spaces, *does not hold* when it
+goes the other way as far, shows *no difference* within it, and is *not resolved* under 3 paired
+seeds. The label head is read against the FashionCNN's test accuracy and the 0.91 target.
 
     python -m mtdiff.study [sweeps/study/comparison.csv]   # prints the markdown table
     python -m mtdiff.study --write                         # ... into README.md and docs/study.md,
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from mtdiff.report import seed_summary
+from mtdiff.report import SEED_SUFFIX, seed_summary
 
 SPACES = ("fmnist_cnn", "fmnist_eval")
 MIN_SEEDS = 3
+CONFIDENCE = 0.95  # two-sided, of the paired t-test over seeds
 LABEL_TARGET = 0.91
 PLOT = "fid_per_seed.png"  # written by --write beside comparison.csv
 
@@ -77,17 +79,54 @@ def _fmt(mean: float, std: float, n: int) -> str:
     return f"{mean:.1f}" + (f" ± {std:.1f}" if n > 1 else "") + f" ({n})"
 
 
-def verdict(a: tuple[float, float, int], b: tuple[float, float, int]) -> str:
-    """'holds' when a's FID is below b's by > 2 standard errors, 'does not' when above, else unresolved."""
-    (ma, sa, na), (mb, sb, nb) = a, b
-    if min(na, nb) < MIN_SEEDS:
-        return "not resolved" if na and nb else "not run"
-    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
-    if mb - ma > 2 * se:
+def paired(frame: pd.DataFrame, a: str, b: str, metric: str) -> list[float]:
+    """``metric`` of point ``a`` minus point ``b`` at every seed both finished (ordered by seed)."""
+    va, vb = per_seed(frame, a, metric), per_seed(frame, b, metric)
+    return [va[s] - vb[s] for s in sorted(set(va) & set(vb))]
+
+
+def per_seed(frame: pd.DataFrame, point: str, metric: str) -> dict[int, float]:
+    """``{seed: value}`` of ``point``'s finished runs (``<point>`` at its ``seed`` column, default 0,
+    and ``<point>__seed-<v>``)."""
+    out = {}
+    if metric not in frame:
+        return out
+    for _, row in frame[frame["status"] == "ok"].iterrows():
+        name = str(row["point"])
+        base, _, suffix = name.partition(SEED_SUFFIX)
+        if base != point or pd.isna(row[metric]):
+            continue
+        seed = int(suffix) if suffix else int(row["seed"]) if "seed" in row and not pd.isna(row["seed"]) else 0
+        out[seed] = float(row[metric])
+    return out
+
+
+def verdict(diffs: list[float]) -> str:
+    """'holds' when the paired differences (a - b) are below 0 beyond the t bound, 'does not hold'
+    when above it, 'no difference' within it; 'not resolved' under MIN_SEEDS pairs."""
+    n = len(diffs)
+    if n == 0:
+        return "not run"
+    if n < MIN_SEEDS:
+        return "not resolved"
+    from scipy.stats import t as student_t
+
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    bound = float(student_t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * se
+    if mean < -bound:
         return "holds"
-    if ma - mb > 2 * se:
+    if mean > bound:
         return "does not hold"
     return "no difference"
+
+
+def _diff_text(diffs: list[float]) -> str:
+    if len(diffs) < 2:
+        return ""
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return f", Δ {mean:+.1f} ± {sd / math.sqrt(n):.1f}"
 
 
 def _best(summary: pd.DataFrame, points: str | tuple[str, ...]) -> str:
@@ -98,14 +137,15 @@ def _best(summary: pd.DataFrame, points: str | tuple[str, ...]) -> str:
     return min(run)[1] if run else points[0]
 
 
-def claim_row(summary: pd.DataFrame, claim: Claim) -> str:
+def claim_row(frame: pd.DataFrame, summary: pd.DataFrame, claim: Claim) -> str:
     cells, verdicts = [], []
     worse = _best(summary, claim.worse)
     for space in SPACES:
         metric = f"evaluate/fid_{space}"
         a, b = _stat(summary, claim.better, metric), _stat(summary, worse, metric)
-        cells.append(f"{_fmt(*a)} vs {_fmt(*b)}")
-        verdicts.append(verdict(a, b))
+        diffs = paired(frame, claim.better, worse, metric)
+        cells.append(f"{_fmt(*a)} vs {_fmt(*b)}{_diff_text(diffs)}")
+        verdicts.append(verdict(diffs))
     if len(set(verdicts)) > 1:
         final = "not resolved" if "not resolved" in verdicts or "not run" in verdicts else "spaces disagree"
     else:
@@ -154,10 +194,10 @@ def points_table(comparison_csv: str | Path, grids_from: str = "../sweeps/study/
 
 
 def verdict_table(comparison_csv: str | Path) -> str:
-    summary = _summary(comparison_csv)
-    head = ("| claim (lower FID first) | paper (ImageNet-64) | ours: FID fmnist_cnn / fmnist_eval, "
-            "mean ± std (seeds) | verdict |\n|---|---|---|---|")
-    return "\n".join([head, *(claim_row(summary, c) for c in CLAIMS), label_row(summary)])
+    frame, summary = pd.read_csv(comparison_csv), _summary(comparison_csv)
+    head = ("| claim (lower FID first) | paper (ImageNet-64) | ours: FID fmnist_cnn / fmnist_eval, mean ± std "
+            "(seeds), Δ: paired difference ± its SE | verdict (paired t, 95 %) |\n|---|---|---|---|")
+    return "\n".join([head, *(claim_row(frame, summary, c) for c in CLAIMS), label_row(summary)])
 
 
 def plot_points(comparison_csv: str | Path, path: str | Path) -> Path:
@@ -169,7 +209,6 @@ def plot_points(comparison_csv: str | Path, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     from mtdiff.io import atomic_path
-    from mtdiff.report import SEED_SUFFIX
 
     frame = pd.read_csv(comparison_csv)
     frame = frame[frame["status"] == "ok"]

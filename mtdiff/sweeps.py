@@ -20,6 +20,7 @@ the listed points (all when ``points`` is left out) at each further seed (param 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -34,7 +35,7 @@ import yaml
 from mtdiff.config import ConfigError, flatten
 from mtdiff.dvc_runner import dvc_command, load_repo_params, subprocess_env
 from mtdiff.io import atomic_path
-from mtdiff.report import SEED_SUFFIX, flatten_metrics
+from mtdiff.report import SEED_SUFFIX, flatten_metrics, write_report
 
 SWEEP_KEYS = {"name", "description", "base", "points", "grid", "seeds", "metrics", "targets"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -263,6 +264,37 @@ def finished_point(out_dir: Path, point: SweepPoint,
         return None
 
 
+def finished_rows(root: Path, cfg: SweepConfig, out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The saved row of every point of ``cfg`` that finished, by name (same params: same point)."""
+    same_params = functools.partial(load_repo_params, root)
+    return {p.name: row for p in cfg.points if (row := finished_point(out_dir, p, same_params))}
+
+
+def rebuild_report(config: str | Path, root: Path) -> Any:
+    """``sweeps/<name>/comparison.*`` and plots from the committed point results alone (nothing runs):
+    after copying points in from another clone, or to read a sweep at another commit."""
+    cfg = load_sweep(config, base_dir=root)
+    out_dir = root / "sweeps" / cfg.name
+    rows = list(finished_rows(root, cfg, out_dir).values())
+    if not rows:
+        raise FileNotFoundError(f"{out_dir / 'points'}: no finished point of sweep {cfg.name!r}")
+    return write_report(rows, out_dir, metrics=cfg.metrics, title=f"sweep {cfg.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mtdiff.sweeps",
+                                 description="rebuild a sweep's comparison from its saved points (runs nothing)")
+    ap.add_argument("command", choices=["report"])
+    ap.add_argument("config", help="sweep YAML, e.g. configs/sweeps/study.yaml")
+    ap.add_argument("--repo", default=".", help="DVC project root (default: .)")
+    args = ap.parse_args(argv)
+    report = rebuild_report(args.config, Path(args.repo).resolve())
+    print(f"{report.csv}, {report.md} and {len(report.plots)} plot(s) rebuilt from the saved points")
+    return 0
+
+
 def write_sweep_file(out_dir: Path, cfg: SweepConfig, points: Sequence[SweepPoint]) -> Path:
     """``out_dir/sweep.yaml``: the config with the points that run (a record beside the report)."""
     path = out_dir / "sweep.yaml"
@@ -398,3 +430,7 @@ def git_head(root: Path) -> str:
     if proc.returncode != 0:
         raise ConfigError(f"{root}: dvc exp run needs a git repo with at least one commit")
     return proc.stdout.strip()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

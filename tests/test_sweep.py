@@ -223,26 +223,50 @@ def test_sweep_finished_point_same_params_through_resolve(tmp_path):
     assert finished_point(tmp_path, SweepPoint("a", {"train.lr": 0.5}), resolve) is None
 
 
-def test_study_verdicts_need_three_seeds_and_two_standard_errors(tmp_path):
+def test_sweep_report_rebuilt_from_saved_points_alone(tmp_path):
+    """python -m mtdiff.sweeps report: the comparison from the saved points, in the config's order,
+    without the points whose overrides changed; no saved point is a clear error."""
+    from mtdiff.sweeps import main, save_point_result
+
+    (tmp_path / "s.yaml").write_text("name: s\npoints:\n  a: {train.lr: 0.5}\n  b: {train.lr: 0.1}\n"
+                                     "  c: {train.lr: 0.2}\nmetrics: [evaluate/fid]\n")
+    with pytest.raises(FileNotFoundError, match="no finished point of sweep 's'"):
+        main(["report", str(tmp_path / "s.yaml"), "--repo", str(tmp_path)])
+    out = tmp_path / "sweeps" / "s"
+    for point, lr, fid in (("b", 0.1, 7.0), ("a", 0.5, 9.0), ("c", 0.3, 1.0)):  # c ran with another lr
+        save_point_result(out, {"point": point, "params": {"train.lr": lr}, "status": "ok",
+                                "metrics": {"evaluate/fid": fid}})
+    assert main(["report", str(tmp_path / "s.yaml"), "--repo", str(tmp_path)]) == 0
+    frame = pd.read_csv(out / "comparison.csv")
+    assert frame["point"].tolist() == ["a", "b"] and frame["evaluate/fid"].tolist() == [9.0, 7.0]
+
+
+def test_study_verdicts_pair_seeds_and_need_three(tmp_path):
     import pandas as pd
 
-    from mtdiff.study import verdict, verdict_table
+    from mtdiff.study import paired, verdict, verdict_table
 
-    assert verdict((10.0, 1.0, 3), (15.0, 1.0, 3)) == "holds"          # 5 > 2 * 0.82
-    assert verdict((15.0, 1.0, 3), (10.0, 1.0, 3)) == "does not hold"
-    assert verdict((10.0, 2.0, 3), (12.0, 2.0, 3)) == "no difference"  # 2 < 2 * 1.63
-    assert verdict((10.0, 0.1, 2), (20.0, 0.1, 3)) == "not resolved"   # too few seeds to judge
-    assert verdict((10.0, 0.1, 3), (float("nan"), float("nan"), 0)) == "not run"
+    assert verdict([-5.0, -4.0, -6.0]) == "holds"          # mean -5, bound t(.975, 2) * 0.58 = 2.5
+    assert verdict([5.0, 4.0, 6.0]) == "does not hold"
+    assert verdict([-1.0, 1.0, -2.0]) == "no difference"   # |-0.67| < 4.30 * 0.88
+    assert verdict([-5.0, -5.1]) == "not resolved"         # too few pairs to judge
+    assert verdict([]) == "not run"
     rows = []
+    # a seed's shared offset (its evaluation networks, its data order) of +-5 FID, a steady gap of 5:
+    # unpaired the spreads overlap, paired seed by seed the gap is plain
     for point, fid in (("classcond_cfg1", 20.0), ("classcond_masked", 15.0)):
-        for seed, noise in enumerate((0.0, 0.5, -0.5)):
+        for seed, offset in enumerate((0.0, 5.0, -5.0)):
             name = point if seed == 0 else f"{point}__seed-{seed}"
-            rows.append({"point": name, "status": "ok", "evaluate/fid_fmnist_cnn": fid + noise,
-                         "evaluate/fid_fmnist_eval": fid + 1 + noise})
+            rows.append({"point": name, "status": "ok", "seed": seed, "evaluate/fid_fmnist_cnn": fid + offset,
+                         "evaluate/fid_fmnist_eval": fid + 1 + offset + 0.1 * seed})
+    rows.append({"point": "classcond_masked__seed-3", "status": "ok", "seed": 3, "evaluate/fid_fmnist_cnn": 1.0,
+                 "evaluate/fid_fmnist_eval": 1.0})  # no partner at seed 3: left out of the pairs
     pd.DataFrame(rows).to_csv(tmp_path / "comparison.csv", index=False)
+    frame = pd.read_csv(tmp_path / "comparison.csv")
+    assert paired(frame, "classcond_masked", "classcond_cfg1", "evaluate/fid_fmnist_cnn") == [-5.0, -5.0, -5.0]
     table = verdict_table(tmp_path / "comparison.csv").splitlines()
     row = next(r for r in table if "`classcond_masked` vs `classcond_cfg1`" in r)
-    assert row.endswith("| holds |") and "15.0 ± 0.5 (3) vs 20.0 ± 0.5 (3)" in row
+    assert row.endswith("| holds |") and "vs 20.0 ± 5.0 (3), Δ -5.0 ± 0.0" in row
     assert next(r for r in table if "`joint_label` vs" in r).endswith("| not run |")
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- study-verdicts: python -m mtdiff.study --write -->\nSTALE TABLE\n<!-- /study-verdicts -->\nrest\n")
