@@ -154,6 +154,9 @@ class MaskedTask(_Section):
     enabled: bool = False
     weight: float = Field(0.5, ge=0)
     mask_ratio: float = Field(0.5, ge=0, lt=1)
+    # P(masked image absent from A in a training example, every patch hidden), as the label's
+    # dropout: the sampler may then leave it out (sample.predicted_masked: absent)
+    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class TransitionTask(_Section):
@@ -237,8 +240,9 @@ class SampleConfig(_Section):
     # the label-dropout state of training)
     predicted_label: Literal["soft", "hard", "absent"] = "soft"
     # a masked image the sampler is not given enters A_hat as (1 - mask_ratio) times the head's image
-    # (expected: its mean over masks) or times a patch mask drawn per sample (masked: training's form)
-    predicted_masked: Literal["expected", "masked"] = "expected"
+    # (expected: its mean over masks), times a patch mask drawn per sample (masked: training's form),
+    # or not at all (absent: every patch hidden, what tasks.masked.dropout trains)
+    predicted_masked: Literal["expected", "masked", "absent"] = "expected"
     # most images per network call (guidance's doubled batch is split): on CPU a call above ~128
     # images of the default U-Net falls out of the cache (measured 1.8x slower per image); null: one call
     forward_batch: Optional[int] = Field(100, ge=1)

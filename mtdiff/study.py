@@ -46,6 +46,8 @@ CLAIMS = (
     Claim("... at CFG 2", "", "classcond_masked_cfg2", "classcond_cfg2"),
     Claim("... its predicted masked input in training's form (head's image x a drawn patch mask), CFG 1", "",
           "classcond_masked_drawnmask", "classcond_cfg1"),
+    Claim("... trained with the masked image absent 30 % of the time, sampled without it, CFG 1", "",
+          "classcond_masked_drop03_absent", "classcond_cfg1"),
     Claim("joint image-label beats the class-conditional model, both unguided",
           "9.85 vs 16.35 (other reading)", "joint_label_tg1", "classcond_cfg1"),
     Claim("joint image-label (task guidance 1.5) beats the best class-conditional setting",

@@ -310,6 +310,10 @@ def make_targets(batch: Mapping[str, torch.Tensor], params: Params,
         if name == "masked":
             mask = random_patch_mask(z0.shape[0], z0.shape[1:], params.tasks.masked.mask_ratio,
                                      params.model.patch_size, generator=generator, device=z0.device)
+            drop = params.tasks.masked.dropout
+            if drop > 0:  # absent: every patch hidden (drawn only then, so the stream is unchanged at 0)
+                keep = torch.rand(z0.shape[0], generator=generator, device=generator.device) >= drop
+                mask = mask * keep.to(mask.device, mask.dtype)[:, None, None, None]
             targets["masked"] = z0 * mask.to(z0.dtype)
         else:
             if name not in batch:

@@ -85,6 +85,22 @@ def test_masked_targets_hide_the_configured_fraction(root):
         make_targets(batch, tiny_params(root, **{"tasks.representation.enabled": True}), g)
 
 
+def test_masked_dropout_hides_whole_images_and_leaves_the_rest_as_before(root):
+    """tasks.masked.dropout: a dropped image's input is all zero (absent from A); the kept ones get the
+    same masks as without dropout (the dropout draw comes after them)."""
+    from mtdiff.training import make_targets
+
+    over = {"tasks.masked.enabled": True}
+    z0 = torch.randn(64, 1, 28, 28)
+    batch = {"z0": z0, "label": torch.zeros(64, dtype=torch.long)}
+    _, plain = make_targets(batch, tiny_params(root, **over), torch.Generator().manual_seed(0))
+    _, drop = make_targets(batch, tiny_params(root, **over, **{"tasks.masked.dropout": 0.5}),
+                           torch.Generator().manual_seed(0))
+    absent = (drop["masked"].flatten(1) == 0).all(1)
+    assert 16 <= int(absent.sum()) <= 48  # about half of 64
+    assert torch.equal(drop["masked"][~absent], plain["masked"][~absent])
+
+
 # -- params hash --------------------------------------------------------------------------------
 
 def test_params_hash_ignores_logistics_but_not_training_params(tmp_path):

@@ -102,9 +102,12 @@ class _Conditions:
 
     def predicted_mask(self, count: int, tasks: TasksConfig) -> Optional[torch.Tensor]:
         """The patch masks a predicted masked input is multiplied by (``sample.predicted_masked``:
-        masked), one per sample for its whole chain; None: its expectation over masks."""
-        if self.params.sample.predicted_masked != "masked" or "masked" not in tasks.enabled or self.condition == "masked":
+        masked), one per sample for its whole chain; all zero for ``absent``; None: its expectation."""
+        mode = self.params.sample.predicted_masked
+        if mode == "expected" or "masked" not in tasks.enabled or self.condition == "masked":
             return None
+        if mode == "absent":
+            return torch.zeros(count, 1, *self.shape[1:], device=self.device)
         return random_patch_mask(count, self.shape, tasks.masked.mask_ratio, self.params.model.patch_size,
                                  generator=self.mask_gen, device=self.device)
 
