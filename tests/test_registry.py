@@ -68,7 +68,7 @@ def test_train_registers_the_ema_model_and_records_the_data(shared_data, workdir
     assert all(torch.equal(v, ema[k]) for k, v in sampler.model.state_dict().items())
     sc = tiny_params(workdir).sample  # guidance as the sample stage runs it
     assert sampler.guidance == {"task_guidance": sc.task_guidance, "cfg_scale": sc.cfg_scale,
-                                "forward_batch": sc.forward_batch}
+                                "forward_batch": sc.forward_batch, "predicted_label": sc.predicted_label}
     images = sampler(torch.tensor([0, 3, 7]), steps=3, seed=1)
     assert images.shape == (3, 1, 28, 28) and torch.isfinite(images).all()
     assert torch.equal(images, sampler(torch.tensor([0, 3, 7]), steps=3, seed=1))  # seeded
