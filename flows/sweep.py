@@ -27,10 +27,10 @@ from flows.common import compute_slot, current_flow_run_id, find_repo, retryable
 from mtdiff import tracking
 from mtdiff.config import ConfigError
 from mtdiff.dvc_runner import dvc_command, load_repo_params, run_checked, shown_command, tracked_env
-from mtdiff.report import write_report
 from mtdiff.sweeps import (SweepConfig, SweepPoint, check_points, dry_run_commands, exp_name_for, exp_run_args,
                            experiment_result, finished_rows, git_head, load_sweep, point_result_path,
-                           save_point_grid, save_point_result, select_points, untracked_files, write_sweep_file)
+                           save_point_grid, save_point_result, select_points, sweep_report, untracked_files,
+                           write_sweep_file)
 
 
 # -- task and flow ---------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
                 _keep_grid(root, out_dir, point.name, ran[point.name]["rev"], logger)
         # the report: every point of the config that ran now or finished in an earlier run
         rows = [ran.get(p.name) or done[p.name] for p in cfg.points if p.name in ran or p.name in done]
-        report = write_report(rows, out_dir, metrics=cfg.metrics, title=f"sweep {cfg.name}")
+        report = sweep_report(cfg, out_dir, rows)
         for path in [report.csv, report.md, *report.plots]:
             sweep_run.log_artifact(path, artifact_path="report")
         failed = [r["point"] for r in rows if r["status"] != "ok"]

@@ -108,6 +108,13 @@ def random_patch_mask(batch_size: int, shape_chw: Sequence[int], ratio: float, p
     return mask.to(device)
 
 
+def keep_rows(batch_size: int, p: float, generator: torch.Generator | None = None,
+              device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B,) bool, False with probability ``p``: which examples keep a task input (M2 dropout)."""
+    noise = torch.rand(batch_size, generator=generator, device=generator.device if generator else device)
+    return noise.to(device) >= p
+
+
 def collate_batch(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """DataLoader collate: passes through a batch from ``__getitems__``, stacks a list of items."""
     if isinstance(batch, dict):

@@ -133,11 +133,16 @@ def compact_frame(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     return frame[["point", "status", *varying, *[m for m in metrics if m in frame.columns]]]
 
 
+def base_points(points: pd.Series) -> pd.Series:
+    """Each run's point without its ``__seed-<v>`` suffix."""
+    return points.astype(str).str.split(SEED_SUFFIX, n=1, regex=False).str[0]
+
+
 def seed_summary(frame: pd.DataFrame, metrics: Sequence[str], min_seeds: int = 2) -> pd.DataFrame:
     """Mean and sample std over seeds of ``metrics`` for every point run at ≥ ``min_seeds`` seeds (its
     ``<point>__seed-<v>`` rows with it): columns point, seeds, ``<metric>`` and ``<metric> std``."""
     ok = frame[frame["status"] == "ok"] if "status" in frame else frame
-    base = ok["point"].astype(str).str.split(SEED_SUFFIX, n=1, regex=False).str[0]
+    base = base_points(ok["point"])
     records = []
     for point, group in ok.groupby(base, sort=False):
         if len(group) < min_seeds:

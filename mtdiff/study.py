@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mtdiff.report import SEED_SUFFIX, seed_summary
+from mtdiff.report import SEED_SUFFIX, base_points, seed_summary
 
 SPACES = ("fmnist_cnn", "fmnist_eval")
 MIN_SEEDS = 3
@@ -214,7 +214,7 @@ def plot_points(comparison_csv: str | Path, path: str | Path) -> Path:
 
     frame = pd.read_csv(comparison_csv)
     frame = frame[frame["status"] == "ok"]
-    base = frame["point"].astype(str).str.split(SEED_SUFFIX, n=1, regex=False).str[0]
+    base = base_points(frame["point"])
     names = list(dict.fromkeys(base))
     fig, axes = plt.subplots(len(SPACES), 1, figsize=(max(6.0, 0.7 * len(names) + 2), 6.4), sharex=True)
     try:

@@ -278,6 +278,11 @@ def rebuild_report(config: str | Path, root: Path) -> Any:
     rows = list(finished_rows(root, cfg, out_dir).values())
     if not rows:
         raise FileNotFoundError(f"{out_dir / 'points'}: no finished point of sweep {cfg.name!r}")
+    return sweep_report(cfg, out_dir, rows)
+
+
+def sweep_report(cfg: SweepConfig, out_dir: Path, rows: Sequence[dict[str, Any]]) -> Any:
+    """The sweep's comparison table and plots (``mtdiff.report.write_report``) from its points' rows."""
     return write_report(rows, out_dir, metrics=cfg.metrics, title=f"sweep {cfg.name}")
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 
 from mtdiff.config import Params, TasksConfig
-from mtdiff.data import random_patch_mask
+from mtdiff.data import keep_rows, random_patch_mask
 from mtdiff.io import atomic_path
 from mtdiff.utils import get_logger, pick_device
 
@@ -312,8 +312,7 @@ def make_targets(batch: Mapping[str, torch.Tensor], params: Params,
                                      params.model.patch_size, generator=generator, device=z0.device)
             drop = params.tasks.masked.dropout
             if drop > 0:  # absent: every patch hidden (drawn only then, so the stream is unchanged at 0)
-                keep = torch.rand(z0.shape[0], generator=generator, device=generator.device) >= drop
-                mask = mask * keep.to(mask.device, mask.dtype)[:, None, None, None]
+                mask = mask * keep_rows(z0.shape[0], drop, generator, mask.device).to(mask.dtype)[:, None, None, None]
             targets["masked"] = z0 * mask.to(z0.dtype)
         else:
             if name not in batch:

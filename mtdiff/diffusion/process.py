@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mtdiff.config import TASKS as TASK_ORDER
 from mtdiff.config import DiffusionConfig, MaskedTask, TasksConfig
+from mtdiff.data import keep_rows
 from mtdiff.diffusion.schedules import Schedule, build_schedule
 
 _IMAGE_TASKS = ("masked", "transition")
@@ -70,9 +71,7 @@ TASK_LOSSES: dict[str, Callable[[Tensor, Optional[Tensor], Tensor, TasksConfig, 
 def _drop_labels(labels: Tensor, num_classes: int, p: float, generator: Optional[torch.Generator]) -> Tensor:
     """Labels as probabilities, all-zero (code 0: the label absent from A, M2) with probability p."""
     probs = labels.float() if labels.is_floating_point() else F.one_hot(labels.long(), num_classes).float()
-    gen_device = generator.device if generator is not None else labels.device
-    keep = torch.rand(labels.shape[0], generator=generator, device=gen_device).to(labels.device) >= p
-    return probs * keep[:, None]
+    return probs * keep_rows(labels.shape[0], p, generator, labels.device)[:, None]
 
 
 @dataclass
