@@ -237,8 +237,9 @@ class SampleConfig(_Section):
     task_guidance: float = Field(1.5, ge=0)   # MT task guidance: eps_absent + s (eps_given - eps_absent)
     # a label the sampler is not given enters A_hat as the head's softmax (soft: the method's expected
     # code), its argmax (hard: one class's code, as training shows), or not at all (absent: code 0,
-    # the label-dropout state of training)
-    predicted_label: Literal["soft", "hard", "absent"] = "soft"
+    # the label-dropout state of training), or as one class drawn from the head's softmax at z_T and
+    # held for the chain (drawn: y first, then x | y)
+    predicted_label: Literal["soft", "hard", "absent", "drawn"] = "soft"
     # a masked image the sampler is not given enters A_hat as (1 - mask_ratio) times the head's image
     # (expected: its mean over masks), times a patch mask drawn per sample (masked: training's form),
     # or not at all (absent: every patch hidden, what tasks.masked.dropout trains)

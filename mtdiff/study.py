@@ -64,6 +64,8 @@ CLAIMS = (
           "single_task", "joint_label_uncond_hard"),
     Claim("... the label absent from the forward process (code 0, as label dropout trains)", "",
           "single_task", "joint_label_uncond_absent"),
+    Claim("... one class drawn from the head's softmax at z_T and held for the chain (y, then x | y)", "",
+          "single_task", "joint_label_uncond_drawn"),
 )
 
 

@@ -624,8 +624,32 @@ def test_sample_predicted_label_modes(mode):
         assert torch.equal(code, want)
     # the returned label is the head's argmax whatever entered A_hat
     assert torch.equal(out["label"], torch.softmax(fwd[-1]["label"], -1).argmax(-1))
-    with pytest.raises(ValueError, match="predicted_label must be one of soft, hard, absent"):
+    with pytest.raises(ValueError, match="predicted_label must be one of soft, hard, absent, drawn"):
         diff.sample(model, (4, *SHAPE), steps=2, tasks_cfg=tasks("label"), predicted_label="argmax")
+
+
+def test_sample_predicted_label_drawn_holds_one_class_from_the_heads_softmax():
+    """``drawn``: one class per sample drawn from the head's softmax at z_T, then held as a given label."""
+    torch.manual_seed(6)
+    model = SpyModel(("label",)).eval()
+    diff = MTDiffusion(cfg(w_max=1.0))
+    B = 64
+    out = diff.sample(model, (B, *SHAPE), steps=3, sampler="ddim", generator=torch.Generator().manual_seed(8),
+                      tasks_cfg=tasks("label"), predicted_label="drawn")
+    fwd = [c[1] for c in model.calls if c[0] == "forward"]
+    agg = [c[1]["label"] for c in model.calls if c[0] == "aggregate"]
+    # the draw's pass at pure noise (nothing given), then the 3 steps; no "predict" pass: all is given
+    assert len(fwd) == 4 and len(agg) == 4  # nothing given at the draw: A = 0 without an aggregate call
+    gen = torch.Generator().manual_seed(8)
+    noise_T = torch.randn((B, *SHAPE), generator=gen)
+    assert torch.equal(fwd[0][0], noise_T)
+    want = torch.multinomial(torch.softmax(fwd[0][1]["label"], -1), 1, generator=gen).squeeze(1)
+    assert all(torch.equal(code, want) for code in agg)  # held as given from then on
+    assert torch.equal(out["label"], want)
+    assert want.unique().numel() > 1  # a draw, not an argmax shared by all samples
+    again = diff.sample(SpyModel(("label",)).eval(), (B, *SHAPE), steps=3, sampler="ddim",
+                        generator=torch.Generator().manual_seed(8), tasks_cfg=tasks("label"), predicted_label="drawn")
+    assert torch.equal(again["label"], out["label"])
 
 
 def test_sample_predicted_mask_gives_masked_input_training_form():

@@ -123,6 +123,9 @@ def test_predicted_input_modes_reach_the_sampler(trained, workdir, monkeypatch, 
     else:  # 49 patches of 4 x 4, round(0.5 * 49) = 24 hidden
         assert mask.shape == (6, 1, 28, 28) and (mask.reshape(6, -1).sum(1) == 25 * 16).all()
         assert not np.array_equal(plain["arr_0"], moded["arr_0"])
+        _, _, drawn = _sample(trained, "drawn_uncond", **over, **{"sample.predicted_label": "drawn"})
+        assert seen[-1]["predicted_label"] == "drawn" and drawn["labels"].shape == (6,)
+        assert not np.array_equal(plain["arr_0"], drawn["arr_0"])
         _sample(trained, "absent_uncond", **over, **{"sample.predicted_masked": "absent"})
         assert torch.equal(seen[-1]["predicted_mask"], torch.zeros(6, 1, 28, 28))  # every patch hidden
 

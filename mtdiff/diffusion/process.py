@@ -32,7 +32,9 @@ from mtdiff.diffusion.schedules import Schedule, build_schedule
 
 _IMAGE_TASKS = ("masked", "transition")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
-PREDICTED_LABEL = ("soft", "hard", "absent")  # how a label the sampler is not given enters A_hat
+# how a label the sampler is not given enters A_hat; "drawn": one class drawn from the head's softmax
+# at z_T and then held as given for the whole chain (y first, then x | y: ancestral sampling of the joint)
+PREDICTED_LABEL = ("soft", "hard", "absent", "drawn")
 
 
 def _cross_entropy(pred: Tensor, label: Tensor, reduction: str) -> Tensor:
@@ -400,7 +402,9 @@ class MTDiffusion:
         ``{"masked": z0 * mask}``, ``{"transition": src}``); a given modality enters ``A_hat``
         as is, every other enabled one through its head's prediction at the current step
         (labels as softmax probabilities, "soft labels"; ``predicted_label`` "hard": the argmax's
-        one-hot, "absent": code 0, training's dropped label; the masked image as ``(1 - mask_ratio)``
+        one-hot, "absent": code 0, training's dropped label, "drawn": a class drawn once from the
+        head's softmax at the start (an extra network call and one generator draw before the
+        ``start`` pass), then held as a given label; the masked image as ``(1 - mask_ratio)``
         times the head's image, or times ``predicted_mask`` (B,1,H,W) when passed). For a class-conditional baseline model
         ``given["label"]`` is its class label instead (with ``cfg_scale``).
 
@@ -491,10 +495,24 @@ class MTDiffusion:
         c_T = float(self.schedule.c[self.T])
         A0 = self._aggregate(model, {k: ctx.given[k] for k in ctx.enabled if k in ctx.given}, noise_T)
         z = noise_T + c_T * A0
+        if ctx.predicted_label == "drawn" and "label" in ctx.enabled and "label" not in ctx.given:
+            ctx.given["label"] = self._draw_label(model, z, ctx, generator)
+            A0 = self._aggregate(model, {k: ctx.given[k] for k in ctx.enabled if k in ctx.given}, noise_T)
+            z = noise_T + c_T * A0
         if start == "predict" and any(n not in ctx.given for n in ctx.enabled):
             _, A0 = self._denoise(model, z, self.T, ctx)
             z = noise_T + c_T * A0
         return z
+
+    def _draw_label(self, model, z_T: Tensor, ctx: "_SampleContext", generator) -> Tensor:
+        """One class per sample drawn from the label head's softmax at ``z_T`` (the model's p(y) there),
+        on the generator's device as the noise is; the chain then treats it as a given label."""
+        out = self._network(model, z_T, torch.full((z_T.shape[0],), self.T, dtype=torch.long, device=z_T.device),
+                            self.T, ctx)
+        probs = torch.softmax(out["label"].float(), dim=-1)
+        gen_device = generator.device if generator is not None else probs.device
+        drawn = torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(1)
+        return drawn.to(ctx.device)
 
     def _z0_from_head(self, z_t: Tensor, head: Tensor, A: Tensor, t_int: int) -> Tensor:
         """``z0_hat`` from the noise head at a python-int ``t`` (no tensor gather, no host sync)."""
