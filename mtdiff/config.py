@@ -7,6 +7,7 @@ raises :class:`ConfigError` with one line naming the dotted key and what is allo
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from pathlib import Path
@@ -336,6 +337,11 @@ class Params(_Section):
         start = self.finetune_starts_at()
         if start is None or steps_done < start:
             return self.tasks
+        return self._finetune_tasks
+
+    @functools.cached_property
+    def _finetune_tasks(self) -> TasksConfig:
+        """``tasks`` during the fine-tune, built once (the training loop asks every step)."""
         keep = set(self.train.finetune_tasks)
         return self.tasks.model_copy(update={
             n: getattr(self.tasks, n).model_copy(update={"enabled": n in keep, "weight": 0.0}) for n in TASKS})
