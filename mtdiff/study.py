@@ -64,17 +64,22 @@ CLAIMS = (
           "single_task", "joint_label_uncond_hard"),
     Claim("... the label absent from the forward process (code 0, as label dropout trains)", "",
           "single_task", "joint_label_uncond_absent"),
-    Claim("... one class drawn from the head's softmax at z_T and held for the chain (y, then x | y)", "",
+    Claim("... one class drawn from the head's softmax at z_T and held for the chain (y, then x given y)", "",
           "single_task", "joint_label_uncond_drawn"),
 )
 
 
 def _stat(summary: pd.DataFrame, point: str, metric: str) -> tuple[float, float, int]:
-    row = summary[summary["point"] == point]
-    if row.empty or metric not in row or pd.isna(row[metric].iloc[0]):
+    rows = summary[summary["point"] == point]
+    return (math.nan, math.nan, 0) if rows.empty else _row_stat(rows.iloc[0], metric)
+
+
+def _row_stat(row: pd.Series, metric: str) -> tuple[float, float, int]:
+    """(mean, std, seeds) of ``metric`` in one row of the seed summary; (nan, nan, 0) when not run."""
+    if metric not in row or pd.isna(row[metric]):
         return math.nan, math.nan, 0
-    std = row[f"{metric} std"].iloc[0]
-    return float(row[metric].iloc[0]), float(std) if not pd.isna(std) else math.nan, int(row["seeds"].iloc[0])
+    std = row[f"{metric} std"]
+    return float(row[metric]), float(std) if not pd.isna(std) else math.nan, int(row["seeds"])
 
 
 def _fmt(mean: float, std: float, n: int) -> str:
@@ -190,7 +195,7 @@ def points_table(comparison_csv: str | Path, grids_from: str = "../sweeps/study/
     for _, r in summary.iterrows():
         cells = []
         for _, metric, digits in POINT_COLUMNS:
-            mean, std, n = _stat(summary, r["point"], metric)
+            mean, std, n = _row_stat(r, metric)
             cells.append("" if n == 0 else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else ""))
         rows.append(f"| `{r['point']}` | {r['seeds']} | " + " | ".join(cells) +
                     f" | [grid]({grids_from}/{r['point']}.png) |")
