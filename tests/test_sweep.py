@@ -279,3 +279,24 @@ def test_study_verdicts_pair_seeds_and_need_three(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "plain.md").write_text("no block here\n")
     assert main([str(tmp_path / "comparison.csv"), "--write", str(tmp_path / "plain.md")]) == 2
+
+
+def test_study_label_row_names_the_best_lever(tmp_path):
+    """The label-head claim: joint_label's head at its seeds, the best label-head lever beside it;
+    points sharing joint_label's training (sampled otherwise) are not levers."""
+    import pandas as pd
+
+    from mtdiff.study import label_row, _summary
+
+    def row(point, seed, acc):
+        return {"point": point, "status": "ok", "seed": seed, "evaluate/label_acc_ens": acc,
+                "representations/test_accuracy": 0.914}
+
+    rows = [row("joint_label" + (f"__seed-{s}" if s else ""), s, 0.77) for s in range(3)]
+    rows += [row("joint_label_uncond", 0, 0.95), row("joint_label_w05", 0, 0.85)]
+    pd.DataFrame(rows).to_csv(tmp_path / "c.csv", index=False)
+    text = label_row(_summary(tmp_path / "c.csv"))
+    assert "0.770 ± 0.000 (3); best lever `joint_label_w05` 0.850 (1) vs FashionCNN 0.914" in text
+    assert text.endswith("| does not hold |")
+    pd.DataFrame(rows + [row("joint_label_drop05", 0, 0.92)]).to_csv(tmp_path / "c.csv", index=False)
+    assert label_row(_summary(tmp_path / "c.csv")).endswith("`joint_label_drop05` 0.920 (1) vs FashionCNN 0.914 | holds |")
