@@ -650,6 +650,12 @@ def test_sample_predicted_label_drawn_holds_one_class_from_the_heads_softmax():
     again = diff.sample(SpyModel(("label",)).eval(), (B, *SHAPE), steps=3, sampler="ddim",
                         generator=torch.Generator().manual_seed(8), tasks_cfg=tasks("label"), predicted_label="drawn")
     assert torch.equal(again["label"], out["label"])
+    # a z_T passed in is the draw's input too: the label is still drawn and held
+    spy = SpyModel(("label",)).eval()
+    passed = diff.sample(spy, (B, *SHAPE), steps=3, sampler="ddim", generator=torch.Generator().manual_seed(8),
+                         tasks_cfg=tasks("label"), predicted_label="drawn", z_T=noise_T)
+    agg = [c[1]["label"] for c in spy.calls if c[0] == "aggregate"]
+    assert len(agg) == 3 and all(torch.equal(code, passed["label"]) for code in agg)
 
 
 def test_sample_predicted_mask_gives_masked_input_training_form():

@@ -488,14 +488,18 @@ class MTDiffusion:
 
     def _initial_state(self, model, shape, z_T, start, ctx: "_SampleContext", generator) -> Tensor:
         noise_T = _randn(shape, generator, ctx.device, ctx.dtype).to(ctx.work)
+        draw = ctx.predicted_label == "drawn" and "label" in ctx.enabled and "label" not in ctx.given
         if z_T is not None:
             if tuple(z_T.shape) != shape:
                 raise ValueError(f"z_T has shape {tuple(z_T.shape)}, expected {shape}")
-            return z_T.to(ctx.device, ctx.work)
+            z = z_T.to(ctx.device, ctx.work)
+            if draw:  # the caller's z_T is the draw's input; the label enters A from the first step
+                ctx.given["label"] = self._draw_label(model, z, ctx, generator)
+            return z
         c_T = float(self.schedule.c[self.T])
         A0 = self._aggregate(model, {k: ctx.given[k] for k in ctx.enabled if k in ctx.given}, noise_T)
         z = noise_T + c_T * A0
-        if ctx.predicted_label == "drawn" and "label" in ctx.enabled and "label" not in ctx.given:
+        if draw:
             ctx.given["label"] = self._draw_label(model, z, ctx, generator)
             A0 = self._aggregate(model, {k: ctx.given[k] for k in ctx.enabled if k in ctx.given}, noise_T)
             z = noise_T + c_T * A0
