@@ -154,8 +154,10 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
 def save_torch(path: str | os.PathLike, obj: Any) -> Path:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # through a file object: torch.save names the zip's root after a path it is given, here the random
+    # temp name, so equal objects would give different bytes (and DVC hashes); a file object's root is fixed
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return Path(path)
 
 

@@ -153,3 +153,16 @@ def test_atomic_file_write_removes_a_killed_writers_temp_file_only_its_own(tmp_p
     assert not own.exists()
     assert other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "last.pt"]
+
+
+def test_save_torch_equal_objects_give_equal_bytes(tmp_path):
+    """torch.save names its zip's root after the path it writes; through the random temp name that
+    would make every save differ (and every DVC hash of a checkpoint folder)."""
+    import torch
+
+    from mtdiff.io import save_torch
+
+    obj = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 3}
+    a, b = save_torch(tmp_path / "a.pt", obj), save_torch(tmp_path / "sub" / "b.pt", obj)
+    assert a.read_bytes() == b.read_bytes()
+    assert torch.equal(torch.load(b, weights_only=True)["state_dict"]["w"], obj["state_dict"]["w"])

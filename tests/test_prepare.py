@@ -45,6 +45,18 @@ def test_prepare_fashion_mnist_slice(fmnist_dir, make_params):
     assert report["splits"]["train"]["listed"] == len(raw)  # 60000 real, fewer in the test fixture
 
 
+def test_prepare_rerun_gives_equal_bytes(fmnist_dir, make_params):
+    """A rerun writes byte-equal outputs (no timings in report.json): DVC's run-cache keys of the
+    downstream stages hash them, so a differing byte would retrain every model of a sweep."""
+    params = make_params({"data.fashion_mnist_dir": str(fmnist_dir), "data.max_per_split": 50,
+                          "prepare.num_workers": 0})
+    out = params.prepared_dir
+    prepare.run(params)
+    first = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert prepare.run(params)["seconds"] >= 0  # the timing is still returned (and logged)
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == first
+
+
 def test_prepare_fashion_mnist_resize_rgb(fmnist_dir, make_params):
     params = make_params({"data.fashion_mnist_dir": str(fmnist_dir), "data.max_per_split": 8,
                           "data.resolution": 32, "data.channels": 3})

@@ -58,26 +58,26 @@ def run(params: Params) -> dict[str, Any]:
                     "class_index": result.labels,
                     "class_name": [classes[c] for c in result.labels],
                     "source_path": result.source_paths, "sha1": result.sha1s}))
-                per_split[split] = {**result.report, "seconds": round(time.time() - t0, 2)}
+                per_split[split] = dict(result.report)  # no timings in the output: reruns give equal bytes
                 log.info("%s: %d images decoded (%d converted, skipped %s) in %.1fs", split, result.num,
                          result.report["converted"], result.report["skipped"] or "none", time.time() - t0)
             pd.concat(frames, ignore_index=True).to_parquet(tmp / "manifest.parquet", index=False)
             (tmp / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
             report = {"source": params.data.source, "resolution": params.data.resolution,
                       "channels": params.data.channels, "max_per_split": params.data.max_per_split,
-                      "num_classes": len(classes), **_totals(per_split), "splits": per_split,
-                      "seconds": round(time.time() - start, 2)}
+                      "num_classes": len(classes), **_totals(per_split), "splits": per_split}
             (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        seconds = round(time.time() - start, 2)
         tracker.log_metrics({"prepare/decoded": report["decoded"], "prepare/converted": report["converted"],
                              "prepare/skipped": report["skipped_total"],
                              "prepare/train_images": per_split["train"]["decoded"],
                              "prepare/test_images": per_split["test"]["decoded"],
-                             "prepare/seconds": report["seconds"]})
+                             "prepare/seconds": seconds})
         tracker.log_artifact(out / "report.json", artifact_path="prepare")
     log.info("prepared %s (%d classes, %s px, %d ch): train %d, test %d images -> %s in %.1fs",
              params.data.source, len(classes), params.data.resolution, params.data.channels,
-             per_split["train"]["decoded"], per_split["test"]["decoded"], out, report["seconds"])
-    return {**report, "out_dir": str(out),
+             per_split["train"]["decoded"], per_split["test"]["decoded"], out, seconds)
+    return {**report, "seconds": seconds, "out_dir": str(out),
             "outputs": {name: str(out / name) for name in
                         ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy",
                          "manifest.parquet", "classes.json", "report.json")}}
