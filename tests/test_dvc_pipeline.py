@@ -113,14 +113,21 @@ def test_profile_edits_reach_only_its_runs_and_config_py_reaches_every_stage(tmp
 
 def test_identical_training_params_train_once_via_the_run_cache(tmp_path):
     """Two experiments that differ only downstream of train (the tasks sweep's joint_label and
-    joint_label_uncond) train once: the second restores checkpoints/ from DVC's run-cache."""
+    joint_label_uncond) train once: the second restores checkpoints/ from DVC's run-cache.
+
+    Also from a clone whose dvc.lock is current for the upstream stages but whose cache lacks their
+    outputs (a `make run` elsewhere): DVC then reruns those stages instead of asking the run-cache,
+    so the reruns must write equal bytes, or train's key (its data deps' hashes) changes every time."""
     fmnist = fmnist_path()
     if not (fmnist / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST not at {fmnist}")
     tiny = {**TINY, "data.fashion_mnist_dir": str(fmnist), "train.steps": 4}
     root = repo_copy(tmp_path / "repo", tiny)
+    sh(root, *DVC, "repro", "-q", "representations")  # dvc.lock current for prepare .. representations
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-q", "-m", "tiny pipeline")
+    cache = root / ".dvc" / "cache"
+    sh(root, "rm", "-rf", str(cache), str(root / "data"))  # the lock's outputs: made on another machine
 
     first = sh(root, *DVC, "exp", "run", "--temp", "-n", "a", "-S", "train.lr=0.002",
                 "-S", "sample.condition=label", "train")
