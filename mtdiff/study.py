@@ -5,8 +5,8 @@ both feature spaces. The seed sets the training, the sampling noise *and* the tw
 networks, so the points are compared seed by seed: the paired differences d_s = FID_a(s) - FID_b(s)
 over the seeds both finished. A claim *holds* when their mean goes its way beyond the two-sided 95 %
 bound of a paired t-test (|mean| > t_{0.975, n-1} · std/√n) in both spaces, *does not hold* when it
-goes the other way as far, shows *no difference* within it, and is *not resolved* under 3 paired
-seeds. The label head is read against the FashionCNN's test accuracy and the 0.91 target.
+goes the other way as far, is *not significant* within it (at 3 seeds the bound is 4.30 SE: a
+gap that every seed shows can still fall inside it), and is *not resolved* under 3 paired seeds. The label head is read against the FashionCNN's test accuracy and the 0.91 target.
 
     python -m mtdiff.study [sweeps/study/comparison.csv]   # prints the markdown table
     python -m mtdiff.study --write                         # ... into README.md and docs/study.md,
@@ -115,7 +115,7 @@ def per_seed(frame: pd.DataFrame, point: str, metric: str) -> dict[int, float]:
 
 def verdict(diffs: list[float]) -> str:
     """'holds' when the paired differences (a - b) are below 0 beyond the t bound, 'does not hold'
-    when above it, 'no difference' within it; 'not resolved' under MIN_SEEDS pairs."""
+    when above it, 'not significant' within it; 'not resolved' under MIN_SEEDS pairs."""
     n = len(diffs)
     if n == 0:
         return "not run"
@@ -130,7 +130,7 @@ def verdict(diffs: list[float]) -> str:
         return "holds"
     if mean > bound:
         return "does not hold"
-    return "no difference"
+    return "not significant"
 
 
 def _diff_text(diffs: list[float]) -> str:

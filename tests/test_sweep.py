@@ -248,7 +248,7 @@ def test_study_verdicts_pair_seeds_and_need_three(tmp_path):
 
     assert verdict([-5.0, -4.0, -6.0]) == "holds"          # mean -5, bound t(.975, 2) * 0.58 = 2.5
     assert verdict([5.0, 4.0, 6.0]) == "does not hold"
-    assert verdict([-1.0, 1.0, -2.0]) == "no difference"   # |-0.67| < 4.30 * 0.88
+    assert verdict([-1.0, 1.0, -2.0]) == "not significant"   # |-0.67| < 4.30 * 0.88
     assert verdict([-5.0, -5.1]) == "not resolved"         # too few pairs to judge
     assert verdict([]) == "not run"
     rows = []
