@@ -198,8 +198,9 @@ POINT_COLUMNS = (("FID cnn", "evaluate/fid_fmnist_cnn", 1), ("FID eval", "evalua
 
 
 def points_table(comparison_csv: str | Path, grids_from: str = "../sweeps/study/points") -> str:
-    """Every finished point: the main figures (mean ± std, seeds) and its seed-0 sample grid."""
-    summary = _summary(comparison_csv)
+    """Every finished point: the main figures (mean ± std, seeds) and the sample grid of its lowest
+    finished seed (``<point>.png`` at seed 0, else ``<point>__seed-<s>.png``)."""
+    frame, summary = pd.read_csv(comparison_csv), _summary(comparison_csv)
     head = "| point | seeds | " + " | ".join(c[0] for c in POINT_COLUMNS) + " | grid |\n|---|---:|" + \
         "---:|" * len(POINT_COLUMNS) + "---|"
     rows = []
@@ -208,8 +209,9 @@ def points_table(comparison_csv: str | Path, grids_from: str = "../sweeps/study/
         for _, metric, digits in POINT_COLUMNS:
             mean, std, n = _row_stat(r, metric)
             cells.append("" if n == 0 else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else ""))
-        rows.append(f"| `{r['point']}` | {r['seeds']} | " + " | ".join(cells) +
-                    f" | [grid]({grids_from}/{r['point']}.png) |")
+        seed = min(per_seed(frame, r["point"], "evaluate/fid_fmnist_cnn"), default=0)
+        grid, text = (r["point"], "grid") if seed == 0 else (f"{r['point']}{SEED_SUFFIX}{seed}", f"grid (seed {seed})")
+        rows.append(f"| `{r['point']}` | {r['seeds']} | " + " | ".join(cells) + f" | [{text}]({grids_from}/{grid}.png) |")
     return "\n".join([head, *rows])
 
 

@@ -300,3 +300,18 @@ def test_study_label_row_names_the_best_lever(tmp_path):
     assert text.endswith("| does not hold |")
     pd.DataFrame(rows + [row("joint_label_drop05", 0, 0.92)]).to_csv(tmp_path / "c.csv", index=False)
     assert label_row(_summary(tmp_path / "c.csv")).endswith("`joint_label_drop05` 0.920 (1) vs FashionCNN 0.914 | holds |")
+
+
+def test_study_points_table_links_the_lowest_finished_seeds_grid(tmp_path):
+    import pandas as pd
+
+    from mtdiff.study import points_table
+
+    rows = [{"point": "a", "status": "ok", "seed": 0, "evaluate/fid_fmnist_cnn": 5.0},
+            {"point": "a__seed-1", "status": "ok", "seed": 1, "evaluate/fid_fmnist_cnn": 6.0},
+            {"point": "b__seed-2", "status": "ok", "seed": 2, "evaluate/fid_fmnist_cnn": 7.0},
+            {"point": "b__seed-1", "status": "ok", "seed": 1, "evaluate/fid_fmnist_cnn": 8.0}]
+    pd.DataFrame(rows).to_csv(tmp_path / "c.csv", index=False)
+    table = points_table(tmp_path / "c.csv", grids_from="g")
+    assert "| `a` | 2 | 5.5 ± 0.7 |" in table and "[grid](g/a.png) |" in table
+    assert "| `b` | 2 | 7.5 ± 0.7 |" in table and "[grid (seed 1)](g/b__seed-1.png) |" in table
