@@ -116,6 +116,11 @@ def _randn(shape: Iterable[int], generator: Optional[torch.Generator], device: t
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def _timesteps(z: Tensor, t_int: int) -> Tensor:
+    """The batch's timestep tensor (one ``t`` for every sample of ``z``)."""
+    return torch.full((z.shape[0],), t_int, dtype=torch.long, device=z.device)
+
+
 class MTDiffusion:
     """The MT-Diffusion process for one :class:`DiffusionConfig`; t is 1-based int64 in [1, T]."""
 
@@ -335,8 +340,7 @@ class MTDiffusion:
 
     def _denoise(self, model: Any, z: Tensor, t_int: int, ctx: "_SampleContext") -> tuple[dict[str, Tensor], Tensor]:
         """One network call at ``t``: the heads' outputs and ``A_hat`` (given inputs, else predictions)."""
-        t = torch.full((z.shape[0],), t_int, dtype=torch.long, device=z.device)
-        out = self._network(model, z, t, t_int, ctx)
+        out = self._network(model, z, _timesteps(z, t_int), t_int, ctx)
         missing = [n for n in ("eps", *ctx.enabled) if n not in ctx.given and n not in out]
         if missing:
             raise KeyError(f"sample: model output lacks head(s) {missing} (has {sorted(out)})")
@@ -379,7 +383,7 @@ class MTDiffusion:
         if ctx.sampler == "dpmpp2m":
             return self._dpmpp2m_step(z, z0_hat, A_hat, t_int, s_int, ctx)
         if ctx.sampler == "ddpm" and s_int == t_int - 1:
-            t = torch.full((z.shape[0],), t_int, dtype=torch.long, device=z.device)
+            t = _timesteps(z, t_int)
             mean = (self._coef("posterior_coef_zt", t, z) * z + self._coef("posterior_coef_z0", t, z) * z0_hat
                     + self._coef("posterior_coef_A", t, z) * A_hat)  # (M4)
             if t_int == 1:
@@ -493,26 +497,26 @@ class MTDiffusion:
             if tuple(z_T.shape) != shape:
                 raise ValueError(f"z_T has shape {tuple(z_T.shape)}, expected {shape}")
             z = z_T.to(ctx.device, ctx.work)
-            if draw:  # the caller's z_T is the draw's input; the label enters A from the first step
-                ctx.given["label"] = self._draw_label(model, z, ctx, generator)
-            return z
-        c_T = float(self.schedule.c[self.T])
-        A0 = self._aggregate(model, {k: ctx.given[k] for k in ctx.enabled if k in ctx.given}, noise_T)
-        z = noise_T + c_T * A0
-        if draw:
+        else:
+            z = self._prior_draw(model, noise_T, ctx)
+        if draw:  # the draw reads z_T (the caller's or the prior's); the label then enters A as given
             ctx.given["label"] = self._draw_label(model, z, ctx, generator)
-            A0 = self._aggregate(model, {k: ctx.given[k] for k in ctx.enabled if k in ctx.given}, noise_T)
-            z = noise_T + c_T * A0
-        if start == "predict" and any(n not in ctx.given for n in ctx.enabled):
+            if z_T is None:
+                z = self._prior_draw(model, noise_T, ctx)
+        if z_T is None and start == "predict" and any(n not in ctx.given for n in ctx.enabled):
             _, A0 = self._denoise(model, z, self.T, ctx)
-            z = noise_T + c_T * A0
+            z = noise_T + float(self.schedule.c[self.T]) * A0
         return z
+
+    def _prior_draw(self, model, noise_T: Tensor, ctx: "_SampleContext") -> Tensor:
+        """``z_T = noise + c_T A`` from the given modalities only (the prior of (M3))."""
+        given = {k: ctx.given[k] for k in ctx.enabled if k in ctx.given}
+        return noise_T + float(self.schedule.c[self.T]) * self._aggregate(model, given, noise_T)
 
     def _draw_label(self, model, z_T: Tensor, ctx: "_SampleContext", generator) -> Tensor:
         """One class per sample drawn from the label head's softmax at ``z_T`` (the model's p(y) there),
         on the generator's device as the noise is; the chain then treats it as a given label."""
-        out = self._network(model, z_T, torch.full((z_T.shape[0],), self.T, dtype=torch.long, device=z_T.device),
-                            self.T, ctx)
+        out = self._network(model, z_T, _timesteps(z_T, self.T), self.T, ctx)
         probs = torch.softmax(out["label"].float(), dim=-1)
         gen_device = generator.device if generator is not None else probs.device
         drawn = torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(1)
