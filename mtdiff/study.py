@@ -85,10 +85,11 @@ def _row_stat(row: pd.Series, metric: str) -> tuple[float, float, int]:
     return float(row[metric]), float(std) if not pd.isna(std) else math.nan, int(row["seeds"])
 
 
-def _fmt(mean: float, std: float, n: int) -> str:
+def _fmt(mean: float, std: float, n: int, digits: int = 1, count: bool = True) -> str:
+    """``mean ± std (seeds)``: the std only over several seeds, the seed count unless ``count`` is off."""
     if n == 0:
         return "not run"
-    return f"{mean:.1f}" + (f" ± {std:.1f}" if n > 1 else "") + f" ({n})"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "") + (f" ({n})" if count else "")
 
 
 def paired(frame: pd.DataFrame, a: str, b: str, metric: str) -> list[float]:
@@ -172,14 +173,13 @@ def label_row(summary: pd.DataFrame) -> str:
     cnn = _stat(summary, "joint_label", "representations/test_accuracy")
     if acc[2] == 0:
         return "| the label head is a competitive classifier | no number | not run | not run |"
-    levers = [(s[0], p, s) for p in LABEL_LEVERS if not math.isnan((s := _stat(summary, p, metric))[0])]
-    best = max(levers, default=None)
-    best_acc = max(acc[0], best[0] if best else -math.inf)
+    levers = {p: s for p in LABEL_LEVERS if not math.isnan((s := _stat(summary, p, metric))[0])}
+    best = max(levers, key=lambda p: levers[p][0], default=None)
+    best_acc = max(acc[0], levers[best][0] if best else -math.inf)
     done = "holds" if best_acc >= LABEL_TARGET else ("not resolved" if acc[2] < MIN_SEEDS else "does not hold")
-    ours = f"{acc[0]:.3f}" + (f" ± {acc[1]:.3f}" if acc[2] > 1 else "") + f" ({acc[2]})"
+    ours = _fmt(*acc, digits=3)
     if best is not None:
-        b = best[2]
-        ours += f"; best lever `{best[1]}` {b[0]:.3f}" + (f" ± {b[1]:.3f}" if b[2] > 1 else "") + f" ({b[2]})"
+        ours += f"; best lever `{best}` {_fmt(*levers[best], digits=3)}"
     return (f"| the label head is a competitive classifier (≥ {LABEL_TARGET}, the FashionCNN's level) | no number | "
             f"{ours} vs FashionCNN {cnn[0]:.3f} | {done} |")
 
@@ -208,7 +208,7 @@ def points_table(comparison_csv: str | Path, grids_from: str = "../sweeps/study/
         cells = []
         for _, metric, digits in POINT_COLUMNS:
             mean, std, n = _row_stat(r, metric)
-            cells.append("" if n == 0 else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else ""))
+            cells.append("" if n == 0 else _fmt(mean, std, n, digits, count=False))
         seed = min(per_seed(frame, r["point"], "evaluate/fid_fmnist_cnn"), default=0)
         grid, text = (r["point"], "grid") if seed == 0 else (f"{r['point']}{SEED_SUFFIX}{seed}", f"grid (seed {seed})")
         rows.append(f"| `{r['point']}` | {r['seeds']} | " + " | ".join(cells) + f" | [{text}]({grids_from}/{grid}.png) |")
