@@ -104,6 +104,13 @@ def test_evaluate_classifier_accuracy_and_image_errors():
     assert a == 1.0 and per_class.shape == (K,)
     wrong = (labels + 1) % K
     assert acc.classifier_accuracy(Brightness(), imgs, wrong)[0] == 0.0
+    # class entropy of the predictions: balanced 1, one class 0, two of K classes log 2 / log K
+    pred = acc.classify(Brightness(), imgs, batch_size=7)
+    assert np.array_equal(pred, labels) and acc.class_entropy(pred, K) == pytest.approx(1.0)
+    assert acc.class_entropy(np.zeros(9, np.int64), K) == 0.0
+    assert acc.class_entropy(np.array([0, 1, 0, 1]), K) == pytest.approx(np.log(2) / np.log(K))
+    with pytest.raises(ValueError, match="class_entropy needs"):
+        acc.class_entropy(np.zeros(0, np.int64), K)
 
     ref = np.full((2, 4, 4, 1), 255, np.uint8)
     out = ref.copy()
@@ -186,7 +193,8 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     m = json.loads((params.metrics_dir / "evaluate.json").read_text())
     assert out["metrics_path"] == str(params.metrics_dir / "evaluate.json") and calls
     # both feature spaces: the representation encoder's and the evaluation network's
-    domain = {f"{k}_{space}" for k in ("fid", "kid", "kid_std", "precision", "recall", "f_score", "cond_acc")
+    domain = {f"{k}_{space}" for k in ("fid", "kid", "kid_std", "precision", "recall", "f_score", "cond_acc",
+                                        "class_entropy")
               for space in ("fmnist_cnn", "fmnist_eval")}
     label = {"label_acc_t1", "label_acc_t10", "label_acc_t50", "label_acc_ens"}
     always = {"num_samples", "num_reference", "num_test_eval", "condition", "data_source",
@@ -198,8 +206,13 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     assert m["domain_skipped_reason"] == "" and m["label_head_skipped_reason"] == ""
     for k in domain | label:
         assert isinstance(m[k], float) and math.isfinite(m[k]), k
-    for k in label | {"cond_acc_fmnist_cnn", "cond_acc_fmnist_eval"}:
+    for k in label | {"cond_acc_fmnist_cnn", "cond_acc_fmnist_eval", "class_entropy_fmnist_cnn"}:
         assert 0.0 <= m[k] <= 1.0
+    # the class histogram is the encoder's top-1 over the samples evaluated
+    from mtdiff.encoders import load_fmnist_encoder
+    net = load_fmnist_encoder(params.representations_dir / "encoder.pt")
+    pred = acc.classify(net, images[:32])
+    assert m["class_entropy_fmnist_cnn"] == pytest.approx(acc.class_entropy(pred, K))
     assert m["fid_fmnist_eval"] != m["fid_fmnist_cnn"]  # two different spaces
 
     plots = params.metrics_dir / "plots"

@@ -1,6 +1,7 @@
 """Evaluation: generative metrics through torch-fidelity (:mod:`.fidelity`) and task metrics (:mod:`.accuracy`)."""
 from mtdiff.evaluation.accuracy import (
     LabelAccuracy,
+    class_entropy,
     classifier_accuracy,
     image_mse,
     label_head_accuracy,
@@ -20,7 +21,7 @@ from mtdiff.evaluation.fidelity import (
 )
 
 __all__ = [
-    "INCEPTION", "LabelAccuracy", "UInt8Images", "classifier_accuracy", "fidelity_metrics",
+    "INCEPTION", "LabelAccuracy", "UInt8Images", "class_entropy", "classifier_accuracy", "fidelity_metrics",
     "image_mse", "inception_weights", "label_head_accuracy", "load_ref_stats", "masked_region_mse",
     "metric_name", "reference_stats", "register_module_extractor", "representation_similarity",
     "write_ref_stats_npz",

@@ -5,7 +5,8 @@ representation head, inpainting (masked) and image-transition errors.
   with A = 0 since nothing but the image is given) on the real test split, top-1 (and top-5) per
   t, an ensemble over several t (mean softmax) and per-class accuracy.
 - :func:`classifier_accuracy`: a domain classifier (Fashion-MNIST CNN) on generated images vs the
-  labels they were asked for (class-conditional sampling) or predicted with (joint sampling).
+  labels they were asked for (class-conditional sampling) or predicted with (joint sampling);
+  :func:`class_entropy`: how evenly its predictions spread over the classes.
 - :func:`representation_similarity`: cosine between the representation head's prediction and the
   encoder's features of the same test images.
 - :func:`masked_region_mse` / :func:`image_mse`: errors in [0, 1] pixel units (and PSNR).
@@ -120,17 +121,11 @@ def label_head_accuracy(model: Any, diffusion: Any, z0: np.ndarray | torch.Tenso
 
 
 @torch.no_grad()
-def classifier_accuracy(classifier: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *,
-                        batch_size: int = 256, device: torch.device | str = "cpu") -> tuple[float, np.ndarray]:
-    """Top-1 accuracy of ``classifier`` (logits from float (B,C,H,W) in [-1,1]) on uint8 images vs ``labels``.
-
-    Returns ``(accuracy, per_class_accuracy)``.
-    """
+def classify(classifier: torch.nn.Module, images: np.ndarray, *, batch_size: int = 256,
+             device: torch.device | str = "cpu") -> np.ndarray:
+    """``classifier``'s top-1 class (logits from float (B,C,H,W) in [-1,1]) of each uint8 image."""
     device = torch.device(device)
     images = as_nhwc_uint8(images, "images")
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(images) != len(labels):
-        raise ValueError(f"classifier_accuracy: {len(images)} images but {len(labels)} labels")
     was_training = classifier.training
     classifier.eval()
     preds = []
@@ -140,10 +135,36 @@ def classifier_accuracy(classifier: torch.nn.Module, images: np.ndarray, labels:
             preds.append(classifier(x).argmax(-1).cpu().numpy())
     finally:
         classifier.train(was_training)
-    pred = np.concatenate(preds)
+    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+
+def prediction_accuracy(pred: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """``(accuracy, per_class_accuracy)`` of predicted classes against ``labels``."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(pred) != len(labels):
+        raise ValueError(f"classifier_accuracy: {len(pred)} images but {len(labels)} labels")
     correct = pred == labels
     K = int(max(labels.max(initial=0), pred.max(initial=0)) + 1)
     return float(correct.mean()), per_class_accuracy(correct, labels, K)
+
+
+def classifier_accuracy(classifier: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *,
+                        batch_size: int = 256, device: torch.device | str = "cpu") -> tuple[float, np.ndarray]:
+    """Top-1 accuracy of ``classifier`` on uint8 images vs ``labels``: ``(accuracy, per_class_accuracy)``."""
+    if len(images) != len(labels):
+        raise ValueError(f"classifier_accuracy: {len(images)} images but {len(labels)} labels")
+    return prediction_accuracy(classify(classifier, images, batch_size=batch_size, device=device), labels)
+
+
+def class_entropy(pred: np.ndarray, num_classes: int) -> float:
+    """Entropy of the predicted-class histogram over ``log K``: 1 when every class is drawn equally
+    often (a balanced test split), 0 when every sample is one class; unconditional samplers that
+    collapse onto a few classes fall below what FID alone makes visible."""
+    if num_classes < 2 or len(pred) == 0:
+        raise ValueError(f"class_entropy needs >= 2 classes and >= 1 prediction, got {num_classes}, {len(pred)}")
+    p = np.bincount(np.asarray(pred, dtype=np.int64), minlength=num_classes) / len(pred)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum() / np.log(num_classes))
 
 
 @torch.no_grad()

@@ -21,7 +21,9 @@ Inception (torch-fidelity ``inception-v3-compat``, when its weights are availabl
 Domain (Fashion-MNIST CNN of the representations stage, default profile)
     the same six as ``<metric>_fmnist_cnn``; with sample labels ``cond_acc_fmnist_cnn``
     (condition ``label``: the CNN's accuracy against the asked labels) or
-    ``joint_label_acc_fmnist_cnn`` (unconditional: agreement with the jointly generated labels).
+    ``joint_label_acc_fmnist_cnn`` (unconditional: agreement with the jointly generated labels);
+    ``class_entropy_fmnist_cnn``: entropy of the network's class histogram of the samples over
+    log K (1: every class equally often; unconditional samplers that favour a few classes fall below).
 Label head (tasks.label)
     ``label_acc_t<t>`` for t in ``evaluate.classify_t``, ``label_acc_ens`` (softmax
     averaged over those t), ImageNet also ``label_top5_t<t>``, ``label_top5_ens``.
@@ -223,10 +225,11 @@ def _domain_metrics(inp: _Inputs) -> tuple[dict[str, Any], Plots, str]:
         extractor = fid.register_module_extractor(net, space)
         m.update(fid.fidelity_metrics(inp.samples, inp.reference, extractor=extractor, space=space,
                                       **inp.fidelity_kwargs()))
+        pred = acc.classify(net, inp.samples, batch_size=params.evaluate.batch_size, device=inp.device)
+        m[inp.name("class_entropy", space)] = acc.class_entropy(pred, len(inp.classes))
         labels = inp.arrays.get("labels")
         if labels is not None and inp.condition in ("label", "uncond"):
-            accuracy, per_class = acc.classifier_accuracy(net, inp.samples, labels[:inp.n],
-                                                          batch_size=params.evaluate.batch_size, device=inp.device)
+            accuracy, per_class = acc.prediction_accuracy(pred, labels[:inp.n])
             m[inp.name("cond_acc" if inp.condition == "label" else "joint_label_acc", space)] = accuracy
             if space == DOMAIN:
                 plots[PER_CLASS_SAMPLES] = _per_class_rows(per_class, inp.classes)
