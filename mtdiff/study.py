@@ -7,7 +7,8 @@ over the seeds both finished ("slightly worse" claims: d_s = FID_a(s) - r · FID
 own ratio r as the slack). A claim *holds* when their mean goes its way beyond the two-sided 95 %
 bound of a paired t-test (|mean| > t_{0.975, n-1} · std/√n) in both spaces, *does not hold* when it
 goes the other way as far, is *not significant* within it (at 3 seeds the bound is 4.30 SE: a
-gap that every seed shows can still fall inside it), and is *not resolved* under 3 paired seeds. The label head is read against the FashionCNN's test accuracy and the 0.91 target.
+gap that every seed shows can still fall inside it), and is *not resolved* under 3 paired seeds.
+The label head is read against the FashionCNN's test accuracy and the 0.91 target.
 
     python -m mtdiff.study [sweeps/study/comparison.csv]   # prints the markdown table
     python -m mtdiff.study --write                         # ... into README.md and docs/study.md,
@@ -191,9 +192,8 @@ def label_row(summary: pd.DataFrame) -> str:
             f"{ours} vs FashionCNN {cnn[0]:.3f} | {done} |")
 
 
-def _summary(comparison_csv: str | Path) -> pd.DataFrame:
+def _summary(frame: pd.DataFrame) -> pd.DataFrame:
     """Every point's mean ± std over its seeds (one seed: std NaN) of the numeric metrics."""
-    frame = pd.read_csv(comparison_csv)
     metrics = [c for c in frame.columns if c.startswith(("evaluate/", "representations/test_accuracy"))
                and pd.api.types.is_numeric_dtype(frame[c])]
     return seed_summary(frame, metrics, min_seeds=1)
@@ -207,7 +207,8 @@ POINT_COLUMNS = (("FID cnn", "evaluate/fid_fmnist_cnn", 1), ("FID eval", "evalua
 def points_table(comparison_csv: str | Path, grids_from: str = "../sweeps/study/points") -> str:
     """Every finished point: the main figures (mean ± std, seeds) and the sample grid of its lowest
     finished seed (``<point>.png`` at seed 0, else ``<point>__seed-<s>.png``)."""
-    frame, summary = pd.read_csv(comparison_csv), _summary(comparison_csv)
+    frame = pd.read_csv(comparison_csv)
+    summary = _summary(frame)
     head = "| point | seeds | " + " | ".join(c[0] for c in POINT_COLUMNS) + " | grid |\n|---|---:|" + \
         "---:|" * len(POINT_COLUMNS) + "---|"
     rows = []
@@ -223,7 +224,8 @@ def points_table(comparison_csv: str | Path, grids_from: str = "../sweeps/study/
 
 
 def verdict_table(comparison_csv: str | Path) -> str:
-    frame, summary = pd.read_csv(comparison_csv), _summary(comparison_csv)
+    frame = pd.read_csv(comparison_csv)
+    summary = _summary(frame)
     head = ("| claim (lower FID first) | paper (ImageNet-64) | ours: FID fmnist_cnn / fmnist_eval, mean ± std "
             "(seeds), Δ: paired difference ± its SE | verdict (paired t, 95 %) |\n|---|---|---|---|")
     return "\n".join([head, *(claim_row(frame, summary, c) for c in CLAIMS), label_row(summary)])

@@ -314,11 +314,11 @@ def test_study_label_row_names_the_best_lever(tmp_path):
     rows = [row("joint_label" + (f"__seed-{s}" if s else ""), s, 0.77) for s in range(3)]
     rows += [row("joint_label_uncond", 0, 0.95), row("joint_label_w05", 0, 0.85)]
     pd.DataFrame(rows).to_csv(tmp_path / "c.csv", index=False)
-    text = label_row(_summary(tmp_path / "c.csv"))
+    text = label_row(_summary(pd.read_csv(tmp_path / "c.csv")))
     assert "0.770 ± 0.000 (3); best lever `joint_label_w05` 0.850 (1) vs FashionCNN 0.914" in text
     assert text.endswith("| does not hold |")
     pd.DataFrame(rows + [row("joint_label_drop05", 0, 0.92)]).to_csv(tmp_path / "c.csv", index=False)
-    assert label_row(_summary(tmp_path / "c.csv")).endswith("`joint_label_drop05` 0.920 (1) vs FashionCNN 0.914 | holds |")
+    assert label_row(_summary(pd.read_csv(tmp_path / "c.csv"))).endswith("`joint_label_drop05` 0.920 (1) vs FashionCNN 0.914 | holds |")
 
 
 def test_study_points_table_links_the_lowest_finished_seeds_grid(tmp_path):

@@ -142,7 +142,7 @@ def prediction_accuracy(pred: np.ndarray, labels: np.ndarray) -> tuple[float, np
     """``(accuracy, per_class_accuracy)`` of predicted classes against ``labels``."""
     labels = np.asarray(labels, dtype=np.int64)
     if len(pred) != len(labels):
-        raise ValueError(f"classifier_accuracy: {len(pred)} images but {len(labels)} labels")
+        raise ValueError(f"{len(pred)} predictions but {len(labels)} labels")
     correct = pred == labels
     K = int(max(labels.max(initial=0), pred.max(initial=0)) + 1)
     return float(correct.mean()), per_class_accuracy(correct, labels, K)
@@ -151,8 +151,6 @@ def prediction_accuracy(pred: np.ndarray, labels: np.ndarray) -> tuple[float, np
 def classifier_accuracy(classifier: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *,
                         batch_size: int = 256, device: torch.device | str = "cpu") -> tuple[float, np.ndarray]:
     """Top-1 accuracy of ``classifier`` on uint8 images vs ``labels``: ``(accuracy, per_class_accuracy)``."""
-    if len(images) != len(labels):
-        raise ValueError(f"classifier_accuracy: {len(images)} images but {len(labels)} labels")
     return prediction_accuracy(classify(classifier, images, batch_size=batch_size, device=device), labels)
 
 
