@@ -8,11 +8,13 @@ own ratio r as the slack). A claim *holds* when their mean goes its way beyond t
 bound of a paired t-test (|mean| > t_{0.975, n-1} · std/√n) in both spaces, *does not hold* when it
 goes the other way as far, is *not significant* within it (at 3 seeds the bound is 4.30 SE: a
 gap that every seed shows can still fall inside it), and is *not resolved* under 3 paired seeds.
-The label head is read against the FashionCNN's test accuracy and the 0.91 target.
+The label head is read against the FashionCNN's test accuracy and the 0.91 target, the budget
+against the baseline's own curve (750 / 1500 / 3000 steps).
 
     python -m mtdiff.study [sweeps/study/comparison.csv]   # prints the markdown table
     python -m mtdiff.study --write                         # ... into README.md and docs/study.md,
-                                                           # the plot into sweeps/study/fid_per_seed.png
+                                                           # the plots into sweeps/study/ (fid_per_seed.png,
+                                                           # baseline_curve.png)
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ LABEL_TARGET = 0.91
 LABEL_LEVERS = ("joint_label_drop03", "joint_label_drop05", "joint_label_w05", "joint_label_maxt100",
                 "joint_label_nofeedback")
 PLOT = "fid_per_seed.png"  # written by --write beside comparison.csv
+# the baseline's curve: is it still improving fast at the study's budget (the issue's "or more steps")?
+CURVE = ("classcond_cfg1_steps750", "classcond_cfg1", "classcond_cfg1_steps3000")  # shorter, the budget, longer
+CURVE_PLOT = "baseline_curve.png"
 
 
 @dataclass(frozen=True)
@@ -167,11 +172,42 @@ def claim_row(frame: pd.DataFrame, summary: pd.DataFrame, claim: Claim) -> str:
         scaled = "" if claim.ratio == 1.0 else f"{claim.ratio:.2f} × "
         cells.append(f"{_fmt(*a)} vs {scaled}{_fmt(*b)}{_diff_text(diffs)}")
         verdicts.append(verdict(diffs))
-    if len(set(verdicts)) > 1:
-        final = "not resolved" if "not resolved" in verdicts or "not run" in verdicts else "spaces disagree"
-    else:
-        final = verdicts[0]
-    return f"| {claim.text} (`{claim.better}` vs `{worse}`) | {claim.paper} | {' / '.join(cells)} | {final} |"
+    return f"| {claim.text} (`{claim.better}` vs `{worse}`) | {claim.paper} | {' / '.join(cells)} | {_both(verdicts)} |"
+
+
+def _both(verdicts: list[str]) -> str:
+    """One verdict from the two spaces': theirs when they agree."""
+    if len(set(verdicts)) == 1:
+        return verdicts[0]
+    return "not resolved" if "not resolved" in verdicts or "not run" in verdicts else "spaces disagree"
+
+
+def _steps(frame: pd.DataFrame, point: str) -> str:
+    rows = frame[base_points(frame["point"]) == point] if "train.steps" in frame else frame.iloc[:0]
+    return str(int(rows["train.steps"].iloc[0])) if len(rows) else "?"
+
+
+def curve_row(frame: pd.DataFrame, summary: pd.DataFrame) -> str:
+    """Is the baseline still improving fast at the budget? Its FID along CURVE; *holds* (the budget
+    resolves) when the longer run gains less FID over the budget's, paired by seed, than the budget's
+    own spread over seeds (the noise every comparison already carries), in both spaces."""
+    steps = [_steps(frame, p) for p in CURVE]
+    cells, verdicts = [], []
+    for space in SPACES:
+        metric = f"evaluate/fid_{space}"
+        stats = [_stat(summary, p, metric) for p in CURVE]
+        diffs = paired(frame, CURVE[2], CURVE[1], metric)
+        cell = " → ".join(_fmt(*s) for s in stats)
+        if diffs and not math.isnan(spread := stats[1][1]):
+            gain = -sum(diffs) / len(diffs)
+            cell += f"; {steps[1]} → {steps[2]} gains {gain:.1f} vs seed std {spread:.1f}"
+            verdicts.append("holds" if gain < spread else "does not hold")
+        else:
+            verdicts.append("not run")
+        cells.append(cell)
+    return (f"| the class-conditional baseline is no longer improving fast at the budget: FID at "
+            f"{' → '.join(steps)} steps (`{'`, `'.join(CURVE)}`) | 1M iterations (ADM's) | {' / '.join(cells)} | "
+            f"{_both(verdicts)} |")
 
 
 def label_row(summary: pd.DataFrame) -> str:
@@ -228,23 +264,18 @@ def verdict_table(comparison_csv: str | Path) -> str:
     summary = _summary(frame)
     head = ("| claim (lower FID first) | paper (ImageNet-64) | ours: FID fmnist_cnn / fmnist_eval, mean ± std "
             "(seeds), Δ: paired difference ± its SE | verdict (paired t, 95 %) |\n|---|---|---|---|")
-    return "\n".join([head, *(claim_row(frame, summary, c) for c in CLAIMS), label_row(summary)])
+    return "\n".join([head, *(claim_row(frame, summary, c) for c in CLAIMS), label_row(summary),
+                      curve_row(frame, summary)])
 
 
 def plot_points(comparison_csv: str | Path, path: str | Path) -> Path:
     """FID of every finished point in both spaces: one dot per seed, the mean ± std beside them,
     the points in the config's order (written atomically as PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mtdiff.io import atomic_path
-
     frame = pd.read_csv(comparison_csv)
     frame = frame[frame["status"] == "ok"]
     base = base_points(frame["point"])
     names = list(dict.fromkeys(base))
+    plt = _pyplot()
     fig, axes = plt.subplots(len(SPACES), 1, figsize=(max(6.0, 0.7 * len(names) + 2), 6.4), sharex=True)
     try:
         for ax, space in zip(axes, SPACES):
@@ -257,11 +288,51 @@ def plot_points(comparison_csv: str | Path, path: str | Path) -> Path:
             ax.grid(axis="y", alpha=0.3)
         axes[0].set_title("FID per seed (dots) and mean ± std (squares)")
         axes[-1].set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
-        fig.tight_layout()
-        with atomic_path(Path(path)) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+        return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def plot_curve(comparison_csv: str | Path, path: str | Path) -> Path:
+    """The baseline's FID against its training steps (CURVE's points) in both spaces: one dot per seed,
+    the mean joined by a line (written atomically as PNG)."""
+    frame = pd.read_csv(comparison_csv)
+    frame = frame[(frame["status"] == "ok") & base_points(frame["point"]).isin(CURVE)]
+    if "train.steps" not in frame:  # no curve point run (a sweep file without the column): empty axes
+        frame = frame.assign(**{"train.steps": pd.Series(dtype=float)})
+    base = base_points(frame["point"])
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(SPACES), figsize=(8.0, 3.4))
+    try:
+        for ax, space in zip(axes, SPACES):
+            metric = f"evaluate/fid_{space}"
+            ax.plot(frame["train.steps"], frame[metric], "o", color="#4C72B0", alpha=0.6, ms=4)
+            means = frame.groupby(base)[["train.steps", metric]].mean().sort_values("train.steps")
+            ax.plot(means["train.steps"], means[metric], "-s", color="#C44E52", ms=5)
+            ax.set_xlabel("training steps (batch 64)")
+            ax.set_ylabel(f"FID {space}")
+            ax.grid(alpha=0.3)
+        axes[0].set_title(f"{CURVE[1]} by training steps: seeds (dots), mean (squares)", fontsize=9)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    from mtdiff.io import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     return Path(path)
 
 
@@ -310,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{', '.join(wrote)} written into {path}")
     if args.write is not None:
         print(f"plot written: {plot_points(args.comparison, Path(args.comparison).with_name(PLOT))}")
+        print(f"plot written: {plot_curve(args.comparison, Path(args.comparison).with_name(CURVE_PLOT))}")
     return 0
 
 

@@ -334,3 +334,28 @@ def test_study_points_table_links_the_lowest_finished_seeds_grid(tmp_path):
     table = points_table(tmp_path / "c.csv", grids_from="g")
     assert "| `a` | 2 | 5.5 ± 0.7 |" in table and "[grid](g/a.png) |" in table
     assert "| `b` | 2 | 7.5 ± 0.7 |" in table and "[grid (seed 1)](g/b__seed-1.png) |" in table
+
+
+def test_study_curve_row_reads_the_budget_against_the_baselines_seed_spread(tmp_path):
+    """The budget resolves ("holds") when the longer run gains less FID over the budget's run, paired
+    by seed, than the budget's own spread over seeds; it does not when the longer run gains more."""
+    import pandas as pd
+
+    from mtdiff.study import _summary, curve_row, plot_curve
+
+    def row(point, seed, steps, fid):
+        return {"point": point + (f"__seed-{seed}" if seed else ""), "status": "ok", "seed": seed,
+                "train.steps": steps, "evaluate/fid_fmnist_cnn": fid, "evaluate/fid_fmnist_eval": fid + 1}
+
+    budget = [row("classcond_cfg1", s, 1500, fid) for s, fid in enumerate((10.0, 12.0, 8.0))]  # std 2
+    for longer, gain, expect in ((9.5, 0.5, "holds"), (4.0, 6.0, "does not hold")):
+        rows = budget + [row("classcond_cfg1_steps750", 0, 750, 20.0), row("classcond_cfg1_steps3000", 0, 3000, longer)]
+        pd.DataFrame(rows).to_csv(tmp_path / "c.csv", index=False)
+        frame = pd.read_csv(tmp_path / "c.csv")
+        text = curve_row(frame, _summary(frame))
+        assert "FID at 750 → 1500 → 3000 steps" in text and text.endswith(f"| {expect} |")
+        assert f"20.0 (1) → 10.0 ± 2.0 (3) → {longer:.1f} (1); 1500 → 3000 gains {gain:.1f} vs seed std 2.0" in text
+    assert plot_curve(tmp_path / "c.csv", tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pd.DataFrame(budget).to_csv(tmp_path / "c.csv", index=False)
+    frame = pd.read_csv(tmp_path / "c.csv")
+    assert curve_row(frame, _summary(frame)).endswith("| not run |")
