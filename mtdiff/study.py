@@ -147,8 +147,9 @@ def verdict(diffs: list[float]) -> str:
 
 
 def _diff_text(diffs: list[float]) -> str:
+    """``, Δ mean ± SE`` of the paired differences; one seed: the difference alone."""
     if len(diffs) < 2:
-        return ""
+        return f", Δ {diffs[0]:+.1f}" if diffs else ""
     n, mean = len(diffs), sum(diffs) / len(diffs)
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     return f", Δ {mean:+.1f} ± {sd / math.sqrt(n):.1f}"

@@ -261,6 +261,9 @@ def test_study_verdicts_pair_seeds_and_need_three(tmp_path):
                          "evaluate/fid_fmnist_eval": fid + 1 + offset + 0.1 * seed})
     rows.append({"point": "classcond_masked__seed-3", "status": "ok", "seed": 3, "evaluate/fid_fmnist_cnn": 1.0,
                  "evaluate/fid_fmnist_eval": 1.0})  # no partner at seed 3: left out of the pairs
+    for point, fid in (("joint_representation", 12.0), ("joint_representation_ft", 10.0)):  # one seed each
+        rows.append({"point": point, "status": "ok", "seed": 0, "evaluate/fid_fmnist_cnn": fid,
+                     "evaluate/fid_fmnist_eval": fid})
     pd.DataFrame(rows).to_csv(tmp_path / "comparison.csv", index=False)
     frame = pd.read_csv(tmp_path / "comparison.csv")
     assert paired(frame, "classcond_masked", "classcond_cfg1", "evaluate/fid_fmnist_cnn") == [-5.0, -5.0, -5.0]
@@ -268,6 +271,8 @@ def test_study_verdicts_pair_seeds_and_need_three(tmp_path):
     row = next(r for r in table if "`classcond_masked` vs `classcond_cfg1`" in r)
     assert row.endswith("| holds |") and "vs 20.0 ± 5.0 (3), Δ -5.0 ± 0.0" in row
     assert next(r for r in table if "`joint_label` vs" in r).endswith("| not run |")
+    one_seed = next(r for r in table if "(`joint_representation_ft` vs `joint_representation`)" in r)
+    assert "10.0 (1) vs 12.0 (1), Δ -2.0 / " in one_seed and one_seed.endswith("| not resolved |")
     # "slightly worse" claims carry the paper's ratio as slack: MT at 1.5x single-task's FID at every
     # seed is not "slightly" worse (26.00 / 23.22 = 1.12x), at 1.05x it is within it
     from mtdiff.study import UNCOND_RATIO
