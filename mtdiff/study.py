@@ -297,25 +297,31 @@ def plot_points(comparison_csv: str | Path, path: str | Path) -> Path:
 
 
 def plot_curve(comparison_csv: str | Path, path: str | Path) -> Path:
-    """The baseline's FID against its training steps (CURVE's points) in both spaces: one dot per seed,
-    the mean joined by a line (written atomically as PNG)."""
+    """The baseline's FID against its training steps (CURVE's points) in both spaces: one dot per run,
+    a seed's runs joined by a line (the paired reading), the mean per point as a square (written
+    atomically as PNG)."""
     frame = pd.read_csv(comparison_csv)
     frame = frame[(frame["status"] == "ok") & base_points(frame["point"]).isin(CURVE)]
     if "train.steps" not in frame:  # no curve point run (a sweep file without the column): empty axes
         frame = frame.assign(**{"train.steps": pd.Series(dtype=float)})
+    # a point outside the seeds block runs at the default seed 0 and has no seed column of its own
+    frame = frame.assign(seed=frame["seed"].fillna(0) if "seed" in frame else 0)
     base = base_points(frame["point"])
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(SPACES), figsize=(8.0, 3.4))
     try:
         for ax, space in zip(axes, SPACES):
             metric = f"evaluate/fid_{space}"
-            ax.plot(frame["train.steps"], frame[metric], "o", color="#4C72B0", alpha=0.6, ms=4)
-            means = frame.groupby(base)[["train.steps", metric]].mean().sort_values("train.steps")
-            ax.plot(means["train.steps"], means[metric], "-s", color="#C44E52", ms=5)
+            for seed, runs in frame.sort_values("train.steps").groupby("seed"):  # a seed's runs joined: paired
+                ax.plot(runs["train.steps"], runs[metric], "-o", color="#4C72B0", alpha=0.6, ms=4, lw=1)
+                ax.annotate(f"seed {int(seed)}", (runs["train.steps"].iloc[-1], runs[metric].iloc[-1]),
+                            fontsize=7, xytext=(4, 0), textcoords="offset points")
+            means = frame.groupby(base)[["train.steps", metric]].mean()
+            ax.plot(means["train.steps"], means[metric], "s", color="#C44E52", ms=5)
             ax.set_xlabel("training steps (batch 64)")
             ax.set_ylabel(f"FID {space}")
             ax.grid(alpha=0.3)
-        axes[0].set_title(f"{CURVE[1]} by training steps: seeds (dots), mean (squares)", fontsize=9)
+        fig.suptitle(f"{CURVE[1]} by training steps: runs (dots, a seed's joined), mean (squares)", fontsize=9)
         return _save(fig, path)
     finally:
         plt.close(fig)
