@@ -119,13 +119,17 @@ def per_seed(frame: pd.DataFrame, point: str, metric: str) -> dict[int, float]:
     if metric not in frame:
         return out
     for _, row in frame[frame["status"] == "ok"].iterrows():
-        name = str(row["point"])
-        base, _, suffix = name.partition(SEED_SUFFIX)
-        if base != point or pd.isna(row[metric]):
+        if str(row["point"]).partition(SEED_SUFFIX)[0] != point or pd.isna(row[metric]):
             continue
-        seed = int(suffix) if suffix else int(row["seed"]) if "seed" in row and not pd.isna(row["seed"]) else 0
-        out[seed] = float(row[metric])
+        out[_run_seed(row)] = float(row[metric])
     return out
+
+
+def _run_seed(row: pd.Series) -> int:
+    """A run's seed: its ``__seed-<v>`` suffix, else its seed column, else 0 (a point outside the
+    seeds block runs at the default seed and has no seed of its own)."""
+    suffix = str(row["point"]).partition(SEED_SUFFIX)[2]
+    return int(suffix) if suffix else int(row["seed"]) if "seed" in row and not pd.isna(row["seed"]) else 0
 
 
 def verdict(diffs: list[float]) -> str:
@@ -304,8 +308,7 @@ def plot_curve(comparison_csv: str | Path, path: str | Path) -> Path:
     frame = frame[(frame["status"] == "ok") & base_points(frame["point"]).isin(CURVE)]
     if "train.steps" not in frame:  # no curve point run (a sweep file without the column): empty axes
         frame = frame.assign(**{"train.steps": pd.Series(dtype=float)})
-    # a point outside the seeds block runs at the default seed 0 and has no seed column of its own
-    frame = frame.assign(seed=frame["seed"].fillna(0) if "seed" in frame else 0)
+    frame = frame.assign(seed=[_run_seed(row) for _, row in frame.iterrows()])
     base = base_points(frame["point"])
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(SPACES), figsize=(8.0, 3.4))
