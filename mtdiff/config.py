@@ -80,9 +80,9 @@ DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (
 
 
 class ModelConfig(_Section):
-    # reference_unet: diffusers' UNet2DModel (eps only, optional class embedding), the library
-    # baseline the engine is measured against (mtdiff.models.reference); not an MT-Diffusion model
-    backbone: Literal["unet", "dit", "reference_unet"] = "unet"
+    # reference_unet / reference_dit: diffusers' UNet2DModel / DiTTransformer2DModel (eps only), the
+    # library baselines the engine is measured against (mtdiff.models.reference); not MT-Diffusion models
+    backbone: Literal["unet", "dit", "reference_unet", "reference_dit"] = "unet"
     # DiT (latent mode, or backbone: dit)
     size: Literal["S", "B", "L", "XL", "custom"] = "custom"
     depth: int = Field(4, ge=1)
@@ -111,7 +111,7 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _heads_divide_width(self):
         depth, hidden, heads = self.dims
-        if self.backbone == "dit" and hidden % heads:
+        if self.backbone in ("dit", "reference_dit") and hidden % heads:
             raise ValueError(f"hidden_size {hidden} must be divisible by num_heads {heads}")
         if self.backbone == "unet" and self.channels % heads:
             raise ValueError(f"channels {self.channels} must be divisible by num_heads {heads}")
@@ -317,9 +317,12 @@ class Params(_Section):
             raise ValueError(f"evaluate.classify_t {bad_t} outside [1, diffusion.timesteps={T}]")
         if t.label.max_t is not None and t.label.max_t > T:
             raise ValueError(f"tasks.label.max_t {t.label.max_t} exceeds diffusion.timesteps {T}")
-        if self.model.backbone == "reference_unet" and t.enabled:
-            raise ValueError(f"model.backbone 'reference_unet' (the library baseline) has no task heads; "
+        if self.model.backbone.startswith("reference_") and t.enabled:
+            raise ValueError(f"model.backbone '{self.model.backbone}' (a library baseline) has no task heads; "
                              f"disable tasks {t.enabled} or use backbone 'unet' / 'dit'")
+        if self.model.backbone == "reference_dit" and not self.model.class_conditional:
+            raise ValueError("model.backbone 'reference_dit' is class-conditional only (its adaLN takes a "
+                             "label): set model.class_conditional: true")
         _check_finetune(self)
         _check_patch_divides(self)
         check_output_dirs(self)

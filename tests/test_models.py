@@ -322,3 +322,33 @@ def test_cuda_bf16_autocast_and_fused_attention_flops():
         model(z, t)
     counted = counter.get_total_flops() / 4
     assert abs(flops_per_image(model) - counted) / counted < 0.01
+
+
+def test_dit_label_feedback_reads_mid_depth_and_conditions_the_later_blocks():
+    """With label feedback the label head reads the tokens after the first half of the blocks; its
+    softmax, embedded, conditions the rest. Zero-initialised: at init eps equals the plain DiT's."""
+    torch.manual_seed(0)
+    fed = MTDiT((1, 28, 28), patch_size=4, depth=4, hidden_size=32, num_heads=2, head_hidden=16,
+                tasks=("label",), num_classes=NUM_CLASSES, label_feedback=True)
+    torch.manual_seed(0)
+    plain = MTDiT((1, 28, 28), patch_size=4, depth=4, hidden_size=32, num_heads=2, head_hidden=16,
+                  tasks=("label",), num_classes=NUM_CLASSES, label_feedback=False)
+    _randomize_zero_inits(plain)
+    state = {k: v for k, v in plain.state_dict().items()}
+    fed.load_state_dict(state, strict=False)  # all but the (zero) feedback layer
+    z, t = torch.randn(3, 1, 28, 28), torch.tensor([1, 10, 500])
+    with torch.no_grad():
+        assert torch.allclose(fed(z, t)["eps"], plain(z, t)["eps"], atol=1e-6)
+        blocks_run = []
+        hooks = [b.register_forward_pre_hook(lambda *a: blocks_run.append(1)) for b in fed.backbone.blocks]
+        label = fed.head("label", z, t)
+        assert len(blocks_run) == fed.backbone.mid == 2  # the evaluation's label head skips the later half
+        for h in hooks:
+            h.remove()
+        assert torch.allclose(label, fed(z, t)["label"], atol=1e-6)
+        assert not torch.allclose(label, plain(z, t)["label"])  # read at mid-depth, not at the end
+        fed.feedback.weight.normal_(0, 0.5)
+        base = fed(z, t)["eps"]
+        fed.heads["label"].fc2.bias.add_(torch.arange(NUM_CLASSES, dtype=torch.float32))
+        assert not torch.allclose(base, fed(z, t)["eps"])  # eps now follows the label head's prediction
+    assert plain.feedback is None

@@ -1,4 +1,4 @@
-"""The library reference (model.backbone: reference_unet) and the U-Net's norm-groups lever."""
+"""The library references (model.backbone: reference_unet, reference_dit) and the U-Net's norm-groups lever."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 from mtdiff.config import ConfigError, DiffusionConfig, TasksConfig
 from mtdiff.diffusion import MTDiffusion
 from mtdiff.models import TASKS, MTUNet, build_model, flops_per_image
-from mtdiff.models.reference import ReferenceUNet
+from mtdiff.models.reference import ReferenceDiT, ReferenceUNet
 
 NUM_CLASSES = 10
 OFF = {f"tasks.{n}.enabled": False for n in TASKS}
@@ -81,3 +81,42 @@ def test_norm_groups_sets_every_groupnorm(make_params, groups):
         assert norm.num_groups == math.gcd(groups, norm.num_channels), (norm.num_channels, norm.num_groups)
     first = model.backbone.down[0].res[0].in_layers[0]
     assert first.num_channels == 32 and first.num_groups == {8: 8, 32: 32, 12: 4}[groups]
+
+
+def _reference_dit(seed=0) -> "ReferenceDiT":
+    torch.manual_seed(seed)
+    return ReferenceDiT((1, 28, 28), patch_size=4, depth=2, hidden_size=64, num_heads=4,
+                        num_classes=NUM_CLASSES, class_dropout=0.1)
+
+
+def test_reference_dit_is_diffusers_dit_fed_zero_based_timesteps_without_its_own_label_dropout():
+    from diffusers import DiTTransformer2DModel
+
+    model = _reference_dit().train()  # train mode: diffusers would drop labels here by itself
+    dit = model.dit
+    assert isinstance(dit, DiTTransformer2DModel)
+    assert dit.config.num_layers == 2 and dit.config.patch_size == 4 and dit.inner_dim == 64
+    z, t, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 500, 1000]), torch.tensor([0, 4, 9])
+    torch.manual_seed(1)
+    out = model(z, t, y)["eps"]
+    torch.manual_seed(2)  # a label dropout of its own would draw other labels under another seed
+    assert torch.equal(model(z, t, y)["eps"], out) and out.shape == z.shape
+    assert torch.equal(out, dit(z, timestep=t - 1, class_labels=y).sample)
+    null = torch.full_like(y, NUM_CLASSES)  # the CFG unconditional pass: the last row of its table
+    assert torch.equal(model(z, t)["eps"], model(z, t, null)["eps"])
+
+
+def test_build_model_reference_dit_trains_and_its_validation(make_params):
+    params = make_params({**OFF, "model.backbone": "reference_dit", "model.class_conditional": True,
+                          "model.depth": 2, "model.hidden_size": 64, "sample.condition": "label"})
+    model = build_model(params, None, NUM_CLASSES)
+    assert isinstance(model, ReferenceDiT) and flops_per_image(model) > 1e6
+    diff = MTDiffusion(DiffusionConfig(timesteps=50))
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, NUM_CLASSES, (4,), generator=g)
+    res = diff.training_losses(model, torch.randn(4, 1, 28, 28, generator=g), {"class_label": y},
+                               TasksConfig(label={"enabled": False}), generator=g)
+    res["loss"].backward()
+    assert all(p.grad is not None for p in model.dit.parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="reference_dit.*class-conditional"):
+        make_params({**OFF, "model.backbone": "reference_dit", "sample.condition": "uncond"})

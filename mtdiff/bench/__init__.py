@@ -3,6 +3,8 @@
 - ``train``: img/s, achieved FLOP/s and MFU of :class:`mtdiff.training.TrainStep` (the train
   stage's own step) on synthetic batches of the real shape, plus peak memory.
 - ``sample``: images/s of ``MTDiffusion.sample`` at N steps.
+- ``smoke``: the ImageNet-256 profile at real size on this device (``make gpu-smoke``): train steps,
+  every later stage's throughput and the projected wall time of the profile's budget.
 
 MFU = achieved FLOP/s / dense-matmul FLOP/s, both measured in this run on this device, dtype and
 thread count (not a datasheet peak). Achieved FLOP/s counts 3 x the analytic forward FLOPs per
@@ -23,10 +25,12 @@ from mtdiff.config import ConfigError
 from mtdiff.diffusion.process import SAMPLERS
 from mtdiff.bench.probes import CONFIGS, DTYPES, MATMUL_N
 from mtdiff.bench.sample import QUICK_SAMPLE_STEPS, SAMPLE_STEPS, format_sample, run_sample
+from mtdiff.bench.smoke import SMOKE_SAMPLE_STEPS, format_smoke, run_smoke
 from mtdiff.bench.train import FULL_STEPS, FULL_WARMUP, QUICK_STEPS, QUICK_WARMUP, format_train, run_train
 
 # -- command line ----------------------------------------------------------------------------------
-BENCHMARKS = {"train": (run_train, format_train), "sample": (run_sample, format_sample)}
+BENCHMARKS = {"train": (run_train, format_train), "sample": (run_sample, format_sample),
+              "smoke": (run_smoke, format_smoke)}
 
 
 def _common_arguments(ap: argparse.ArgumentParser) -> None:
@@ -62,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=None, help="images in the batch (default sample.batch_size)")
     sample.add_argument("--sampler", default=None, choices=SAMPLERS, help="default sample.sampler")
     sample.add_argument("--checkpoint", default=None, help="load EMA weights from this checkpoint")
+    smoke = sub.add_parser("smoke", help="the ImageNet-256 profile at real size: throughput and projected cost")
+    smoke.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    smoke.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    smoke.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                       help="autocast dtype (auto: train.precision on CUDA, fp32 on CPU)")
+    smoke.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current count)")
+    smoke.add_argument("--params", default=None, help="params file (default params.yaml)")
+    smoke.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                       help="torch.compile the model (the profile's train.compile; default on)")
+    smoke.add_argument("--steps", type=int, default=None, help="timed train steps (default 200 on CUDA, 2 on CPU)")
+    smoke.add_argument("--batch-size", type=int, default=None, help="default: the profile's train / sample batch")
+    smoke.add_argument("--sample-steps", type=int, default=SMOKE_SAMPLE_STEPS, help="sampler steps timed")
+    smoke.add_argument("overrides", nargs="*", help="params overrides key.sub=value")
     return ap
 
 

@@ -39,6 +39,8 @@ class BenchConfig:
 
 CONFIGS = {
     "default": BenchConfig({}, num_classes=10),  # params.yaml as is: Fashion-MNIST
+    # the ImageNet-256 profile as it is (configs/imagenet256.yaml): what `bench smoke` measures
+    "imagenet256": BenchConfig({"profile": "imagenet256"}, num_classes=1000),
     # DiT's ImageNet-256 class-conditional setting: SD-VAE latents 4x32x32, DiT-B/2, label task only
     "imagenet256-dit-b2": BenchConfig(
         {"profile": "imagenet256", "data.source": "imagenet", "data.resolution": 256, "data.channels": 3,

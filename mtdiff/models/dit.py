@@ -14,6 +14,7 @@ process (M1-M3, the aggregated task signal ``A`` is mixed into ``z_t``), so the 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -198,9 +199,17 @@ class DiTBackbone(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor,
-                extra_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``extra_cond`` (B, D) is added to the timestep embedding (DiT's class embedding slot)."""
+    @property
+    def mid(self) -> int:
+        """Blocks before the midpoint: where a mid-depth readout (label feedback) reads the tokens."""
+        return self.depth // 2
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, extra_cond: torch.Tensor | None = None,
+                mid_cond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                stop_at_mid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``extra_cond`` (B, D) is added to the timestep embedding (DiT's class embedding slot).
+        ``mid_cond(x, c) -> (B, D)``, when given, reads the tokens after the first :attr:`mid` blocks and
+        is added to ``c`` for the rest; ``stop_at_mid`` returns the tokens and ``c`` at that point."""
         # contiguous: the transposed view would make every residual op keep its strided layout and
         # every LayerNorm copy its input, forward and backward (measured: 50 copies per CPU step)
         x = self.x_embedder(z_t).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
@@ -208,6 +217,13 @@ class DiTBackbone(nn.Module):
         c = self.t_embedder(t)
         if extra_cond is not None:
             c = c + extra_cond
-        for block in self.blocks:
+        split = self.mid if (mid_cond is not None or stop_at_mid) else self.depth
+        for block in self.blocks[:split]:
+            x = block(x, c)
+        if stop_at_mid:
+            return x, c
+        if mid_cond is not None:
+            c = c + mid_cond(x, c)
+        for block in self.blocks[split:]:
             x = block(x, c)
         return x, c

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mtdiff.config import LATENT_DOWNSAMPLE
 from mtdiff.models.dit import TIME_FREQ_DIM
 from mtdiff.models.mtdit import MTDiT
-from mtdiff.models.reference import ReferenceUNet
+from mtdiff.models.reference import ReferenceDiT, ReferenceUNet
 from mtdiff.models.tasks import ImageHead, TaskModel
 from mtdiff.models.unet import MTUNet
 
@@ -31,7 +31,7 @@ def input_shape_from_params(params) -> tuple[int, int, int]:
 
 def build_model(params, repr_dim: Optional[int], num_classes: int, *,
                 input_shape: Optional[Sequence[int]] = None) -> TaskModel:
-    """MTUNet, MTDiT or the library ReferenceUNet (``params.model.backbone``) for
+    """MTUNet, MTDiT or a library reference, ReferenceUNet / ReferenceDiT (``params.model.backbone``), for
     ``params.tasks.enabled`` and the data shape.
 
     ``input_shape`` overrides the (C, H, W) derived from params (e.g. from latents ``meta.json``).
@@ -52,8 +52,11 @@ def build_model(params, repr_dim: Optional[int], num_classes: int, *,
     if shape[1] % mc.patch_size or shape[2] % mc.patch_size:
         raise ValueError(f"model.patch_size {mc.patch_size} must divide the input size {shape[1]}x{shape[2]}")
     depth, hidden, heads = mc.dims
+    if mc.backbone == "reference_dit":
+        return ReferenceDiT(shape, patch_size=mc.patch_size, depth=depth, hidden_size=hidden, num_heads=heads,
+                            num_classes=num_classes, class_dropout=mc.class_dropout)
     return MTDiT(shape, patch_size=mc.patch_size, depth=depth, hidden_size=hidden, num_heads=heads,
-                 mlp_ratio=mc.mlp_ratio, **common)
+                 mlp_ratio=mc.mlp_ratio, label_feedback=mc.label_feedback, **common)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -64,7 +67,7 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 def flops_per_image(model: TaskModel) -> float:
     """Forward FLOPs per image (multiply-add = 2 FLOPs) of backbone + all heads.
 
-    MTUNet and ReferenceUNet: counted by ``FlopCounterMode`` on one image (convs and matmuls).
+    MTUNet and the references: counted by ``FlopCounterMode`` on one image (convs and matmuls).
     MTDiT: analytic.
 
     Counts the matmul/conv work (patch embed, t-MLP, per block: adaLN, qkv, attention scores and
@@ -103,6 +106,8 @@ def _dit_flops(model: MTDiT) -> float:
             flops += image_head
         else:
             flops += 2 * (d * head.fc1.out_features + head.fc1.out_features * head.fc2.out_features)
+    if model.feedback is not None:
+        flops += 2 * model.feedback.in_features * d  # the label feedback's embedding
     return float(flops)
 
 
