@@ -64,13 +64,14 @@ def pipeline(stages: list[str] | str | None = None, force: bool = False,
     """Run the DVC stages in order (default: all of dvc.yaml), each as a retried Prefect task.
 
     ``params_overrides`` (``{"train.steps": 500}`` or ``["train.steps=500"]``) are validated, then written
-    into params.yaml before the stages run (as ``dvc exp run -S`` does). ``force`` reruns unchanged stages.
+    into params.yaml before the stages run (as ``dvc exp run -S`` does); the MLflow parent run logs what the
+    stages then read (``load_repo_params``). ``force`` reruns unchanged stages.
     """
     logger = get_run_logger()
     root = find_repo(repo)
     order = resolve_stages(root, stages)
     overrides = parse_overrides(params_overrides)
-    params = load_repo_params(root, overrides)  # a bad override fails here, before anything runs
+    params = load_repo_params(root, overrides)  # what the stages will read; a bad override fails here
     with compute_slot(logger.info):  # before params.yaml changes: a running sweep copies the workspace
         return _run_stages(root, order, overrides, params, force, retry_delay_seconds)
 

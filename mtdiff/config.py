@@ -1,8 +1,9 @@
 """Typed, validated configuration, loaded once from ``params.yaml``.
 
-``load_params()`` reads ``params.yaml``, merges ``configs/<profile>.yaml`` over it (``default``: empty
-sections, nothing changes), applies ``key.sub=value`` overrides and validates everything. A wrong key, type or value
-raises :class:`ConfigError` with one line naming the dotted key and what is allowed.
+``load_params()`` reads ``params.yaml`` and validates it with one precedence rule: ``key.sub=value``
+overrides, then what params.yaml sets (a value other than the built-in default it ships with), then
+``configs/<profile>.yaml`` (``default``: empty sections), then the built-in defaults. A wrong key, type
+or value raises :class:`ConfigError` with one line naming the dotted key and what is allowed.
 """
 from __future__ import annotations
 
@@ -283,7 +284,7 @@ MAX_SEED = 2**32 - 1
 
 
 class Params(_Section):
-    profile: str = "default"  # configs/<profile>.yaml, merged over params.yaml (default: nothing)
+    profile: str = "default"  # configs/<profile>.yaml: the values of the keys params.yaml leaves at their default
     seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -589,9 +590,9 @@ def params_from_dict(raw: dict, source: str = "params") -> Params:
         raise ConfigError(_format_error(err, source)) from None
 
 
-def _merge_profile(raw: dict[str, Any], profile: Any, path: Path) -> dict[str, Any]:
-    """``raw`` with ``configs/<profile>.yaml`` merged over it. Every profile is a file, the default
-    one too (empty sections): dvc.yaml tracks ``configs/${profile}.yaml`` for every run."""
+def _read_profile(profile: Any, path: Path) -> dict[str, Any]:
+    """``configs/<profile>.yaml``. Every profile is a file, the default one too (empty sections):
+    dvc.yaml tracks ``configs/${profile}.yaml`` for every run."""
     allowed = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))) or "none"
     # a profile is a plain name of a file in configs/, never a path
     if not isinstance(profile, str) or not _PROFILE_RE.match(profile) or ".." in profile:
@@ -603,12 +604,48 @@ def _merge_profile(raw: dict[str, Any], profile: Any, path: Path) -> dict[str, A
     prof = read_yaml(prof_path, "profile") or {}
     if not isinstance(prof, dict):
         raise ConfigError(f"{prof_path}: expected a mapping at the top level")
-    return _deep_merge(raw, prof)
+    return prof
 
 
-def load_params(path: str | os.PathLike | None = None,
-                overrides: list[str] | dict[str, Any] | None = None) -> Params:
-    """Load ``params.yaml`` (or ``path``), merge its profile and ``overrides``, validate."""
+@functools.cache
+def _builtin_defaults() -> dict[str, Any]:
+    return Params().model_dump()
+
+
+def _same(a: Any, b: Any) -> bool:
+    # by type too: `grad_clip: 1` is not taken for the default 1.0, nor `seed: false` for 0
+    return type(a) is type(b) and a == b
+
+
+def _set_in_file(raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``raw`` whose value differs from the built-in default: what the user set. params.yaml
+    lists every key at its default, so a key still at it says nothing and the profile's value applies."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            if changed := _set_in_file(value, default):
+                out[key] = changed
+        elif key not in defaults or not _same(value, default):
+            out[key] = value
+    return out
+
+
+def _resolve(raw: dict[str, Any], overrides: dict[str, Any], path: Path) -> Params:
+    """The one precedence rule: overrides > what params.yaml sets (differs from the built-in default)
+    > configs/<profile>.yaml > built-in defaults (= params.yaml as shipped)."""
+    profile = overrides.get("profile", raw.get("profile", "default"))
+    set_keys = _set_in_file({k: v for k, v in raw.items() if k != "profile"}, _builtin_defaults())
+    merged = _deep_merge(_read_profile(profile, path), set_keys)
+    merged["profile"] = profile
+    if os.environ.get(FMNIST_DIR_ENV):
+        _set_dotted(merged, "data.fashion_mnist_dir", os.environ[FMNIST_DIR_ENV])
+    for key, value in overrides.items():
+        _set_dotted(merged, key, value)
+    return params_from_dict(merged, str(path))
+
+
+def _read_params_file(path: str | os.PathLike | None) -> tuple[Path, dict[str, Any]]:
     path = Path(path or os.environ.get("MTDIFF_PARAMS", "params.yaml"))
     if not path.exists() and path == Path("params.yaml"):
         path = DEFAULT_PARAMS
@@ -617,10 +654,35 @@ def load_params(path: str | os.PathLike | None = None,
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    flat_over = parse_overrides(overrides)
-    raw = _merge_profile(raw, flat_over.get("profile", raw.get("profile", "default")), path)
-    if os.environ.get(FMNIST_DIR_ENV):
-        _set_dotted(raw, "data.fashion_mnist_dir", os.environ[FMNIST_DIR_ENV])
-    for key, value in flat_over.items():
-        _set_dotted(raw, key, value)
-    return params_from_dict(raw, str(path))
+    return path, raw
+
+
+def load_params(path: str | os.PathLike | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> Params:
+    """Load ``params.yaml`` (or ``path``) with its profile and ``overrides`` (command-line ``key=value``,
+    which win over everything), validated. The rule: :func:`_resolve`."""
+    path, raw = _read_params_file(path)
+    return _resolve(raw, parse_overrides(overrides), path)
+
+
+def load_params_written(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None) -> Params:
+    """What the stages read once ``overrides`` are written into ``path`` (as ``dvc exp run -S`` and the
+    flows do). An override that, written, would not run as given is refused: a key set back to its
+    built-in default under a profile that changes it reads as unset, so the profile's value would run."""
+    path, raw = _read_params_file(path)
+    over = parse_overrides(overrides)
+    written = copy.deepcopy(raw)
+    for key, value in over.items():
+        _set_dotted(written, key, value)
+    params = _resolve(written, {}, path)
+    asked, runs = load_params(path, over).flat(), params.flat()
+    lost = [k for k in asked if not _same(asked[k], runs[k])]
+    if lost:
+        key, profile = lost[0], params.profile
+        by_env = key == "data.fashion_mnist_dir" and os.environ.get(FMNIST_DIR_ENV)
+        why = (f"${FMNIST_DIR_ENV} overrides it" if by_env else
+               f"a key at its built-in default reads as unset there, and profile {profile!r} sets it; set it in "
+               f"configs/{profile}.yaml, or pass it to the stage (python -m mtdiff.stages.<name> {key}=...)")
+        raise ConfigError(f"{path}: {key}={asked[key]!r} cannot be written into params.yaml: the stages would "
+                          f"read {runs[key]!r}, since {why}")
+    return params

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from mtdiff.config import REPO_ROOT, Params, load_params
+from mtdiff.config import REPO_ROOT, Params, load_params_written
 from mtdiff.io import atomic_path
 from mtdiff.preemption import PREEMPTED_EXIT_CODE
 from mtdiff.tracking import file_metrics, redact_uri
@@ -104,8 +104,9 @@ def resolve_stages(root: Path, stages: Sequence[str] | str | None) -> list[str]:
 
 
 def load_repo_params(root: Path, overrides: dict[str, Any] | None = None) -> Params:
-    """The repo's params.yaml with ``overrides``, validated (ConfigError names the bad key)."""
-    return load_params(root / "params.yaml", overrides=overrides or None)
+    """The params the stages read once ``overrides`` are written into the repo's params.yaml (the flows
+    write them, or ``dvc exp run -S`` does), validated: what the flows log is what runs."""
+    return load_params_written(root / "params.yaml", overrides)
 
 
 def write_params_overrides(path: Path, overrides: dict[str, Any]) -> None:

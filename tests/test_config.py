@@ -79,3 +79,63 @@ def test_typed_defaults_agree_with_params_yaml():
     machine = {"data.fashion_mnist_dir"}  # MTDIFF_FMNIST_DIR may point the loaded params elsewhere
     assert {k: v for k, v in yaml_params.items() if k not in machine} == \
         {k: v for k, v in typed.items() if k not in machine}
+
+
+# -- one precedence rule: overrides > what params.yaml sets > the profile > built-in defaults (issue 30) --
+def _dvc_set(tmp_path, *overrides: str):
+    """params.yaml as ``dvc exp run -S <overrides>`` leaves it (DVC's own -S code), loaded."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text(DEFAULT_PARAMS.read_text())
+    apply_overrides(path, list(overrides))
+    return load_params(path)
+
+
+def _profile_leaves(name: str) -> dict:
+    import yaml
+
+    from mtdiff.config import PROFILES_DIR, flatten
+
+    return flatten(yaml.safe_load((PROFILES_DIR / f"{name}.yaml").read_text()))
+
+
+def test_params_yaml_beats_the_profile_and_the_profile_fills_the_rest(tmp_path):
+    p = _dvc_set(tmp_path, "profile=imagenet256", "train.steps=1000")
+    assert p.train.steps == 1000
+    assert p.model.backbone == "dit" and p.diffusion.mode == "latent" and p.train.batch_size == 256
+    leaves = _profile_leaves("imagenet256")
+    assert len(leaves) > 40
+    flat = p.flat()
+    assert {k: flat[k] for k in leaves if k != "train.steps"} == \
+        {k: v for k, v in leaves.items() if k != "train.steps"}
+    assert _dvc_set(tmp_path, "train.steps=1000").train.steps == 1000  # the default profile
+    assert _dvc_set(tmp_path, "profile=imagenet256").train.steps == leaves["train.steps"]
+
+
+def test_stage_override_and_params_yaml_agree(tmp_path):
+    via_file = _dvc_set(tmp_path, "profile=imagenet256", "train.steps=1000").flat()
+    assert load_params(tmp_path / "params.yaml", overrides=["train.steps=1000"]).flat() == via_file
+    assert load_params(DEFAULT_PARAMS, overrides=["profile=imagenet256", "train.steps=1000"]).flat() == via_file
+    # an override wins over params.yaml too, also back to the built-in default
+    assert load_params(tmp_path / "params.yaml", overrides=["train.steps=400"]).train.steps == 400
+
+
+def test_flows_log_what_the_stages_read_once_written(tmp_path):
+    """The flows validate and log ``load_repo_params(root, overrides)`` and write the overrides into
+    params.yaml, where the stages read them; an override params.yaml cannot carry is refused."""
+    from mtdiff.dvc_runner import load_repo_params, write_params_overrides
+
+    _dvc_set(tmp_path, "profile=imagenet256")
+    logged = load_repo_params(tmp_path, {"train.steps": 1000, "model.size": "S"})
+    write_params_overrides(tmp_path / "params.yaml", {"train.steps": 1000, "model.size": "S"})
+    assert load_params(tmp_path / "params.yaml").flat() == logged.flat()
+    assert logged.train.steps == 1000 and logged.model.size == "S" and logged.model.backbone == "dit"
+    msg = _error_of(lambda: load_repo_params(tmp_path, {"train.warmup_steps": 100}))
+    assert "train.warmup_steps=100" in msg and "would read 0" in msg and "configs/imagenet256.yaml" in msg
+
+
+def _error_of(call) -> str:
+    with pytest.raises(ConfigError) as info:
+        call()
+    return str(info.value)
