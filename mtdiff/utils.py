@@ -27,7 +27,8 @@ def seed_everything(seed: int) -> None:
 
 
 def derive_seed(seed: int, stream: str, rank: int = 0) -> int:
-    """The seed of one named random stream (``"noise"``, ``"loader/3"`` ...) of process ``rank``.
+    """The seed of one named random stream (``"noise"``, ``"loader/3"`` ...) of process ``rank``, or
+    of part ``rank`` of a stream cut into parts (``"sample/noise"``: one generator per sampling batch).
 
     A hash rather than arithmetic such as ``seed * k + rank``: streams of different seeds, names
     and ranks never collide, and a new stream needs no new magic constant. 63 bits fit every RNG

@@ -6,8 +6,11 @@ when there is one; training then samples ``z_0 = mean + std * eps`` (fast-DiT). 
 stores the encodings of horizontally flipped images (``*_flip.npy``); ``tasks.transition.enabled``
 stores the encoded paired target (``pair_mean.npy``, and ``pair_mean_flip.npy`` = pair of the flipped
 image). ``meta.json``: {mode, scale, shape, num, flip, pair, classes, ...}. Written atomically.
+Under ``torchrun`` each rank encodes a contiguous slice of each split (whole ``latents.batch_size``
+batches) and rank 0 gathers them into the same files (``mtdiff.sharding``).
 
     python -m mtdiff.stages.latents [diffusion.mode=latent latents.vae=<dir> ...]
+    torchrun --standalone --nproc_per_node 8 -m mtdiff.stages.latents diffusion.mode=latent ...
 """
 from __future__ import annotations
 
@@ -23,10 +26,10 @@ from tqdm import tqdm
 from mtdiff.config import Params
 from mtdiff.data import SPLITS, load_prepared, pair_images
 from mtdiff.encoders import encode_images_vae, load_vae
-from mtdiff.io import atomic_dir
+from mtdiff.sharding import gather_arrays, main_atomic_dir, main_stage_run, rank_dir, shard_range, shard_scratch
 from mtdiff.stages import stage_main
-from mtdiff.tracking import stage_run
-from mtdiff.utils import get_logger, pick_device
+from mtdiff.training import DistInfo, init_distributed, shutdown_distributed
+from mtdiff.utils import get_logger
 
 log = get_logger("mtdiff.latents")
 PIXEL_CHUNK = 4096  # pixel mode is a cheap elementwise map: big chunks
@@ -72,8 +75,8 @@ def _make_vae_encoder(params: Params, device: torch.device) -> tuple[Callable, A
 
 
 def _encode_split(images: np.ndarray, out_dir: Path, encode: Callable, variants: list, batch_size: int,
-                  desc: str) -> tuple[int, int, int]:
-    """Encode every variant of every image into float16 memmaps under ``out_dir``; returns (C,H,W)."""
+                  desc: str) -> None:
+    """Encode every variant of every image into float16 memmaps under ``out_dir`` (none when no images)."""
     n = len(images)
     files: dict[str, np.ndarray] = {}
     shape: tuple[int, int, int] | None = None
@@ -94,55 +97,78 @@ def _encode_split(images: np.ndarray, out_dir: Path, encode: Callable, variants:
                 bar.update(len(batch))
     for mm in files.values():
         mm.flush()
-    if shape is None:
-        raise ValueError(f"{desc}: no images to encode")
-    return shape
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Encode both prepared splits; returns {out_dir, mode, shape, per-split counts, seconds}."""
+    """Encode both prepared splits (over the torchrun ranks, when launched so); returns {out_dir, mode,
+    shape, per-split counts, seconds} (rank 0; the other ranks return ``{"rank": r}``)."""
+    for split in SPLITS:  # fail before any work when an input is missing
+        load_prepared(params, split)
+    info = init_distributed("auto")
+    try:
+        return _run(params, info)
+    finally:
+        shutdown_distributed(info)
+
+
+def _run(params: Params, info: DistInfo) -> dict[str, Any]:
     mode = params.diffusion.mode
     pairing = params.tasks.transition.pairing if params.tasks.transition.enabled else None
     flip = params.latents.flip
     out = params.latents_dir
     start = time.time()
-    for split in SPLITS:  # fail before any work when an input is missing
-        load_prepared(params, split)
-    device = pick_device("auto")
-    with stage_run(params, "latents", out.parent) as tracker:
+    with main_stage_run(params, "latents", out.parent, info) as tracker:
         if mode == "latent":
-            encode, _vae = _make_vae_encoder(params, device)
-            batch_size, scale = params.latents.batch_size, params.latents.scale
-            log.info("latent mode: VAE %s on %s, scale %g", params.latents.vae, device, scale)
-        else:
-            encode, batch_size, scale = _pixel_encoder, PIXEL_CHUNK, 1.0
+            encode, _vae = _make_vae_encoder(params, info.device)
+            batch_size, scale, block = params.latents.batch_size, params.latents.scale, params.latents.batch_size
+            if info.is_main:
+                log.info("latent mode: VAE %s on %s x %d, scale %g", params.latents.vae, info.device, info.world_size,
+                         scale)
+        else:  # elementwise: any cut between ranks gives the same values
+            encode, batch_size, scale, block = _pixel_encoder, PIXEL_CHUNK, 1.0, 1
         variants = _variants(flip, pairing)
         summary: dict[str, Any] = {"mode": mode, "flip": flip, "pair": pairing, "splits": {}}
-        with atomic_dir(out) as tmp:
+        with main_atomic_dir(out, info) as tmp, shard_scratch(out, info) as scratch:
             for split in SPLITS:
                 t0 = time.time()
                 images, labels, classes = load_prepared(params, split)
-                d = tmp / split
-                d.mkdir()
+                mine = shard_range(len(images), info, block=block)
                 with torch.inference_mode():
-                    shape = _encode_split(images, d, encode, variants, batch_size, f"latents {split}")
-                np.save(d / "labels.npy", labels.astype(np.int64))
-                meta = {"mode": mode, "scale": scale, "shape": list(shape), "num": int(len(images)),
-                        "flip": flip, "pair": pairing, "classes": classes, "num_classes": len(classes),
-                        "dtype": "float16", "vae": params.latents.vae if mode == "latent" else None,
-                        "source": params.data.source, "resolution": params.data.resolution,
-                        "files": sorted(p.name for p in d.glob("*.npy"))}
-                (d / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+                    _encode_split(images[mine.start:mine.stop], rank_dir(scratch / split, info), encode, variants,
+                                  batch_size, f"latents {split}")
+                names = gather_arrays(scratch / split, tmp / split if tmp else None, info)
+                if tmp is None:
+                    continue
+                if "mean" not in names:
+                    raise ValueError(f"latents {split}: no images to encode")
                 secs = time.time() - t0
-                summary["splits"][split] = {"num": len(images), "shape": list(shape), "seconds": round(secs, 2)}
-                summary["shape"] = list(shape)
+                _write_split_meta(params, tmp / split, labels, classes, summary, scale, secs)
                 log.info("%s: %d images -> %s %s (%s) in %.1fs (%.0f img/s)", split, len(images), mode,
-                         tuple(shape), ", ".join(meta["files"]), secs, len(images) * len(variants) / max(secs, 1e-9))
+                         tuple(summary["shape"]), ", ".join(f"{n}.npy" for n in names), secs,
+                         len(images) * len(variants) / max(secs, 1e-9))
+        if not info.is_main:
+            return {"rank": info.rank}
         summary["seconds"] = round(time.time() - start, 2)
         tracker.log_metrics({"latents/seconds": summary["seconds"],
                              **{f"latents/{s}_images": v["num"] for s, v in summary["splits"].items()}})
     log.info("latents (%s, shape %s) -> %s in %.1fs", mode, tuple(summary["shape"]), out, summary["seconds"])
     return {**summary, "out_dir": str(out)}
+
+
+def _write_split_meta(params: Params, d: Path, labels: np.ndarray, classes: list, summary: dict[str, Any],
+                      scale: float, secs: float) -> None:
+    """``labels.npy`` and ``meta.json`` beside a split's gathered arrays; its entry in ``summary``."""
+    mode, num = params.diffusion.mode, len(labels)
+    shape = [int(s) for s in np.load(d / "mean.npy", mmap_mode="r").shape[1:]]
+    np.save(d / "labels.npy", labels.astype(np.int64))
+    meta = {"mode": mode, "scale": scale, "shape": shape, "num": num,
+            "flip": params.latents.flip, "pair": summary["pair"], "classes": classes, "num_classes": len(classes),
+            "dtype": "float16", "vae": params.latents.vae if mode == "latent" else None,
+            "source": params.data.source, "resolution": params.data.resolution,
+            "files": sorted(p.name for p in d.glob("*.npy"))}
+    (d / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    summary["splits"][d.name] = {"num": num, "shape": shape, "seconds": round(secs, 2)}
+    summary["shape"] = shape
 
 
 def main(argv: list[str] | None = None) -> Any:

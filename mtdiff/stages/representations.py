@@ -9,9 +9,12 @@
 Outputs (atomic): ``data/representations/{split}.npy`` float32 (N, D) aligned with prepared/latents
 order, ``meta.json`` {encoder, dim, ...}, ``encoder.pt`` (fmnist_cnn); ``metrics/representations.json``
 with the test accuracy (fmnist_cnn) and, for every encoder, the nearest-class-mean accuracy of the
-features (a cheap check that they carry class information).
+features (a cheap check that they carry class information). Under ``torchrun`` each rank extracts a
+contiguous slice of each split (whole batches) and rank 0 gathers them into the same files
+(``mtdiff.sharding``); ``fmnist_cnn`` is trained by rank 0 alone and its weights sent to the others.
 
     python -m mtdiff.stages.representations [representations.epochs=1 ...]
+    torchrun --standalone --nproc_per_node 8 -m mtdiff.stages.representations representations.encoder=dinov2
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import math
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -32,11 +35,13 @@ from mtdiff.data import SPLITS, load_prepared
 from mtdiff.encoders import (EVAL_NET_FILE, FashionCNN, FashionEvalNet, images_to_unit_range, load_image_encoder,
                              save_fmnist_encoder)
 from mtdiff.evaluation.accuracy import classifier_accuracy
-from mtdiff.io import atomic_dir, write_json
+from mtdiff.io import write_json
+from mtdiff.sharding import (broadcast_from_main, gather_arrays, main_atomic_dir, main_stage_run, rank_dir,
+                             save_arrays, shard_range, shard_scratch)
 from mtdiff.stages import stage_main
-from mtdiff.tracking import file_metrics, stage_run
-from mtdiff.training import autocast
-from mtdiff.utils import get_logger, pick_device, seed_everything
+from mtdiff.tracking import file_metrics
+from mtdiff.training import DistInfo, autocast, init_distributed, shutdown_distributed
+from mtdiff.utils import get_logger, seed_everything
 
 log = get_logger("mtdiff.representations")
 EVAL_BATCH = 1024
@@ -127,10 +132,30 @@ def test_accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray
 FeatureFn = Callable[[np.ndarray], torch.Tensor]
 
 
-def _fmnist_features(params: Params, tracker: Any, device: torch.device,
-                     out_dir: Path) -> tuple[FeatureFn, int, dict[str, Any], dict[str, Any]]:
-    """Train FashionCNN, save it as ``encoder.pt``, and the evaluation network as ``eval_net.pt``
-    (another architecture, seed + EVAL_NET_SEED_OFFSET); (features fn, dim, meta, metrics)."""
+def _fmnist_features(params: Params, tracker: Any, info: DistInfo,
+                     out_dir: Optional[Path]) -> tuple[FeatureFn, int, dict[str, Any], dict[str, Any]]:
+    """Rank 0 trains FashionCNN, saves it as ``encoder.pt``, and the evaluation network as ``eval_net.pt``
+    (another architecture, seed + EVAL_NET_SEED_OFFSET); every rank gets the encoder (rank 0's weights:
+    trained once, so every slice's features come from the same network); (features fn, dim, meta, metrics)."""
+    model, metrics, device = None, {}, info.device
+    if info.is_main:
+        model, metrics = _train_fmnist_networks(params, tracker, device, out_dir)
+    config, state = broadcast_from_main(
+        (dict(model.config), {k: v.cpu() for k, v in model.state_dict().items()}) if model else None, info)
+    if model is None:  # the other ranks: rank 0's encoder, laid out as trained (channels_last)
+        model = FashionCNN(**config).to(device).to(memory_format=torch.channels_last)
+        model.load_state_dict(state)
+        model.eval()
+
+    def features(batch: np.ndarray) -> torch.Tensor:
+        return model.features(images_to_unit_range(batch).to(device))
+
+    meta = {"checkpoint": "encoder.pt", "test_accuracy": metrics.get("test_accuracy")}
+    return features, params.representations.dim, meta, metrics
+
+
+def _train_fmnist_networks(params: Params, tracker: Any, device: torch.device,
+                           out_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     classes = load_prepared(params, "train")[2]
     model, metrics = train_fmnist_classifier(params, tracker, device, partial(FashionCNN, dim=params.representations.dim),
                                              seed=params.seed, tag="fmnist_cnn", metric_prefix="representations/")
@@ -143,12 +168,7 @@ def _fmnist_features(params: Params, tracker: Any, device: torch.device,
                         test_accuracy=eval_metrics["test_accuracy"], seed=eval_seed)
     metrics.update({"eval_net_test_accuracy": eval_metrics["test_accuracy"],
                     "eval_net_train_seconds": eval_metrics["train_seconds"]})
-
-    def features(batch: np.ndarray) -> torch.Tensor:
-        return model.features(images_to_unit_range(batch).to(device))
-
-    meta = {"checkpoint": "encoder.pt", "test_accuracy": metrics["test_accuracy"]}
-    return features, params.representations.dim, meta, metrics
+    return model, metrics
 
 
 def _pretrained_features(params: Params, device: torch.device) -> tuple[FeatureFn, int, dict[str, Any]]:
@@ -165,38 +185,48 @@ def _pretrained_features(params: Params, device: torch.device) -> tuple[FeatureF
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Build the representations of both splits; returns {out_dir, encoder, dim, metrics}."""
-    cfg = params.representations
-    out = params.representations_dir
+    """Build the representations of both splits (over the torchrun ranks, when launched so); returns
+    {out_dir, encoder, dim, metrics} (rank 0; the other ranks return ``{"rank": r}``)."""
     for split in SPLITS:
         load_prepared(params, split)  # clear error before any work when prepare has not run
-    device = pick_device("auto")
+    info = init_distributed("auto")
+    try:
+        return _run(params, info)
+    finally:
+        shutdown_distributed(info)
+
+
+def _run(params: Params, info: DistInfo) -> dict[str, Any]:
+    cfg = params.representations
+    out = params.representations_dir
     start = time.time()
     metrics: dict[str, Any] = {"encoder": cfg.encoder}
-    with stage_run(params, "representations", out.parent) as tracker:
-        with atomic_dir(out) as tmp:
+    with main_stage_run(params, "representations", out.parent, info) as tracker:
+        with main_atomic_dir(out, info) as tmp, shard_scratch(out, info) as scratch:
             if cfg.encoder == "fmnist_cnn":
-                features, dim, meta, train_metrics = _fmnist_features(params, tracker, device, tmp)
+                features, dim, meta, train_metrics = _fmnist_features(params, tracker, info, tmp)
                 metrics.update(train_metrics)
                 batch_size = EVAL_BATCH
             else:
-                features, dim, meta = _pretrained_features(params, device)
+                features, dim, meta = _pretrained_features(params, info.device)
                 batch_size = cfg.batch_size
-            meta = {"encoder": cfg.encoder, **meta}
-            feats: dict[str, np.ndarray] = {}
             for split in SPLITS:
-                images, labels, _ = load_prepared(params, split)
-                feats[split] = _extract(features, images, batch_size, f"features {split}")
-                if feats[split].shape != (len(images), dim):
-                    raise RuntimeError(f"{cfg.encoder}: features {feats[split].shape}, expected ({len(images)}, {dim})")
-                np.save(tmp / f"{split}.npy", feats[split])
+                images = load_prepared(params, split)[0]
+                mine = shard_range(len(images), info, block=batch_size)
+                if len(mine):
+                    save_arrays(rank_dir(scratch / split, info),
+                                {split: _extract(features, images[mine.start:mine.stop], batch_size, f"features {split}")})
+                gather_arrays(scratch / split, tmp, info)  # -> tmp/<split>.npy
+            if tmp is None:
+                return {"rank": info.rank}
+            feats = _check_features(tmp, cfg.encoder, dim, params)
             metrics["ncm_test_accuracy"] = ncm_accuracy(feats["train"], load_prepared(params, "train")[1],
                                                         feats["test"], load_prepared(params, "test")[1])
             metrics.update({"dim": dim, "num_train": len(feats["train"]), "num_test": len(feats["test"]),
                             "feature_mean_abs": float(np.abs(feats["train"]).mean()),
                             "seconds": round(time.time() - start, 2)})
-            meta.update({"dim": dim, "num": {s: len(f) for s, f in feats.items()},
-                         "ncm_test_accuracy": metrics["ncm_test_accuracy"]})
+            meta = {"encoder": cfg.encoder, **meta, "dim": dim, "num": {s: len(f) for s, f in feats.items()},
+                    "ncm_test_accuracy": metrics["ncm_test_accuracy"]}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         metrics_path = write_json(params.metrics_dir / "representations.json", metrics)
         tracker.log_metrics(file_metrics(metrics_path, metrics))  # representations/<key>, as the parent run
@@ -205,6 +235,18 @@ def run(params: Params) -> dict[str, Any]:
              cfg.encoder, dim, metrics.get("test_accuracy", "n/a"), metrics["ncm_test_accuracy"], out,
              metrics_path, metrics["seconds"])
     return {"out_dir": str(out), "metrics_path": str(metrics_path), "dim": dim, **metrics}
+
+
+def _check_features(folder: Path, encoder: str, dim: int, params: Params) -> dict[str, np.ndarray]:
+    """The gathered ``<split>.npy`` features, each checked to be (num images, dim)."""
+    feats: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        num = len(load_prepared(params, split)[0])
+        path = folder / f"{split}.npy"
+        feats[split] = np.load(path) if path.exists() else np.zeros((0, dim), np.float32)
+        if feats[split].shape != (num, dim):
+            raise RuntimeError(f"{encoder}: features {feats[split].shape}, expected ({num}, {dim})")
+    return feats
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -15,8 +15,12 @@
 
 Writes ``params.samples_dir`` atomically as one folder: ``samples.npz`` (``arr_0`` uint8 NHWC,
 ADM's format, plus ``labels`` and the per-condition arrays), ``grid.png``, ``png/000000.png ...``
-and ``meta.json``. Noise comes from one generator seeded from ``params.seed`` (``derive_seed``),
-the masks from another: same seed and params, same images.
+and ``meta.json``. Batch b (samples ``b * batch_size ...``) draws its noise from a generator seeded
+by ``(params.seed, b)`` (``derive_seed``), its masks from another: same seed and params, same images,
+whichever process draws the batch. Under ``torchrun`` each rank draws a contiguous run of batches
+(``mtdiff.sharding``) and rank 0 writes the gathered folder, identical to one process's.
+
+    torchrun --standalone --nproc_per_node 8 -m mtdiff.stages.sample [sample.num_samples=50000 ...]
 """
 from __future__ import annotations
 
@@ -34,13 +38,15 @@ from mtdiff.data import pair_images, random_patch_mask
 from mtdiff.encoders import decode_latents_vae, load_vae
 from mtdiff.io import atomic_dir, save_npz, write_json
 from mtdiff.sampling_io import sample_grid, save_png, to_pil, to_uint8_nhwc
+from mtdiff.sharding import gather_arrays, load_arrays, rank_dir, save_arrays, shard_range, shard_scratch
 from mtdiff.stages import stage_main
 from mtdiff.tracking import stage_run
-from mtdiff.training import autocast, autocast_dtype
+from mtdiff.training import DistInfo, autocast, autocast_dtype, init_distributed, shutdown_distributed
 from mtdiff.utils import derive_seed, get_logger
 
 log = get_logger("mtdiff.sample")
 PREVIEW_IMAGES = 16  # the train stage's grid every train.grid_every steps (4 x 4)
+AGREEMENT = "label_head_agreement"  # the per-sample agreement ranks hand over beside the npz arrays
 
 
 class _TestSplit:
@@ -96,11 +102,9 @@ class _Conditions:
         self.num_classes = int(meta["num_classes"])
         needs_test = self.condition in ("masked", "transition")
         self.test = _TestSplit(params, need_pair=self.condition == "transition") if needs_test else None
-        # its own generator: the masks do not depend on how the samples are split into batches
-        self.mask_gen = torch.Generator().manual_seed(derive_seed(params.seed, "sample/mask"))
         self.extras: dict[str, list[np.ndarray]] = {}
 
-    def predicted_mask(self, count: int, tasks: TasksConfig) -> Optional[torch.Tensor]:
+    def predicted_mask(self, count: int, tasks: TasksConfig, mask_gen: torch.Generator) -> Optional[torch.Tensor]:
         """The patch masks a predicted masked input is multiplied by (``sample.predicted_masked``:
         masked), one per sample for its whole chain; all zero for ``absent``; None: its expectation."""
         mode = self.params.sample.predicted_masked
@@ -109,14 +113,14 @@ class _Conditions:
         if mode == "absent":
             return torch.zeros(count, 1, *self.shape[1:], device=self.device)
         return random_patch_mask(count, self.shape, tasks.masked.mask_ratio, self.params.model.patch_size,
-                                 generator=self.mask_gen, device=self.device)
+                                 generator=mask_gen, device=self.device)
 
-    def __call__(self, start: int, count: int) -> dict[str, torch.Tensor]:
+    def __call__(self, start: int, count: int, mask_gen: torch.Generator) -> dict[str, torch.Tensor]:
         if self.condition == "label":
             labels = torch.arange(start, start + count, device=self.device, dtype=torch.long)
             return {"label": labels % self.num_classes}
         if self.condition == "masked":
-            return self._masked(start, count)
+            return self._masked(start, count, mask_gen)
         if self.condition == "transition":
             return self._transition(start, count)
         return {}
@@ -125,11 +129,11 @@ class _Conditions:
         for name, arr in arrays.items():
             self.extras.setdefault(name, []).append(arr)
 
-    def _masked(self, start: int, count: int) -> dict[str, torch.Tensor]:
+    def _masked(self, start: int, count: int, mask_gen: torch.Generator) -> dict[str, torch.Tensor]:
         idx = self.test.indices(start, count)
         z_test = torch.from_numpy(np.asarray(self.test.z[idx], dtype=np.float32)).to(self.device)
         mask = random_patch_mask(count, self.shape, self.params.tasks.masked.mask_ratio, self.params.model.patch_size,
-                                 generator=self.mask_gen, device=self.device).to(z_test.dtype)
+                                 generator=mask_gen, device=self.device).to(z_test.dtype)
         ref = np.asarray(self.test.images[idx])
         self._save(reference=ref, mask=_pixel_mask(mask, ref.shape[1:3]))
         return {"masked": z_test * mask}
@@ -144,58 +148,98 @@ class _Conditions:
         return {"transition": torch.from_numpy(np.asarray(self.test.pair[idx], dtype=np.float32)).to(self.device)}
 
 
-def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict[str, Any],
-              device: torch.device, tasks: Optional[TasksConfig] = None) -> tuple[dict[str, np.ndarray], Optional[float]]:
-    """``sample.num_samples`` images in batches: the samples.npz arrays, and how often the label head
-    agreed with the given labels (condition ``label``; None otherwise). ``tasks``: those aggregated
-    (default: what the finished model was last trained with, ``params.final_tasks``)."""
+def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict[str, Any], device: torch.device,
+              tasks: Optional[TasksConfig] = None, items: Optional[range] = None) -> tuple[dict[str, np.ndarray], Optional[np.ndarray]]:
+    """The samples.npz arrays of the samples ``items`` (default: all ``sample.num_samples``; it starts at
+    a batch boundary) in batches of ``sample.batch_size``, and per sample whether the label head agreed
+    with the given label (condition ``label``; None otherwise). ``tasks``: those aggregated (default:
+    what the finished model was last trained with, ``params.final_tasks``)."""
     sc = params.sample
+    items = range(sc.num_samples) if items is None else items
+    if items.start % sc.batch_size:
+        raise ValueError(f"_generate: items start at {items.start}, not a multiple of sample.batch_size {sc.batch_size}")
     amp = autocast_dtype(device, params.train.precision)
     decode = _decoder(params, device)
     conditions = _Conditions(params, meta, device)
-    noise_gen = torch.Generator(device=device).manual_seed(derive_seed(params.seed, "sample/noise"))
+    tasks_cfg = tasks or params.final_tasks
     samples, labels, agree = [], [], []
-    for start in tqdm(range(0, sc.num_samples, sc.batch_size), desc="sample", unit="batch", disable=None):
-        count = min(sc.batch_size, sc.num_samples - start)
-        given = conditions(start, count)
-        tasks_cfg = tasks or params.final_tasks
+    for start in tqdm(range(items.start, items.stop, sc.batch_size), desc="sample", unit="batch", disable=None):
+        count = min(sc.batch_size, items.stop - start)
+        # seeded by the batch's global index alone (batch 0 by the seed one generator once had): a
+        # batch draws the same noise and masks in whichever process, however many there are
+        batch = start // sc.batch_size
+        noise_gen = torch.Generator(device=device).manual_seed(derive_seed(params.seed, "sample/noise", batch))
+        mask_gen = torch.Generator().manual_seed(derive_seed(params.seed, "sample/mask", batch))
+        given = conditions(start, count, mask_gen)
         with autocast(device, amp):
             out = diffusion.sample(model, (count, *conditions.shape), given=given, steps=sc.steps,
                                    sampler=sc.sampler, eta=sc.eta, generator=noise_gen, tasks_cfg=tasks_cfg,
-                                   device=device, predicted_mask=conditions.predicted_mask(count, tasks_cfg),
+                                   device=device, predicted_mask=conditions.predicted_mask(count, tasks_cfg, mask_gen),
                                    **sc.guidance())
         samples.append(decode(out["z0"]))
         if "label" in out:
             labels.append(out["label"].long().cpu().numpy())
             if "label" in given and "label_probs" in out:
                 agree.append((out["label_probs"].argmax(-1) == given["label"]).float().cpu().numpy())
+    if not samples:
+        return {}, None  # a rank with no batch (fewer batches than ranks)
     npz = {"arr_0": np.concatenate(samples)}
     if labels:
         npz["labels"] = np.concatenate(labels).astype(np.int64)
     npz.update({k: np.concatenate(v) for k, v in conditions.extras.items()})
-    return npz, float(np.concatenate(agree).mean()) if agree else None
+    return npz, np.concatenate(agree) if agree else None
+
+
+def _generate_sharded(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict[str, Any],
+                      info: DistInfo) -> Optional[dict[str, np.ndarray]]:
+    """Every rank draws its run of batches; rank 0 gets all the arrays in sample order (with the
+    per-sample ``AGREEMENT``, when there is one), the other ranks None."""
+    items = shard_range(params.sample.num_samples, info, block=params.sample.batch_size)
+    with shard_scratch(params.samples_dir, info) as scratch:
+        npz, agree = _generate(params, model, diffusion, meta, info.device, items=items)
+        save_arrays(rank_dir(scratch, info), {**npz, **({AGREEMENT: agree} if agree is not None else {})})
+        names = gather_arrays(scratch, scratch / "gathered", info)
+        if not info.is_main:
+            return None
+        arrays = load_arrays(scratch / "gathered", names)
+    # samples.npz's order: images, labels, then the per-condition arrays
+    return {k: arrays[k] for k in sorted(arrays, key=lambda k: (k != "arr_0", k != "labels", k))}
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Generate ``sample.num_samples`` images; returns a summary with the output paths."""
+    """Generate ``sample.num_samples`` images (over the torchrun ranks, when launched so); returns a
+    summary with the output paths (rank 0; the other ranks return ``{"rank": r}``)."""
+    info = init_distributed(params.train.device)
+    try:
+        return _run(params, info)
+    finally:
+        shutdown_distributed(info)
+
+
+def _run(params: Params, info: DistInfo) -> dict[str, Any]:
     sc, out_dir = params.sample, params.samples_dir
     t0 = time.time()
-    model, diffusion, meta = load_for_inference(params)
+    model, diffusion, meta = load_for_inference(params, device=info.device)
     device = next(model.parameters()).device
-    log.info("sampling %d images (%s, %s, %d steps, eta %s) from %s step %s on %s", sc.num_samples, sc.condition,
-             sc.sampler, sc.steps, sc.eta, meta.get("path"), meta.get("step"), device)
+    if info.is_main:
+        log.info("sampling %d images (%s, %s, %d steps, eta %s) from %s step %s on %s x %d", sc.num_samples,
+                 sc.condition, sc.sampler, sc.steps, sc.eta, meta.get("path"), meta.get("step"), device,
+                 info.world_size)
     t_sample = time.perf_counter()
-    npz, agreement = _generate(params, model, diffusion, meta, device)
+    npz = _generate_sharded(params, model, diffusion, meta, info)
+    if npz is None:
+        return {"rank": info.rank}
     sample_time = time.perf_counter() - t_sample
+    agree = npz.pop(AGREEMENT, None)
     arr = npz["arr_0"]
     summary: dict[str, Any] = {
         "num_samples": int(len(arr)), "shape": list(arr.shape), "condition": sc.condition, "sampler": sc.sampler,
         "steps": sc.steps, "eta": sc.eta, "seed": params.seed, "mode": params.diffusion.mode,
         "checkpoint": meta.get("path"), "checkpoint_step": meta.get("step"), "params_hash": meta.get("params_hash"),
         "labels": ("given" if sc.condition == "label" else "predicted") if "labels" in npz else None,
-        "label_head_agreement": agreement,
+        "label_head_agreement": float(agree.mean()) if agree is not None else None,
         "sample_time_s": sample_time, "img_per_s": len(arr) / max(sample_time, 1e-9),
-        "wall_time_s": None, "device": str(device),
+        "wall_time_s": None, "device": str(device), "world_size": info.world_size,
         "samples_npz": str(out_dir / "samples.npz"), "grid": str(out_dir / "grid.png"),
         "png_dir": str(out_dir / "png"),
     }

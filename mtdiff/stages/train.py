@@ -28,7 +28,6 @@ The stage reads setup -> resume -> loop -> summary; the step itself is
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import os
@@ -51,10 +50,11 @@ from mtdiff.io import write_json
 from mtdiff.models import TRAIN_FLOPS_PER_FORWARD, build_model, count_params, flops_per_image
 from mtdiff.preemption import Preempted, PreemptionWatch
 from mtdiff.sampling_io import to_pil
+from mtdiff.sharding import main_stage_run
 from mtdiff.stages import stage_main
 from mtdiff.stages.sample import preview_grid
 from mtdiff import registry
-from mtdiff.tracking import file_metrics, parent_run_id, stage_run
+from mtdiff.tracking import file_metrics, parent_run_id
 from mtdiff.training import (EMA, DistInfo, NonFiniteLossError, ResumableBatchSampler, TrainMeter,
                              TrainLog, TrainStep, Window, autocast_dtype, barrier, configure_backends,
                              init_distributed, make_sampler, per_rank_batch, ranks_in_sync,
@@ -153,13 +153,6 @@ class _Progress:
         self.stats["images"] = int(self.stats["images"]) + window.images
         self.stats["train_time_s"] = float(self.stats["train_time_s"]) + window.seconds
         self.stats["last_losses"] = dict(window.losses)
-
-
-class _NullRun:
-    """MLflow stand-in for ranks other than 0 (they log nothing)."""
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *a, **k: None
 
 
 def dataset_meta(dataset: TrainDataset, params: Params) -> dict[str, Any]:
@@ -498,15 +491,6 @@ def _log_start(session: _Session, progress: _Progress, tracker: Any) -> None:
              session.steps_per_epoch)
 
 
-@contextlib.contextmanager
-def _open_tracking(params: Params, info: DistInfo, out_dir: Path) -> Any:
-    if not info.is_main:
-        yield _NullRun()
-        return
-    with stage_run(params, "train", out_dir, system_metrics=True) as run:
-        yield run
-
-
 def _log_model_and_data(session: _Session, summary: dict[str, Any], tracker: Any) -> None:
     """The data set as the run's input and the EMA model in the registry (rank 0, MLflow on)."""
     if getattr(tracker, "run_id", None) is None:
@@ -528,7 +512,7 @@ def train(params: Params, on_step: Optional[Callable[[int], None]] = None) -> Tr
         if info.is_main:
             session.train_log = TrainLog(session.state_dir / TRAIN_LOG, params.metrics_dir / TRAIN_LOG)
             session.train_log.start(progress.resumed_from)
-        with _open_tracking(params, info, session.ckpt_dir) as tracker:
+        with main_stage_run(params, "train", session.ckpt_dir, info, system_metrics=True) as tracker:
             if info.is_main:
                 _log_start(session, progress, tracker)
             with PreemptionWatch() as watch:
