@@ -17,7 +17,7 @@ export GIT_PYTHON_REFRESH := quiet
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install data-package run test bench sweep serve screenshots clean
+.PHONY: install data-package run test bench gpu-smoke sweep serve screenshots clean
 
 install: $(STAMP)
 
@@ -68,6 +68,11 @@ screenshots: install
 
 bench: install
 	$(VENV)/bin/mtdiff bench train --quick
+
+# On a GPU machine, first: the ImageNet-256 profile at real size for a few hundred steps, every
+# stage's throughput and the projected cost of the profile's budget (docs/scale.md).
+gpu-smoke: install
+	$(VENV)/bin/mtdiff bench smoke --device cuda
 
 # The run's untracked outputs and local stores. The committed results (metrics/, sweeps/) stay:
 # `git checkout -- metrics` puts back what a run changed there.

@@ -160,3 +160,28 @@ def test_train_cuda_bf16(workdir, capsys):
     r = _json_line(capsys)
     assert r["device"] == "cuda" and r["dtype"] == "bf16" and r["peak_mem_kind"] == "cuda_max_memory_allocated"
     assert 0 < r["mfu"] < 1.5 and r["peak_mem_mb"] > 0
+
+
+def test_smoke_projects_the_profiles_budget_from_what_it_measured(workdir, capsys):
+    """``bench smoke`` on CPU with a shrunk DiT: the profile's budget (steps, samples) projected from
+    the measured rates, and the table names every stage. The real-size run is ``make gpu-smoke``."""
+    rc = bench.main(["smoke", "--json", "--device", "cpu", "--steps", "1", "--batch-size", "1",
+                     "--sample-steps", "1", "--no-compile", "model.size=custom", "model.depth=1",
+                     "model.hidden_size=64", "model.num_heads=2", "train.steps=1000", "sample.num_samples=300"])
+    assert rc == 0
+    r = _json_line(capsys)
+    t, p = r["train"], r["projection"]
+    assert t["input_shape"] == [4, 32, 32] and t["batch_size"] == 1 and r["sample"]["steps"] == 1
+    h = p["hours_1gpu"]
+    # the profile's batch (256) and steps (the override) over the measured img/s
+    assert h["train"] == pytest.approx(1000 * 256 / t["img_per_s"] / 3600)
+    assert h["decode"] == pytest.approx(300 / r["vae_decode_img_per_s"] / 3600)
+    assert p["calls_per_image"] == pytest.approx(2.0)  # task guidance 1.5: a guided and an unguided call
+    assert p["budget"]["sample.steps"] == 50  # the profile's DDIM-50, not the timed step count
+    one, eight = p["per_gpus"]["1"], p["per_gpus"]["8"]  # JSON keys
+    assert one["total_h"] == pytest.approx(sum(h.values()))
+    assert eight["train_h"] == pytest.approx(one["train_h"] / (8 * 0.9))
+    r["projection"]["per_gpus"] = {int(k): v for k, v in p["per_gpus"].items()}
+    r["scaling_efficiency_assumed"] = {int(k): v for k, v in r["scaling_efficiency_assumed"].items()}
+    table = bench.format_smoke(r)
+    assert all(w in table for w in ("MFU", "VAE decode", "Inception", "64 GPUs", "1,000 steps x batch 256"))

@@ -39,10 +39,12 @@ SD_VAE_CONFIG = dict(
     block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu", scaling_factor=0.18215,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 INCEPTION_SIZE = 299
+TIMED_REPS = {"cuda": 3}
 
 
-def _timed_rate(fn: Callable[[], Any], items: int, device: torch.device, reps: int = 3) -> float:
-    """Items per second of ``fn`` (best of ``reps`` after one warm-up call)."""
+def _timed_rate(fn: Callable[[], Any], items: int, device: torch.device) -> float:
+    """Items per second of ``fn``: best of a few timed calls after a warm-up (one on CPU: seconds each)."""
+    reps = TIMED_REPS.get(device.type, 1)
     fn()
     sync(device)
     best = float("inf")
@@ -131,15 +133,15 @@ def format_smoke(r: dict[str, Any]) -> str:
         f"torch {r['torch']}",
         f"  model        {t['params']:,} params, input {tuple(t['input_shape'])}, tasks {t['tasks']}, "
         f"{fmt_si(t['flops_per_img'], 'FLOP')}/img forward",
-        f"  train        {t['img_per_s']:.0f} img/s at batch {t['batch_size']} (compile={t['compile']}; "
+        f"  train        {t['img_per_s']:.4g} img/s at batch {t['batch_size']} (compile={t['compile']}; "
         f"{t['steps']} timed steps after {t['warmup']} warm-up, {t['warmup_s']:.0f} s), loss {t['loss']:.4f}",
         f"  MFU          {t['mfu']:.3f} against the {t['matmul_dtype']} matmul peak measured here "
         f"({fmt_si(t['matmul_flops'], 'FLOP/s')}); achieved {fmt_si(t['achieved_flops'], 'FLOP/s')}",
         f"  peak memory  {t['peak_mem_mb']:.0f} MiB ({t['peak_mem_kind']})",
-        f"  sampler      {p['network_img_per_s']:.0f} network img/s at batch {s['num']} "
+        f"  sampler      {p['network_img_per_s']:.4g} network img/s at batch {s['num']} "
         f"({p['calls_per_image']:.0f} calls per image-step: guidance), {s['sampler']}",
-        f"  VAE decode   {r['vae_decode_img_per_s']:.0f} img/s at 256 px (batch {r['vae_decode_batch']}); "
-        f"Inception {r['inception_img_per_s']:.0f} img/s at 299 px fp32",
+        f"  VAE decode   {r['vae_decode_img_per_s']:.4g} img/s at 256 px (batch {r['vae_decode_batch']}); "
+        f"Inception {r['inception_img_per_s']:.4g} img/s at 299 px fp32",
         f"projected for the profile's budget: {b['train.steps']:,} steps x batch {b['train.batch_size']} "
         f"({fmt_si(p['train_flops_total'], 'FLOP')}), {b['sample.num_samples']:,} samples x {b['sample.steps']} "
         f"steps, FID on {b['evaluate.num_samples']:,}",

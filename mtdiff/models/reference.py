@@ -1,5 +1,5 @@
 """The library references: diffusers' ``UNet2DModel`` and ``DiTTransformer2DModel`` as eps-only
-:class:`TaskModel`\ s.
+:class:`TaskModel` wrappers.
 
 Not a second product: a baseline that trains, samples and is scored through exactly the project's
 training step, sampler and evaluator (``model.backbone: reference_unet``), so that a gap between it
