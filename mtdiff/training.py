@@ -80,6 +80,16 @@ def shutdown_distributed(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def distributed(device_choice: str = "auto") -> Iterator[DistInfo]:
+    """This process's place among the torchrun ranks for the duration (a single process: rank 0 of 1)."""
+    info = init_distributed(device_choice)
+    try:
+        yield info
+    finally:
+        shutdown_distributed(info)
+
+
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Mean over ranks (a copy; identity when single-process)."""
     t = t.detach().clone()

@@ -28,7 +28,7 @@ from mtdiff.data import SPLITS, load_prepared, pair_images
 from mtdiff.encoders import encode_images_vae, load_vae
 from mtdiff.sharding import gather_arrays, main_atomic_dir, main_stage_run, rank_dir, shard_range, shard_scratch
 from mtdiff.stages import stage_main
-from mtdiff.training import DistInfo, init_distributed, shutdown_distributed
+from mtdiff.training import DistInfo, distributed
 from mtdiff.utils import get_logger
 
 log = get_logger("mtdiff.latents")
@@ -104,11 +104,8 @@ def run(params: Params) -> dict[str, Any]:
     shape, per-split counts, seconds} (rank 0; the other ranks return ``{"rank": r}``)."""
     for split in SPLITS:  # fail before any work when an input is missing
         load_prepared(params, split)
-    info = init_distributed("auto")
-    try:
+    with distributed() as info:
         return _run(params, info)
-    finally:
-        shutdown_distributed(info)
 
 
 def _run(params: Params, info: DistInfo) -> dict[str, Any]:

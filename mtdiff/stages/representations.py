@@ -40,7 +40,7 @@ from mtdiff.sharding import (broadcast_from_main, gather_arrays, main_atomic_dir
                              save_arrays, shard_range, shard_scratch)
 from mtdiff.stages import stage_main
 from mtdiff.tracking import file_metrics
-from mtdiff.training import DistInfo, autocast, init_distributed, shutdown_distributed
+from mtdiff.training import DistInfo, autocast, distributed
 from mtdiff.utils import get_logger, seed_everything
 
 log = get_logger("mtdiff.representations")
@@ -189,11 +189,8 @@ def run(params: Params) -> dict[str, Any]:
     {out_dir, encoder, dim, metrics} (rank 0; the other ranks return ``{"rank": r}``)."""
     for split in SPLITS:
         load_prepared(params, split)  # clear error before any work when prepare has not run
-    info = init_distributed("auto")
-    try:
+    with distributed() as info:
         return _run(params, info)
-    finally:
-        shutdown_distributed(info)
 
 
 def _run(params: Params, info: DistInfo) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from mtdiff.sampling_io import sample_grid, save_png, to_pil, to_uint8_nhwc
 from mtdiff.sharding import gather_arrays, load_arrays, rank_dir, save_arrays, shard_range, shard_scratch
 from mtdiff.stages import stage_main
 from mtdiff.tracking import stage_run
-from mtdiff.training import DistInfo, autocast, autocast_dtype, init_distributed, shutdown_distributed
+from mtdiff.training import DistInfo, autocast, autocast_dtype, distributed
 from mtdiff.utils import derive_seed, get_logger
 
 log = get_logger("mtdiff.sample")
@@ -209,11 +209,8 @@ def _generate_sharded(params: Params, model: torch.nn.Module, diffusion: Any, me
 def run(params: Params) -> dict[str, Any]:
     """Generate ``sample.num_samples`` images (over the torchrun ranks, when launched so); returns a
     summary with the output paths (rank 0; the other ranks return ``{"rank": r}``)."""
-    info = init_distributed(params.train.device)
-    try:
+    with distributed(params.train.device) as info:
         return _run(params, info)
-    finally:
-        shutdown_distributed(info)
 
 
 def _run(params: Params, info: DistInfo) -> dict[str, Any]:

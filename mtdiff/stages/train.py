@@ -57,8 +57,7 @@ from mtdiff import registry
 from mtdiff.tracking import file_metrics, parent_run_id
 from mtdiff.training import (EMA, DistInfo, NonFiniteLossError, ResumableBatchSampler, TrainMeter,
                              TrainLog, TrainStep, Window, autocast_dtype, barrier, configure_backends,
-                             init_distributed, make_sampler, per_rank_batch, ranks_in_sync,
-                             shutdown_distributed, to_device)
+                             distributed, make_sampler, per_rank_batch, ranks_in_sync, to_device)
 from mtdiff.utils import derive_seed, get_logger, seed_everything
 
 log = get_logger("mtdiff.train")
@@ -505,8 +504,7 @@ def _log_model_and_data(session: _Session, summary: dict[str, Any], tracker: Any
 
 def train(params: Params, on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
     """Train per ``params.train``; ``on_step(step)`` is called after every completed step (tests/bench)."""
-    info = init_distributed(params.train.device)
-    try:
+    with distributed(params.train.device) as info:
         session = _setup(params, info)
         progress = _resume(session)
         if info.is_main:
@@ -530,8 +528,6 @@ def train(params: Params, on_step: Optional[Callable[[int], None]] = None) -> Tr
                 _log_model_and_data(session, summary, tracker)
             barrier(info)
         return TrainResult(model=session.step.model, ema=session.step.ema, summary=summary)
-    finally:
-        shutdown_distributed(info)
 
 
 def run(params: Params) -> dict[str, Any]:
