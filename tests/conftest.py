@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,13 +62,16 @@ def _session_env(tmp_path_factory):
       outside the project are refused otherwise, see ``mtdiff.config.check_output_dirs``);
     - ``MTDIFF_FMNIST_DIR``: when Debian's Fashion-MNIST is not installed (a fresh machine), a small
       deterministic look-alike in the real gzip'd IDX format (``tests/fixtures/fmnist_idx.py``), so
-      the data-dependent tests run instead of being skipped.
+      the data-dependent tests run instead of being skipped;
+    - ``PATH`` starts with this interpreter's folder, so the stage commands DVC runs (``python -m
+      mtdiff.stages.<name>``) and the tools (``dvc``) are the suite's own, venv activated or not.
     """
     global FMNIST_DIR
     from fixtures import fmnist_idx
 
     env = {"MTDIFF_OUTPUT_ROOTS": os.pathsep.join(
-        p for p in (str(tmp_path_factory.getbasetemp()), os.environ.get("MTDIFF_OUTPUT_ROOTS")) if p)}
+        p for p in (str(tmp_path_factory.getbasetemp()), os.environ.get("MTDIFF_OUTPUT_ROOTS")) if p),
+        "PATH": os.pathsep.join((os.path.dirname(sys.executable), os.environ.get("PATH", "")))}
     if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         env["MTDIFF_FMNIST_DIR"] = str(fmnist_idx.build(tmp_path_factory.mktemp("fashion-mnist-idx")))
     with pytest.MonkeyPatch.context() as mp:

@@ -53,7 +53,7 @@ def test_prepare_rerun_gives_equal_bytes(fmnist_dir, make_params):
     out = params.prepared_dir
     prepare.run(params)
     first = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-    assert prepare.run(params)["seconds"] >= 0  # the timing is still returned (and logged)
+    prepare.run(params)
     assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == first
 
 
