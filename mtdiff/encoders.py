@@ -250,28 +250,42 @@ def _create_timm_model(kind: str, name: str | None, weights_path: str | None, mo
             f"(`huggingface-cli download timm/{name} --local-dir <dir>` on a machine with network)") from exc
 
 
+def _input_size(model: nn.Module, cfg: dict[str, Any]) -> tuple[int, int]:
+    """The (H, W) the model was built for (an ``img_size`` override included); a ViT's must be whole
+    patches: at 256 px a patch-14 model would silently drop the last 4 pixel rows and columns."""
+    size = tuple(cfg["input_size"][1:])
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or not getattr(patch_embed, "img_size", None):
+        return size
+    size, patch = tuple(patch_embed.img_size), tuple(patch_embed.patch_size)
+    if any(s % p for s, p in zip(size, patch)):
+        raise ValueError(f"representations.image_size {size[0]} is not a multiple of the encoder's patch size "
+                         f"{patch[0]} (for patch 14: 224 as REPA, or 252)")
+    return size
+
+
 def load_image_encoder(kind: str, name: str | None = None, weights_path: str | None = None,
-                       device: str | torch.device = "cpu", **model_kwargs: Any
+                       device: str | torch.device = "cpu", image_size: int | None = None, **model_kwargs: Any
                        ) -> tuple[nn.Module, Callable[[np.ndarray | torch.Tensor], torch.Tensor], int]:
     """A frozen timm DINOv2 / CLIP image encoder -> (model, preprocess, dim).
 
-    ``preprocess(uint8 NHWC)`` resizes (bicubic, antialiased) to the model's input size, repeats gray
-    to RGB and normalises with the model's own mean/std (ImageNet for DINOv2, OpenAI's for CLIP);
-    ``model(preprocess(x))`` gives pooled features (B, dim) (``num_classes=0``: CLS / pooled token,
-    before any projection).
+    ``image_size`` (None: the model's own, 518 for timm's DINOv2) builds the ViT for that input; timm
+    resamples the loaded position embeddings to it. ``preprocess(uint8 NHWC)`` resizes (bicubic,
+    antialiased) to the input size, repeats gray to RGB and normalises with the model's own mean/std
+    (ImageNet for DINOv2, OpenAI's for CLIP); ``model(preprocess(x))`` gives pooled features (B, dim)
+    (``num_classes=0``: CLS / pooled token, before any projection).
     """
     if kind not in DEFAULT_IMAGE_ENCODERS:
         raise ValueError(f"image encoder kind '{kind}': allowed {', '.join(DEFAULT_IMAGE_ENCODERS)}")
     name = name or DEFAULT_IMAGE_ENCODERS[kind]
+    if image_size is not None:
+        model_kwargs = {**model_kwargs, "img_size": image_size}
     model = _create_timm_model(kind, name, weights_path, model_kwargs)
     model = model.to(device).eval().requires_grad_(False)
     import timm.data
 
     cfg = timm.data.resolve_model_data_config(model)
-    size = tuple(cfg["input_size"][1:])
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and getattr(patch_embed, "img_size", None):
-        size = tuple(patch_embed.img_size)  # what the model was built for (img_size overrides included)
+    size = _input_size(model, cfg)
     mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
     param = next(model.parameters())
