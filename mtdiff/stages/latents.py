@@ -136,7 +136,7 @@ def run(params: Params) -> dict[str, Any]:
                 secs = time.time() - t0
                 summary["splits"][split] = {"num": len(images), "shape": list(shape), "seconds": round(secs, 2)}
                 summary["shape"] = list(shape)
-                log.info("%s: %d images -> %s %s (%s) in %.1fs (%.0f img/s)", split, len(images), mode,
+                log.info("%s: %d images -> %s %s (%s) in %.1fs (%.2f img/s)", split, len(images), mode,
                          tuple(shape), ", ".join(meta["files"]), secs, len(images) * len(variants) / max(secs, 1e-9))
         summary["seconds"] = round(time.time() - start, 2)
         tracker.log_metrics({"latents/seconds": summary["seconds"],
