@@ -22,6 +22,14 @@ import torch.nn.functional as F
 
 DEFAULT_IMAGE_ENCODERS = {"dinov2": "vit_base_patch14_dinov2.lvd142m",
                           "clip": "vit_base_patch16_clip_224.openai"}
+# stabilityai/sd-vae-ft-ema's config.json (the SD v1 VAE: 8x downsampling, 4 latent channels): the
+# architecture that random-weight benchmarks and tests build (AutoencoderKL(**SD_VAE_CONFIG))
+SD_VAE_CONFIG = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "norm_num_groups": 32, "sample_size": 256,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,10 +278,9 @@ def load_image_encoder(kind: str, name: str | None = None, weights_path: str | N
     """A frozen timm DINOv2 / CLIP image encoder -> (model, preprocess, dim).
 
     ``image_size`` (None: the model's own, 518 for timm's DINOv2) builds the ViT for that input; timm
-    resamples the loaded position embeddings to it. ``preprocess(uint8 NHWC)`` resizes (bicubic,
-    antialiased) to the input size, repeats gray to RGB and normalises with the model's own mean/std
-    (ImageNet for DINOv2, OpenAI's for CLIP); ``model(preprocess(x))`` gives pooled features (B, dim)
-    (``num_classes=0``: CLS / pooled token, before any projection).
+    resamples the loaded position embeddings to it. ``preprocess`` is :func:`image_preprocess` (the
+    model's own mean/std: ImageNet's for DINOv2, OpenAI's for CLIP); ``model(preprocess(x))`` gives
+    pooled features (B, dim) (``num_classes=0``: CLS / pooled token, before any projection).
     """
     if kind not in DEFAULT_IMAGE_ENCODERS:
         raise ValueError(f"image encoder kind '{kind}': allowed {', '.join(DEFAULT_IMAGE_ENCODERS)}")
@@ -282,6 +289,12 @@ def load_image_encoder(kind: str, name: str | None = None, weights_path: str | N
         model_kwargs = {**model_kwargs, "img_size": image_size}
     model = _create_timm_model(kind, name, weights_path, model_kwargs)
     model = model.to(device).eval().requires_grad_(False)
+    return model, image_preprocess(model), int(model.num_features)
+
+
+def image_preprocess(model: nn.Module) -> Callable[[np.ndarray | torch.Tensor], torch.Tensor]:
+    """uint8 NHWC -> the timm ``model``'s input: resized (bicubic, antialiased) to its input size, gray
+    repeated to RGB, normalised with its own mean/std, on its device and in its dtype."""
     import timm.data
 
     cfg = timm.data.resolve_model_data_config(model)
@@ -299,4 +312,4 @@ def load_image_encoder(kind: str, name: str | None = None, weights_path: str | N
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         return ((x - mean.to(x.device)) / std.to(x.device)).to(param.dtype)
 
-    return model, preprocess, int(model.num_features)
+    return preprocess

@@ -160,3 +160,19 @@ def test_train_cuda_bf16(workdir, capsys):
     r = _json_line(capsys)
     assert r["device"] == "cuda" and r["dtype"] == "bf16" and r["peak_mem_kind"] == "cuda_max_memory_allocated"
     assert 0 < r["mfu"] < 1.5 and r["peak_mem_mb"] > 0
+
+
+def test_stages_each_in_its_own_process(capsys):
+    """``bench stages``: the chosen stages in pipeline order, each measured in a fresh process (its peak
+    memory holds the imports' baseline plus its own model, the Inception network's ~100 MB of weights)."""
+    assert bench.main(["stages", "--json", "--device", "cpu", "--threads", "1", "--reps", "1",
+                       "inception", "prepare"]) == 0
+    r = _json_line(capsys)
+    assert [row["stage"] for row in r["rows"]] == ["prepare", "inception"]  # pipeline order, not argv's
+    prepare, inception = r["rows"]
+    assert prepare["images"] == 16 and inception["images"] == 4
+    assert all(row["img_per_s"] > 0 for row in r["rows"])
+    assert inception["peak_mem_mb"] > r["baseline_mb"] + 50
+    assert isinstance(r["avx512_bf16"], bool) and r["cpu_model"]
+    assert bench.main(["stages", "--reps", "1", "nope"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
