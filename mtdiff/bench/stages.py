@@ -13,6 +13,7 @@ import io
 import multiprocessing as mp
 import resource
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -87,7 +88,7 @@ def _prepare(batch: int, device: torch.device) -> Work:
     return (lambda: [decode_image_bytes(f, "x.JPEG", RESOLUTION, 3) for f in files]), batch
 
 
-def _vae(device: torch.device):
+def _vae(device: torch.device) -> nn.Module:
     from diffusers import AutoencoderKL
 
     from mtdiff.encoders import SD_VAE_CONFIG
@@ -103,10 +104,11 @@ def _vae_encode(batch: int, device: torch.device) -> Work:
 
 
 def _vae_decode(batch: int, device: torch.device) -> Work:
+    from mtdiff.config import LatentsConfig
     from mtdiff.encoders import decode_latents_vae
 
     vae, z = _vae(device), torch.randn(batch, *LATENT_SHAPE)
-    return (lambda: decode_latents_vae(vae, z, 0.18215)), batch
+    return (lambda: decode_latents_vae(vae, z, LatentsConfig().scale)), batch
 
 
 def _dinov2(batch: int, device: torch.device) -> Work:
@@ -117,7 +119,7 @@ def _dinov2(batch: int, device: torch.device) -> Work:
     model = timm.create_model(DINOV2, pretrained=False, num_classes=0, img_size=DINOV2_INPUT)
     model = model.to(device).eval().requires_grad_(False)
     preprocess, images = image_preprocess(model), _images(batch)
-    return (lambda: model(preprocess(images))), batch
+    return torch.no_grad()(lambda: model(preprocess(images))), batch
 
 
 def _dit_setup(device: torch.device) -> Setup:
@@ -205,7 +207,7 @@ def _measure(stage: str, batch: int, reps: int, threads: int, device_kind: str) 
 def cpu_info() -> dict[str, Any]:
     """The CPU's model name and whether it has the bf16 matmul extensions (/proc/cpuinfo; Linux)."""
     try:
-        text = open("/proc/cpuinfo").read()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return {"cpu_model": "unknown", "avx512_bf16": None, "amx_bf16": None}
     fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
@@ -218,6 +220,8 @@ def run_stages(args: argparse.Namespace) -> dict[str, Any]:
     """Every stage of ``args.stages`` (default all) in its own spawned process, in pipeline order."""
     threads = args.threads or torch.get_num_threads()
     device = pick_device(args.device)
+    if args.reps < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise ValueError(f"--reps and --batch-size must be >= 1 (got {args.reps}, {args.batch_size})")
     chosen = set(args.stages or STAGES)
     if chosen - set(STAGES):
         raise ValueError(f"unknown stage(s) {sorted(chosen - set(STAGES))}; known: {', '.join(STAGES)}")
@@ -226,18 +230,21 @@ def run_stages(args: argparse.Namespace) -> dict[str, Any]:
     # spawn, not fork: a fresh interpreter per stage (its own peak memory, no inherited OpenMP state)
     ctx = mp.get_context("spawn")
     for stage in ["baseline", *stages]:
-        batch = args.batch_size or STAGES.get(stage, ("", 0))[1]
+        batch = args.batch_size or (STAGES[stage][1] if stage in STAGES else 0)
         with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             rows.append(pool.submit(_measure, stage, batch, args.reps, threads, args.device).result())
-    return {"bench": "stages", "device": device.type, "device_name": device_name(device), **cpu_info(), "threads": threads,
-            "reps": args.reps, "torch": torch.__version__, "baseline_mb": rows[0]["peak_mem_mb"], "rows": rows[1:]}
+    return {"bench": "stages", "device": device.type, "device_name": device_name(device), **cpu_info(),
+            "threads": threads, "reps": args.reps, "torch": torch.__version__, "baseline_mb": rows[0]["peak_mem_mb"],
+            "rows": rows[1:]}
 
 
 def format_stages(r: dict[str, Any]) -> str:
     kind = "peak RSS" if r["device"] == "cpu" else "max allocated"
     lines = [f"bench stages  device={r['device']} ({r['device_name']})  threads={r['threads']}  fp32  "
-             f"best of {r['reps']} after a warm-up; {kind} of a process that only imports: {r['baseline_mb']:.0f} MiB",
-             f"  cpu: {r['cpu_model']}, avx512_bf16 {r['avx512_bf16']}, amx_bf16 {r['amx_bf16']} (this bench runs fp32)",
+             f"best of {r['reps']} after a warm-up; {kind} of a process that only imports: "
+             f"{r['baseline_mb']:.0f} MiB",
+             f"  cpu: {r['cpu_model']}, avx512_bf16 {r['avx512_bf16']}, amx_bf16 {r['amx_bf16']} "
+             f"(this bench runs fp32)",
              f"  {'stage':<12} {'work':<48} {'img/call':>8} {'s/call':>8} {'img/s':>8} {'peak MiB':>9}"]
     for row in r["rows"]:
         lines.append(f"  {row['stage']:<12} {row['what']:<48} {row['images']:>8} {row['seconds']:>8.3f} "
