@@ -10,7 +10,7 @@
                                           (.mtdiff/mlflow_pending/<stage>.jsonl; = python -m mtdiff.mlflow_replay)
     mtdiff stage <name> [key=value ...]   run one pipeline stage (= python -m mtdiff.stages.<name>)
     mtdiff config [key=value ...]         print the validated, merged params
-    mtdiff bench {train,sample} ...       benchmarks (see mtdiff.bench)
+    mtdiff bench {train,sample,stages} ... benchmarks (see mtdiff.bench)
 
 `mtdiff <command> --help` shows the options of each.
 """
@@ -39,7 +39,7 @@ DELEGATED = {
                                  "(python -m flows.serve)"),
     "replay": ("mtdiff.mlflow_replay", [], "send MLflow records kept while the tracking server was down "
                                               "(.mtdiff/mlflow_pending/*.jsonl) to the tracking store"),
-    "bench": ("mtdiff.bench", [], "benchmarks: mtdiff bench {train,sample} --help"),
+    "bench": ("mtdiff.bench", [], "benchmarks: mtdiff bench {train,sample,stages} --help"),
 }
 
 

@@ -198,6 +198,8 @@ class RepresentationsConfig(_Section):
     encoder: Literal["fmnist_cnn", "dinov2", "clip"] = "fmnist_cnn"
     name: Optional[str] = None
     weights_path: Optional[str] = None
+    # dinov2 / clip input size (null: the model's own, 518 for DINOv2); a multiple of the patch size
+    image_size: Optional[int] = Field(None, ge=1)
     epochs: int = Field(3, ge=0)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)

@@ -22,6 +22,14 @@ import torch.nn.functional as F
 
 DEFAULT_IMAGE_ENCODERS = {"dinov2": "vit_base_patch14_dinov2.lvd142m",
                           "clip": "vit_base_patch16_clip_224.openai"}
+# stabilityai/sd-vae-ft-ema's config.json (the SD v1 VAE: 8x downsampling, 4 latent channels): the
+# architecture that random-weight benchmarks and tests build (AutoencoderKL(**SD_VAE_CONFIG))
+SD_VAE_CONFIG = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "norm_num_groups": 32, "sample_size": 256,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,28 +258,47 @@ def _create_timm_model(kind: str, name: str | None, weights_path: str | None, mo
             f"(`huggingface-cli download timm/{name} --local-dir <dir>` on a machine with network)") from exc
 
 
+def _input_size(model: nn.Module, cfg: dict[str, Any]) -> tuple[int, int]:
+    """The (H, W) the model was built for (an ``img_size`` override included); a ViT's must be whole
+    patches: at 256 px a patch-14 model would silently drop the last 4 pixel rows and columns."""
+    size = tuple(cfg["input_size"][1:])
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or not getattr(patch_embed, "img_size", None):
+        return size
+    size, patch = tuple(patch_embed.img_size), tuple(patch_embed.patch_size)
+    if any(s % p for s, p in zip(size, patch)):
+        raise ValueError(f"representations.image_size {size[0]} is not a multiple of the encoder's patch size "
+                         f"{patch[0]} (for patch 14: 224 as REPA, or 252)")
+    return size
+
+
 def load_image_encoder(kind: str, name: str | None = None, weights_path: str | None = None,
-                       device: str | torch.device = "cpu", **model_kwargs: Any
+                       device: str | torch.device = "cpu", image_size: int | None = None, **model_kwargs: Any
                        ) -> tuple[nn.Module, Callable[[np.ndarray | torch.Tensor], torch.Tensor], int]:
     """A frozen timm DINOv2 / CLIP image encoder -> (model, preprocess, dim).
 
-    ``preprocess(uint8 NHWC)`` resizes (bicubic, antialiased) to the model's input size, repeats gray
-    to RGB and normalises with the model's own mean/std (ImageNet for DINOv2, OpenAI's for CLIP);
-    ``model(preprocess(x))`` gives pooled features (B, dim) (``num_classes=0``: CLS / pooled token,
-    before any projection).
+    ``image_size`` (None: the model's own, 518 for timm's DINOv2) builds the ViT for that input; timm
+    resamples the loaded position embeddings to it. ``preprocess`` is :func:`image_preprocess` (the
+    model's own mean/std: ImageNet's for DINOv2, OpenAI's for CLIP); ``model(preprocess(x))`` gives
+    pooled features (B, dim) (``num_classes=0``: CLS / pooled token, before any projection).
     """
     if kind not in DEFAULT_IMAGE_ENCODERS:
         raise ValueError(f"image encoder kind '{kind}': allowed {', '.join(DEFAULT_IMAGE_ENCODERS)}")
     name = name or DEFAULT_IMAGE_ENCODERS[kind]
+    if image_size is not None:
+        model_kwargs = {**model_kwargs, "img_size": image_size}
     model = _create_timm_model(kind, name, weights_path, model_kwargs)
     model = model.to(device).eval().requires_grad_(False)
+    return model, image_preprocess(model), int(model.num_features)
+
+
+def image_preprocess(model: nn.Module) -> Callable[[np.ndarray | torch.Tensor], torch.Tensor]:
+    """uint8 NHWC -> the timm ``model``'s input: resized (bicubic, antialiased) to its input size, gray
+    repeated to RGB, normalised with its own mean/std, on its device and in its dtype."""
     import timm.data
 
     cfg = timm.data.resolve_model_data_config(model)
-    size = tuple(cfg["input_size"][1:])
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and getattr(patch_embed, "img_size", None):
-        size = tuple(patch_embed.img_size)  # what the model was built for (img_size overrides included)
+    size = _input_size(model, cfg)
     mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
     param = next(model.parameters())
@@ -285,4 +312,4 @@ def load_image_encoder(kind: str, name: str | None = None, weights_path: str | N
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         return ((x - mean.to(x.device)) / std.to(x.device)).to(param.dtype)
 
-    return model, preprocess, int(model.num_features)
+    return preprocess

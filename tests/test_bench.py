@@ -184,4 +184,20 @@ def test_smoke_projects_the_profiles_budget_from_what_it_measured(workdir, capsy
     r["projection"]["per_gpus"] = {int(k): v for k, v in p["per_gpus"].items()}
     r["scaling_efficiency_assumed"] = {int(k): v for k, v in r["scaling_efficiency_assumed"].items()}
     table = bench.format_smoke(r)
-    assert all(w in table for w in ("MFU", "VAE decode", "Inception", "64 GPUs", "1,000 steps x batch 256"))
+    assert all(w in table for w in ("MFU", "VAE decode", "FID network", "64 GPUs", "1,000 steps x batch 256"))
+
+
+def test_stages_each_in_its_own_process(capsys):
+    """``bench stages``: the chosen stages in pipeline order, each measured in a fresh process (its peak
+    memory holds the imports' baseline plus its own model, the Inception network's ~100 MB of weights)."""
+    assert bench.main(["stages", "--json", "--device", "cpu", "--threads", "1", "--reps", "1",
+                       "inception", "prepare"]) == 0
+    r = _json_line(capsys)
+    assert [row["stage"] for row in r["rows"]] == ["prepare", "inception"]  # pipeline order, not argv's
+    prepare, inception = r["rows"]
+    assert prepare["images"] == 16 and inception["images"] == 4
+    assert all(row["img_per_s"] > 0 for row in r["rows"])
+    assert inception["peak_mem_mb"] > r["baseline_mb"] + 50
+    assert isinstance(r["avx512_bf16"], bool) and r["cpu_model"]
+    assert bench.main(["stages", "--reps", "1", "nope"]) == 2
+    assert "unknown stage" in capsys.readouterr().err

@@ -3,7 +3,6 @@ written to a temp file, the Fashion-MNIST-style domain extractor, the ADM refere
 the hashed reference cache. Small sets keep the Inception part to a few seconds."""
 from __future__ import annotations
 
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -55,24 +54,10 @@ def tiny_cnn() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def inception_weights_file(tmp_path_factory):
-    """A randomly initialised state dict of the right shapes for torch-fidelity's FeatureExtractorInceptionV3.
+    """A random-weight state dict for torch-fidelity's FeatureExtractorInceptionV3 (tests/fixtures/real_size.py)."""
+    from fixtures.real_size import inception_weights
 
-    The constructor always loads weights, so build it with loading stubbed out, re-init the convs
-    (He init keeps the 2048-d features O(1) through ~90 layers; the default init makes them ~1e-8)
-    and save the state dict the way ``feature_extractor_weights_path`` expects (torch.load -> load_state_dict).
-    """
-    import torch_fidelity.feature_extractor_inceptionv3 as fi
-
-    torch.manual_seed(0)
-    with mock.patch.object(fi, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
-        net = fi.FeatureExtractorInceptionV3(fid.INCEPTION, ["2048"])
-    for mod in net.modules():
-        if isinstance(mod, nn.Conv2d):
-            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "inception_random.pth"
-    torch.save(net.state_dict(), path)
-    return path
+    return inception_weights(tmp_path_factory.mktemp("inception") / "inception_random.pth")
 
 
 _NP_EIGVALS = np.linalg.eigvals
@@ -105,6 +90,19 @@ def test_fid_lowrank_eigvals_helper_is_exact():
     assert tr_sqrt(lowrank_eigvals(m)) == pytest.approx(tr_sqrt(_NP_EIGVALS(m)), rel=1e-5)
     full = rng.standard_normal((256, 256))
     assert np.allclose(np.sort_complex(lowrank_eigvals(full)), np.sort_complex(_NP_EIGVALS(full)))
+
+
+@pytest.mark.parametrize("n", [5, 40])  # fewer images than dimensions (the low-rank route), and more
+def test_fid_from_features_equals_torch_fidelity(n):
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    rng = np.random.default_rng(n)
+    feats = torch.from_numpy(rng.standard_normal((n, 24)).astype(np.float32))
+    ref = fid_features_to_statistics(torch.from_numpy(rng.standard_normal((50, 24)).astype(np.float32) + 0.3))
+    expected = fid_statistics_to_metric(fid_features_to_statistics(feats), ref, False)["frechet_inception_distance"]
+    assert fid.fid_from_features(feats, ref) == pytest.approx(expected, rel=1e-6)
+    ref64 = {k: np.asarray(v, np.float64) for k, v in ref.items()}  # an ADM batch's dtype
+    assert fid.fid_from_features(feats, ref64) == pytest.approx(expected, rel=1e-6)
 
 
 # -- names and inputs ----------------------------------------------------------------------------

@@ -150,3 +150,16 @@ def test_unreachable_hub_fails_fast_and_restores_mode(monkeypatch):
         load_image_encoder("dinov2", "vit_small_patch14_dinov2", None, **TINY_VIT)
     assert time.time() - t0 < 20
     assert constants.HF_HUB_OFFLINE == before
+
+
+def test_image_encoder_image_size_resamples_and_wants_whole_patches(tmp_path):
+    """representations.image_size: weights saved at one size load at another (timm resamples the position
+    embeddings, as DINOv2's 518 px weights at 224); a size that is not whole patches is refused."""
+    path = tmp_path / "w.pth"
+    torch.save(_tiny_dinov2().state_dict(), path)  # built at 28 px (2 x 2 patches)
+    arch = {k: v for k, v in TINY_VIT.items() if k != "img_size"}
+    enc, preprocess, _ = load_image_encoder("dinov2", "vit_small_patch14_dinov2", str(path), image_size=42, **arch)
+    x = preprocess(np.zeros((1, 64, 64, 3), dtype=np.uint8))
+    assert x.shape == (1, 3, 42, 42) and enc.pos_embed.shape[1] == 1 + 3 * 3
+    with pytest.raises(ValueError, match="not a multiple of the encoder's patch size 14"):
+        load_image_encoder("dinov2", "vit_small_patch14_dinov2", str(path), image_size=32, **arch)

@@ -1,10 +1,12 @@
-"""Benchmarks: ``mtdiff bench train|sample`` (``make bench`` runs ``train --quick``).
+"""Benchmarks: ``mtdiff bench train|sample|stages`` (``make bench`` runs ``train --quick``).
 
 - ``train``: img/s, achieved FLOP/s and MFU of :class:`mtdiff.training.TrainStep` (the train
   stage's own step) on synthetic batches of the real shape, plus peak memory.
 - ``sample``: images/s of ``MTDiffusion.sample`` at N steps.
 - ``smoke``: the ImageNet-256 profile at real size on this device (``make gpu-smoke``): train steps,
   every later stage's throughput and the projected wall time of the profile's budget.
+- ``stages``: img/s and peak memory of each ImageNet-256 stage's work with the real architectures
+  (JPEG decode, SD-VAE, DINOv2, DiT-B/2 train step and sampler call, Inception), random weights.
 
 MFU = achieved FLOP/s / dense-matmul FLOP/s, both measured in this run on this device, dtype and
 thread count (not a datasheet peak). Achieved FLOP/s counts 3 x the analytic forward FLOPs per
@@ -26,11 +28,12 @@ from mtdiff.diffusion.process import SAMPLERS
 from mtdiff.bench.probes import CONFIGS, DTYPES, MATMUL_N
 from mtdiff.bench.sample import QUICK_SAMPLE_STEPS, SAMPLE_STEPS, format_sample, run_sample
 from mtdiff.bench.smoke import SMOKE_SAMPLE_STEPS, format_smoke, run_smoke
+from mtdiff.bench.stages import STAGES, format_stages, run_stages
 from mtdiff.bench.train import FULL_STEPS, FULL_WARMUP, QUICK_STEPS, QUICK_WARMUP, format_train, run_train
 
 # -- command line ----------------------------------------------------------------------------------
 BENCHMARKS = {"train": (run_train, format_train), "sample": (run_sample, format_sample),
-              "smoke": (run_smoke, format_smoke)}
+              "smoke": (run_smoke, format_smoke), "stages": (run_stages, format_stages)}
 
 
 def _common_arguments(ap: argparse.ArgumentParser) -> None:
@@ -79,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--batch-size", type=int, default=None, help="default: the profile's train / sample batch")
     smoke.add_argument("--sample-steps", type=int, default=SMOKE_SAMPLE_STEPS, help="sampler steps timed")
     smoke.add_argument("overrides", nargs="*", help="params overrides key.sub=value")
+    stages = sub.add_parser("stages", help="img/s and peak memory of each ImageNet-256 stage (real architectures)")
+    stages.add_argument("stages", nargs="*", metavar="STAGE", help=f"default all: {', '.join(STAGES)}")
+    stages.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    stages.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    stages.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current count)")
+    stages.add_argument("--reps", type=int, default=2, help="timed calls per stage after one warm-up (best is kept)")
+    stages.add_argument("--batch-size", type=int, default=None, help="images per call for every stage "
+                        "(default: each stage's own)")
     return ap
 
 

@@ -5,9 +5,9 @@ projected wall time of the profile's whole budget on 1, 8 and 64 GPUs.
 
 Measured here: the train step (img/s, MFU against the bf16 matmul timed in the same run, peak
 memory), the sampler's network calls (img/s per call at the profile's batch, guidance included),
-the SD-VAE decoder (diffusers ``AutoencoderKL`` in sd-vae-ft-ema's architecture) and an Inception-v3
-forward at 299 px (torchvision's architecture: the FID network's, up to TF padding details). Weights
-are random: throughput does not depend on their values, and no download is needed.
+the SD-VAE decoder (diffusers ``AutoencoderKL`` in sd-vae-ft-ema's architecture) and the FID network
+(torch-fidelity's Inception-v3, resizing to 299 px). Weights are random: throughput does not depend
+on their values, and no download is needed.
 
 Projected: the profile's ``train.steps`` at the measured img/s; ``sample.num_samples`` x
 ``sample.steps`` network calls; one VAE decode and one Inception forward per sample. Across GPUs the
@@ -24,6 +24,7 @@ import torch
 
 from mtdiff.bench.probes import fmt_si, peak_memory, setup, sync
 from mtdiff.bench.sample import run_sample
+from mtdiff.bench.stages import RESOLUTION, random_inception, random_vae
 from mtdiff.bench.train import run_train
 
 SMOKE_CONFIG = "imagenet256"
@@ -33,12 +34,6 @@ GPU_COUNTS = (1, 8, 64)
 # Assumed data-parallel efficiency of training (img/s per GPU relative to one GPU): DiT-B/2's 130M
 # parameters all-reduce in a few ms over NVLink (8 GPUs, one node) and tens of ms over a cluster network.
 SCALING_EFFICIENCY = {1: 1.0, 8: 0.9, 64: 0.75}
-# sd-vae-ft-ema's AutoencoderKL config (its config.json on the Hub), for a decoder of the real size.
-SD_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=256, layers_per_block=2,
-    block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu", scaling_factor=0.18215,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-INCEPTION_SIZE = 299
 TIMED_REPS = {"cuda": 3}
 
 
@@ -58,9 +53,7 @@ def _timed_rate(fn: Callable[[], Any], items: int, device: torch.device) -> floa
 
 def vae_decode_rate(device: torch.device, amp: torch.dtype | None, batch: int, latent_hw: int) -> dict[str, Any]:
     """img/s of the SD-VAE decoder (real architecture, random weights) on ``batch`` latents."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(**SD_VAE_CONFIG).to(device).eval().requires_grad_(False)
+    vae = random_vae(device)
     z = torch.randn(batch, 4, latent_hw, latent_hw, device=device)
     with peak_memory(device) as mem, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         rate = _timed_rate(lambda: vae.decode(z).sample, batch, device)
@@ -68,11 +61,9 @@ def vae_decode_rate(device: torch.device, amp: torch.dtype | None, batch: int, l
 
 
 def inception_rate(device: torch.device, batch: int) -> dict[str, Any]:
-    """img/s of an Inception-v3 forward at 299 px in fp32 (as FID computes features)."""
-    from torchvision.models import inception_v3
-
-    net = inception_v3(weights=None, aux_logits=False, init_weights=False).to(device).eval().requires_grad_(False)
-    x = torch.randn(batch, 3, INCEPTION_SIZE, INCEPTION_SIZE, device=device)
+    """img/s of the FID network (torch-fidelity's Inception-v3, random weights) on 256 px uint8 samples."""
+    net = random_inception().to(device)
+    x = torch.randint(0, 256, (batch, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8, device=device)
     with torch.no_grad():
         rate = _timed_rate(lambda: net(x), batch, device)
     return {"inception_img_per_s": rate, "inception_batch": batch}
@@ -141,7 +132,7 @@ def format_smoke(r: dict[str, Any]) -> str:
         f"  sampler      {p['network_img_per_s']:.4g} network img/s at batch {s['num']} "
         f"({p['calls_per_image']:.0f} calls per image-step: guidance), {s['sampler']}",
         f"  VAE decode   {r['vae_decode_img_per_s']:.4g} img/s at 256 px (batch {r['vae_decode_batch']}); "
-        f"Inception {r['inception_img_per_s']:.4g} img/s at 299 px fp32",
+        f"FID network {r['inception_img_per_s']:.4g} img/s (torch-fidelity Inception, fp32)",
         f"projected for the profile's budget: {b['train.steps']:,} steps x batch {b['train.batch_size']} "
         f"({fmt_si(p['train_flops_total'], 'FLOP')}), {b['sample.num_samples']:,} samples x {b['sample.steps']} "
         f"steps, FID on {b['evaluate.num_samples']:,}",

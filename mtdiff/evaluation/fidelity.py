@@ -13,14 +13,16 @@ Two feature spaces:
 
 Features are computed here through torch-fidelity's extractor and batching, and the metrics by
 its functions on features (``fid_statistics_to_metric``, ``kid_features_to_metric``,
-``prc_features_to_metric``, ``isc_featuresdict_to_metric``): the values are ``calculate_metrics``'s.
+``prc_features_to_metric``, ``isc_featuresdict_to_metric``): the values are ``calculate_metrics``'s
+(FID of fewer images than feature dimensions: the same value by an exact low-rank route,
+:func:`fid_from_features`).
 torch-fidelity's own cache is off (it unpickles ``.pt`` files, which can run code). The reference
 features and FID statistics are cached under ``cache_root`` as ``.npz`` read with
 ``allow_pickle=False``, named by a SHA-1 of the reference pixels and of the extractor weights
 (:func:`ref_cache_path`), so a changed test split or encoder never reuses stale statistics. A weights
 file is checked with ``torch.load(weights_only=True)`` before torch-fidelity loads it
 (:func:`check_weights_file`). ADM reference batches (``.npz`` with ``mu``, ``sigma``) are compared
-with ``fid_statistics_to_metric``.
+with :func:`fid_from_features`.
 
 Metric names carry no sample count (``fid``, ``kid_fmnist_cnn``): runs with different counts share
 one column in MLflow's compare view; the evaluate stage records the counts as values of their own.
@@ -310,6 +312,28 @@ def _stats(features: torch.Tensor) -> dict[str, np.ndarray]:
     return fid_features_to_statistics(features)
 
 
+def fid_from_features(features: torch.Tensor, ref_stats: dict[str, np.ndarray]) -> float:
+    """FID of a feature set against reference statistics: torch-fidelity's ``fid_statistics_to_metric``,
+    except when the set has fewer images than feature dimensions. Its covariance S1 = A^T A / (n-1)
+    (A: the centred features) then has rank < n, and the nonzero eigenvalues of S1 S2 are those of the
+    symmetric n x n matrix A S2 A^T / (n-1): the same trace term, without the general eigensolver on
+    the D x D product (2048: 10-30 s on 2 CPU cores, for every few-sample evaluation)."""
+    mine = _stats(features)
+    n, dim = features.shape
+    if n > dim:  # torch-fidelity asserts equal dtypes (an ADM batch is float64, its own mu float32)
+        mine = {k: np.asarray(v, np.asarray(ref_stats[k]).dtype) for k, v in mine.items()}
+        return float(fid_statistics_to_metric(mine, ref_stats, False)[KEY_METRIC_FID])
+    mu1, sigma1 = np.asarray(mine["mu"], np.float64), np.asarray(mine["sigma"], np.float64)
+    mu2, sigma2 = np.asarray(ref_stats["mu"], np.float64), np.asarray(ref_stats["sigma"], np.float64)
+    a = features.double().numpy()
+    a = a - a.mean(axis=0)
+    small = a @ sigma2 @ a.T / max(n - 1, 1)
+    # PSD up to round-off: torch-fidelity's sqrt of a tiny negative eigenvalue is imaginary, real part 0
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
 def ref_cache_path(cache_root: str | os.PathLike, reference: np.ndarray, extractor: str,
                    weights_path: Optional[Path]) -> Path:
     """``ref-{sha1(pixels)[:12]}[-w{sha1(weights)[:8]}]-{extractor}-features.npz`` under ``cache_root``.
@@ -409,14 +433,13 @@ def fidelity_metrics(samples: np.ndarray, reference: Optional[np.ndarray], *, ex
     kw["rng_seed"] = seed
     layer = {m: _layer(extractor, m) for m in metrics}
     feats = _extract(samples, sorted(set(layer.values())), kw)
-    mine = _stats(feats[layer["fid"]]) if "fid" in layer else None
     out: dict[str, float] = {}
     name = lambda m: metric_name(m, space)  # noqa: E731
 
     if reference is not None:
         m = len(reference)
         ref = reference_features(reference, extractor, weights, cache_root, kw)
-        res = dict(fid_statistics_to_metric(mine, ref["stats"], False))
+        res = {KEY_METRIC_FID: fid_from_features(feats[layer["fid"]], ref["stats"])}
         res.update(kid_features_to_metric(feats[layer["kid"]], ref["features"][layer["kid"]], **kw,
                                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size(n, m)))
         res.update(prc_features_to_metric(feats[layer["prc"]], ref["features"][layer["prc"]], **kw,
@@ -432,11 +455,11 @@ def fidelity_metrics(samples: np.ndarray, reference: Optional[np.ndarray], *, ex
         out[name("isc")] = float(res[KEY_METRIC_ISC_MEAN])
         out[name("isc_std")] = float(res[KEY_METRIC_ISC_STD])
     if ref_adm is not None:
-        mine64 = {"mu": np.asarray(mine["mu"], np.float64), "sigma": np.asarray(mine["sigma"], np.float64)}
-        if mine64["mu"].shape != ref_adm["mu"].shape:
+        dim = feats[layer["fid"]].shape[1]
+        if (dim,) != ref_adm["mu"].shape:
             raise ValueError(f"evaluate.ref_stats_npz {ref_stats_npz}: dimension {ref_adm['mu'].shape[0]} does not "
-                             f"match the {extractor} feature layer {layer['fid']} ({mine64['mu'].shape[0]})")
-        out[name("fid_adm_ref")] = float(fid_statistics_to_metric(mine64, ref_adm, False)[KEY_METRIC_FID])
+                             f"match the {extractor} feature layer {layer['fid']} ({dim})")
+        out[name("fid_adm_ref")] = fid_from_features(feats[layer["fid"]], ref_adm)
     for k, v in out.items():
         log.info("%s = %.6g", k, v)
     return out

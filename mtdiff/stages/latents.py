@@ -140,7 +140,7 @@ def _run(params: Params, info: DistInfo) -> dict[str, Any]:
                     raise ValueError(f"latents {split}: no images to encode")
                 secs = time.time() - t0
                 _write_split_meta(params, tmp / split, labels, classes, summary, scale, secs)
-                log.info("%s: %d images -> %s %s (%s) in %.1fs (%.0f img/s)", split, len(images), mode,
+                log.info("%s: %d images -> %s %s (%s) in %.1fs (%.2f img/s)", split, len(images), mode,
                          tuple(summary["shape"]), ", ".join(f"{n}.npy" for n in names), secs,
                          len(images) * len(variants) / max(secs, 1e-9))
         if not info.is_main:

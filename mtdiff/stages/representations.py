@@ -174,14 +174,14 @@ def _train_fmnist_networks(params: Params, tracker: Any, device: torch.device,
 def _pretrained_features(params: Params, device: torch.device) -> tuple[FeatureFn, int, dict[str, Any]]:
     """A frozen timm encoder (bf16 autocast on CUDA); (features fn, dim, meta)."""
     cfg = params.representations
-    encoder, preprocess, dim = load_image_encoder(cfg.encoder, cfg.name, cfg.weights_path, device)
+    encoder, preprocess, dim = load_image_encoder(cfg.encoder, cfg.name, cfg.weights_path, device, cfg.image_size)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def features(batch: np.ndarray) -> torch.Tensor:
         with autocast(device, amp_dtype):
             return encoder(preprocess(batch))
 
-    return features, dim, {"name": cfg.name, "weights_path": cfg.weights_path}
+    return features, dim, {"name": cfg.name, "weights_path": cfg.weights_path, "image_size": cfg.image_size}
 
 
 def run(params: Params) -> dict[str, Any]:
