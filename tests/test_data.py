@@ -177,3 +177,23 @@ def test_pair_images_rot90_and_edges():
         pair_images(x, "blur")
     with pytest.raises(ValueError, match="square"):
         pair_images(np.zeros((1, 4, 6, 1), np.uint8), "rot90")
+
+
+def test_progress_log_says_where_it_is_and_when_it_ends(caplog, monkeypatch):
+    """Progress lines with an ETA for piped output (DVC, Prefect), throttled to one per interval."""
+    import logging
+
+    from mtdiff import utils
+
+    clock = iter([0.0, 10.0, 20.0, 40.0, 60.0])
+    monkeypatch.setattr(utils.time, "monotonic", lambda: next(clock))
+    progress = utils.ProgressLog(logging.getLogger("t"), "sample: images", 100, every_s=30)
+    with caplog.at_level(logging.INFO, logger="t"):
+        progress.update(10)   # t=10: within the interval, nothing
+        progress.update(50)   # t=20: still within
+        progress.update(80)   # t=40: 80 % after 40 s -> 10 s left
+        progress.update(100)  # t=60: the end is always logged
+    assert [r.getMessage() for r in caplog.records] == [
+        "sample: images 80/100 (80 %), 0:40 elapsed, ETA 0:10",
+        "sample: images 100/100 (100 %), 1:00 elapsed, ETA 0:00"]
+    assert utils.format_duration(3725) == "1:02:05"

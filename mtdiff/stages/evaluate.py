@@ -63,7 +63,7 @@ from mtdiff.evaluation import fidelity as fid
 from mtdiff.io import atomic_path, write_json
 from mtdiff.stages import stage_main
 from mtdiff.tracking import file_metrics, stage_run
-from mtdiff.utils import get_logger, pick_device, seed_everything
+from mtdiff.utils import ProgressLog, get_logger, pick_device, seed_everything
 
 log = get_logger("mtdiff.evaluate")
 
@@ -326,10 +326,15 @@ def compute(params: Params) -> tuple[dict[str, Any], Plots]:
         "condition": inp.condition, "data_source": params.data.source,
     }
     plots: Plots = {ACC_VS_T: [], PER_CLASS: [], PER_CLASS_SAMPLES: []}
+    progress = ProgressLog(log, "evaluate: metric groups (Inception, domain, reconstruction, heads)", 4, every_s=0)
     inception, m["inception_skipped_reason"] = _inception_metrics(inp)
+    progress.update(1)
     domain, domain_plots, m["domain_skipped_reason"] = _domain_metrics(inp)
+    progress.update(2)
     reconstruction = _reconstruction_metrics(inp)
+    progress.update(3)
     heads, head_plots, m["label_head_skipped_reason"] = _head_metrics(inp)
+    progress.update(4)
     for part, what in (("inception", "Inception"), ("domain", "domain (Fashion-MNIST CNN)"),
                        ("label_head", "label-head")):
         if m[f"{part}_skipped_reason"]:

@@ -42,7 +42,7 @@ from mtdiff.sharding import gather_arrays, load_arrays, rank_dir, save_arrays, s
 from mtdiff.stages import stage_main
 from mtdiff.tracking import stage_run
 from mtdiff.training import DistInfo, autocast, autocast_dtype, distributed
-from mtdiff.utils import derive_seed, get_logger
+from mtdiff.utils import ProgressLog, derive_seed, get_logger
 
 log = get_logger("mtdiff.sample")
 PREVIEW_IMAGES = 16  # the train stage's grid every train.grid_every steps (4 x 4)
@@ -163,6 +163,7 @@ def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict
     conditions = _Conditions(params, meta, device)
     tasks_cfg = tasks or params.final_tasks
     samples, labels, agree = [], [], []
+    progress = ProgressLog(log, "sample: images", len(items))
     for start in tqdm(range(items.start, items.stop, sc.batch_size), desc="sample", unit="batch", disable=None):
         count = min(sc.batch_size, items.stop - start)
         # seeded by the batch's global index alone (batch 0 by the seed one generator once had): a
@@ -181,6 +182,7 @@ def _generate(params: Params, model: torch.nn.Module, diffusion: Any, meta: dict
             labels.append(out["label"].long().cpu().numpy())
             if "label" in given and "label_probs" in out:
                 agree.append((out["label_probs"].argmax(-1) == given["label"]).float().cpu().numpy())
+        progress.update(start + count - items.start)
     if not samples:
         return {}, None  # a rank with no batch (fewer batches than ranks)
     npz = {"arr_0": np.concatenate(samples)}

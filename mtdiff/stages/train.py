@@ -58,7 +58,7 @@ from mtdiff.tracking import file_metrics, parent_run_id
 from mtdiff.training import (EMA, DistInfo, NonFiniteLossError, ResumableBatchSampler, TrainMeter,
                              TrainLog, TrainStep, Window, autocast_dtype, barrier, configure_backends,
                              distributed, make_sampler, per_rank_batch, ranks_in_sync, to_device)
-from mtdiff.utils import derive_seed, get_logger, seed_everything
+from mtdiff.utils import derive_seed, format_duration, get_logger, seed_everything
 
 log = get_logger("mtdiff.train")
 
@@ -430,8 +430,10 @@ def _log_window(session: _Session, progress: _Progress, window: Window, tracker:
         session.train_log.publish()
     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{window.img_per_s:.0f}", refresh=False)
     per_task = " ".join(f"{n} {v:.4f}" for n, v in window.losses.items() if n != "loss")
-    log.info("step %d/%d loss %.4f (%s) lr %.2e grad %.3f %.0f img/s", progress.step, session.params.train.steps,
-             loss, per_task, lr, window.grad_norm, window.img_per_s)
+    tc = session.params.train
+    eta_s = (tc.steps - progress.step) * tc.batch_size / max(window.img_per_s, 1e-9)
+    log.info("step %d/%d loss %.4f (%s) lr %.2e grad %.3f %.0f img/s, ETA %s", progress.step, tc.steps,
+             loss, per_task, lr, window.grad_norm, window.img_per_s, format_duration(eta_s))
 
 
 # -- summary ------------------------------------------------------------------------------------
