@@ -214,7 +214,8 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     ema_decay: float = Field(0.999, ge=0, le=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # auto: bf16 on CUDA and on CPUs with bf16 units (amx_bf16 / avx512_bf16); bf16 / fp16: CUDA only
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "bf16"
     tf32: bool = True
     compile: bool = False
     num_workers: int = Field(0, ge=0)

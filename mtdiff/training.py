@@ -17,6 +17,7 @@ Choices (documented here, used by ``mtdiff.stages.train``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import csv
 import os
 import time
@@ -137,14 +138,36 @@ def configure_backends(device: torch.device, tf32: bool) -> None:
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """bf16/fp16 autocast on CUDA only; CPU always trains in fp32."""
-    if device.type != "cuda" or precision == "fp32":
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of bf16 matrix / dot-product units
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_units() -> str | None:
+    """The CPU's bf16 matrix unit (``amx_bf16``, else ``avx512_bf16``), or None (AVX2-only CPUs, where
+    bf16 autocast is slower than fp32; non-Linux hosts)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
+                      if line.startswith("flags")), [])
+    except OSError:
         return None
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        log.warning("train.precision bf16 unsupported on this GPU; using fp16 with a GradScaler")
+    return next((f for f in CPU_BF16_FLAGS if f in flags), None)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (None: fp32).
+
+    ``auto``: bf16 on CUDA; on CPU bf16 where it has bf16 units (:func:`cpu_bf16_units`), else fp32.
+    ``bf16`` / ``fp16``: autocast on CUDA, fp32 on CPU (the default run's numerics, until the CPU's
+    bf16 is shown to keep its quality). Timesteps, schedules, coefficients, loss and EMA stay fp32.
+    """
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        return torch.bfloat16 if precision == "auto" and cpu_bf16_units() else None
+    if precision in ("auto", "bf16") and not torch.cuda.is_bf16_supported():
+        log.warning("train.precision %s: bf16 unsupported on this GPU; using fp16 with a GradScaler", precision)
         return torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

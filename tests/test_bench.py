@@ -201,3 +201,14 @@ def test_stages_each_in_its_own_process(capsys):
     assert isinstance(r["avx512_bf16"], bool) and r["cpu_model"]
     assert bench.main(["stages", "--reps", "1", "nope"]) == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def test_compare_prints_fp32_and_bf16_side_by_side(workdir, capsys):
+    """``--compare``: the same benchmark at fp32, bf16 (and bf16 + compile for train) in one run."""
+    rc = bench.main(["sample", "--compare", "--device", "cpu", "--steps", "2", "--num", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "bench sample-compare" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("fp32", "bf16"))]
+    assert [r[0] for r in rows] == ["fp32", "bf16"] and rows[0][2] == "1.00x"
+    result = bench.run(["sample", "--compare", "--device", "cpu", "--steps", "2", "--num", "4", "--json"])
+    assert [r["dtype"] for r in result["rows"]] == ["fp32", "bf16"]

@@ -307,3 +307,46 @@ def test_an_unusable_mlflow_store_leaves_the_training_outputs_whole(root, monkey
     shutil.rmtree(root / "checkpoints")
     summary = train.run(tiny_params(root, **{"train.steps": 4, "mlflow.experiment": "full-store", "seed": 1}))
     assert summary["steps"] == 4 and (root / "checkpoints" / "ema.pt").is_file()
+
+
+@pytest.mark.parametrize("flags, unit", [("fpu avx2 amx_bf16 avx512_bf16", "amx_bf16"),
+                                         ("fpu avx2 avx512f avx512_bf16", "avx512_bf16"),
+                                         ("fpu avx2 fma", None)])
+def test_precision_auto_takes_bf16_only_on_cpus_with_bf16_units(tmp_path, monkeypatch, flags, unit):
+    """``train.precision: auto`` on CPU: bf16 autocast where /proc/cpuinfo shows AMX or AVX512-BF16
+    (both code paths run on any CI machine, whatever its CPU), fp32 on AVX2-only CPUs."""
+    import builtins
+
+    from mtdiff import training
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    training.cpu_bf16_units.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        assert training.cpu_bf16_units() == unit
+        assert training.autocast_dtype(cpu, "auto") == (torch.bfloat16 if unit else None)
+        assert training.autocast_dtype(cpu, "bf16") is None and training.autocast_dtype(cpu, "fp32") is None
+    finally:
+        training.cpu_bf16_units.cache_clear()
+
+
+def test_cpu_bf16_autocast_trains_with_fp32_timesteps_loss_and_ema(make_params):
+    """A bf16-autocast training step on CPU: the loss and the EMA stay fp32, the weights fp32."""
+    from mtdiff.diffusion import MTDiffusion
+    from mtdiff.models import build_model
+    from mtdiff.training import TrainStep
+
+    params = make_params({"model.channels": 8, "model.channel_mult": [1, 2], "model.attn_resolutions": [14],
+                          "diffusion.timesteps": 1000})
+    model = build_model(params, None, 10)
+    step = TrainStep(model, MTDiffusion(params.diffusion), params, torch.device("cpu"),
+                     generator=torch.Generator().manual_seed(0), amp_dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    batch = {"z0": torch.rand(4, 1, 28, 28, generator=g) * 2 - 1, "label": torch.arange(4)}
+    out = step(batch)
+    assert out.losses["loss"].dtype == torch.float32 and torch.isfinite(out.losses["loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(v.dtype == torch.float32 for v in step.ema.shadow.values() if v.is_floating_point())

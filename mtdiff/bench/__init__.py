@@ -25,7 +25,8 @@ import torch
 
 from mtdiff.config import ConfigError
 from mtdiff.diffusion.process import SAMPLERS
-from mtdiff.bench.probes import CONFIGS, DTYPES, MATMUL_N
+from mtdiff.bench.probes import CONFIGS, DTYPES, MATMUL_N, fmt_si
+from mtdiff.training import cpu_bf16_units
 from mtdiff.bench.sample import QUICK_SAMPLE_STEPS, SAMPLE_STEPS, format_sample, run_sample
 from mtdiff.bench.smoke import SMOKE_SAMPLE_STEPS, format_smoke, run_smoke
 from mtdiff.bench.stages import STAGES, format_stages, run_stages
@@ -41,7 +42,9 @@ def _common_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                    help="autocast dtype (auto: the train stage's, train.precision on CUDA, fp32 on CPU)")
+                    help="autocast dtype (auto: the stage's, from train.precision)")
+    ap.add_argument("--compare", action="store_true",
+                    help="run fp32, bf16 and (train) bf16 + torch.compile one after another and print them side by side")
     ap.add_argument("--config", default="default", choices=tuple(CONFIGS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current count)")
     ap.add_argument("--params", default=None, help="params file (default params.yaml)")
@@ -98,12 +101,44 @@ def run(argv: list[str]) -> dict[str, Any]:
     return _run(build_parser().parse_args(argv))
 
 
+# what --compare runs, in order: (label, dtype, torch.compile)
+COMPARE = {"train": (("fp32", "fp32", False), ("bf16", "bf16", False), ("bf16+compile", "bf16", True)),
+           "sample": (("fp32", "fp32", False), ("bf16", "bf16", False))}
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     threads = torch.get_num_threads()  # benchmarks also run in-process (tests): leave torch as found
     try:
+        if getattr(args, "compare", False):
+            return _compare(args)
         return BENCHMARKS[args.which][0](args)
     finally:
         torch.set_num_threads(threads)
+
+
+def _compare(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark at each of :data:`COMPARE`'s settings in one process, one after another."""
+    rows = []
+    for label, dtype, compiled in COMPARE[args.which]:
+        variant = argparse.Namespace(**{**vars(args), "dtype": dtype, "compare": False, "profile": False})
+        if args.which == "train":
+            variant.compile = compiled
+        result = BENCHMARKS[args.which][0](variant)
+        result.pop("profile_table", None)
+        rows.append({"variant": label, **result})
+    return {"bench": f"{args.which}-compare", "rows": rows}
+
+
+def format_compare(r: dict[str, Any]) -> str:
+    rows, base = r["rows"], r["rows"][0]["img_per_s"]
+    head = rows[0]
+    lines = [f"bench {r['bench']}  config={head['config']}  device={head['device']} ({head['device_name']})  "
+             f"threads={head['threads']}  bf16 units: {cpu_bf16_units() or 'none'}",
+             f"  {'variant':<14}{'img/s':>10}{'vs fp32':>9}{'MFU':>7}  {'matmul peak (own dtype)':>24}{'peak MiB':>10}"]
+    for row in rows:
+        lines.append(f"  {row['variant']:<14}{row['img_per_s']:>10.1f}{row['img_per_s'] / base:>8.2f}x"
+                     f"{row['mfu']:>7.3f}  {fmt_si(row['matmul_flops'], 'FLOP/s'):>24}{row['peak_mem_mb']:>10.0f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         if table:
             print(table, file=sys.stderr)
     else:
-        print(BENCHMARKS[args.which][1](result) + (f"\n\n{table}" if table else ""))
+        fmt = format_compare if result.get("rows") else BENCHMARKS[args.which][1]
+        print(fmt(result) + (f"\n\n{table}" if table else ""))
     return 0
 
 

@@ -452,7 +452,7 @@ def _summary(session: _Session, progress: _Progress, meter: TrainMeter, in_sync:
         "img_per_s_all_sessions": (stats["images"] / stats["train_time_s"]) if stats["train_time_s"] else None,
         "train_time_s": stats["train_time_s"], "wall_time_s": time.time() - session.started,
         "images_seen": stats["images"], "world_size": session.info.world_size, "device": str(session.info.device),
-        "precision": tc.precision if session.step.amp_dtype else "fp32", "global_batch_size": tc.batch_size,
+        "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(session.step.amp_dtype, "fp32"), "global_batch_size": tc.batch_size,
         "params_count": count_params(model), "flops_per_image": fpi,
         "train_tflops_per_s": (TRAIN_FLOPS_PER_FORWARD * fpi * steady.img_per_s / 1e12) if steady.img_per_s else None,
         "params_hash": session.params_hash, "ranks_in_sync": in_sync,
