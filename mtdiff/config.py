@@ -265,6 +265,8 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(250, ge=1)
     inception: bool = True
     feature_extractor_weights_path: Optional[str] = None
+    # offline by default: without local Inception weights, Inception metrics are skipped, not downloaded
+    download_weights: bool = False
     ref_stats_npz: Optional[str] = None
     classify_t: list[int] = Field(default_factory=lambda: [1, 10, 50], min_length=1)
     out_dir: str = "metrics"

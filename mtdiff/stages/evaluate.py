@@ -15,7 +15,7 @@ always
     heads), ``condition``, ``data_source`` (strings) and three strings that are ``""`` when the
     part ran, else why it did not: ``inception_skipped_reason``, ``domain_skipped_reason``,
     ``label_head_skipped_reason``.
-Inception (torch-fidelity ``inception-v3-compat``, when its weights are available)
+Inception (torch-fidelity ``inception-v3-compat``, when its weights are local; downloaded only with ``evaluate.download_weights``)
     ``fid``, ``kid``, ``kid_std``, ``precision``, ``recall``, ``f_score``;
     ImageNet also ``isc``, ``isc_std``; with ``evaluate.ref_stats_npz`` ``fid_adm_ref``.
 Domain (Fashion-MNIST CNN of the representations stage, default profile)
@@ -197,7 +197,7 @@ def _inception_metrics(inp: _Inputs) -> tuple[dict[str, Any], str]:
     ev, params = inp.params.evaluate, inp.params
     if not ev.inception:
         return {}, "evaluate.inception is false"
-    weights, reason = fid.inception_weights(ev.feature_extractor_weights_path)
+    weights, reason = fid.inception_weights(ev.feature_extractor_weights_path, ev.download_weights)
     if weights is None:
         return {}, reason or "no Inception weights"
     return fid.fidelity_metrics(inp.samples, inp.reference, extractor=fid.INCEPTION, weights_path=weights,
