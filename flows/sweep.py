@@ -62,10 +62,11 @@ def run_point(point: str, overrides: dict[str, Any], exp_base: str, repo: str, t
 
 def _run_and_record(point: SweepPoint, point_task: Any, cfg: SweepConfig, stamp: str, head: str, root: Path,
                     uri: str, base_params: Any, sweep_run: Any, copy_paths: list[str] | None,
-                    logger: Any) -> dict[str, Any]:
+                    logger: Any, register: bool = False) -> dict[str, Any]:
     """One point: its MLflow run nested under the sweep's, its experiment, and its report row."""
     exp_base = exp_name_for(cfg.name, point.name, stamp)
-    point_tags = {"mtdiff.sweep": cfg.name, "mtdiff.sweep_point": point.name}
+    point_tags = {"mtdiff.sweep": cfg.name, "mtdiff.sweep_point": point.name,
+                  **({tracking.REGISTER_TAG: "1"} if register else {})}
     point_run = tracking.start_client_run(
         point.name, uri=uri, experiment=base_params.mlflow.experiment, parent_run_id=sweep_run.run_id,
         tags={**point_tags, "mtdiff.kind": "sweep_point", "dvc.exp_name": exp_base, "git_commit": head})
@@ -113,7 +114,7 @@ def _resumable_rows(root: Path, cfg: SweepConfig, out_dir: Path, head: str, reru
 def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str | None = None,
           name: str | None = None, points: list[str] | None = None, retries: int = 1,
           retry_delay_seconds: float = 10.0, copy_paths: list[str] | None = None,
-          rerun: bool = False, rerun_stale: bool = False) -> dict[str, Any]:
+          rerun: bool = False, rerun_stale: bool = False, register: bool = False) -> dict[str, Any]:
     """Run every point of ``config`` as a DVC experiment and write ``sweeps/<name>/comparison.*``.
 
     ``points`` runs a subset by name. A failed point is reported (status 'failed' in the table) and the
@@ -124,7 +125,8 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
     with the report); a rerun skips the points saved with the same overrides (``rerun``: run them all
     again) and builds the report from the saved and the new rows, so a study can span sessions. A saved
     point computed on a commit whose code or params differ from HEAD's (:func:`mtdiff.sweeps.stale_rows`)
-    is flagged in one warning line each; ``rerun_stale`` runs those again.
+    is flagged in one warning line each; ``rerun_stale`` runs those again. ``register``: the points'
+    trainings register their models too (by default a sweep leaves the model registry alone).
     """
     logger = get_run_logger()
     root = find_repo(repo)
@@ -159,7 +161,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
                             point_result_path(out_dir, point.name).relative_to(root))
                 continue
             ran[point.name] = _run_and_record(point, point_task, cfg, stamp, head, root, uri, base_params,
-                                              sweep_run, copy_paths, logger)
+                                              sweep_run, copy_paths, logger, register)
             if ran[point.name]["status"] == "ok":
                 save_point_result(out_dir, ran[point.name])
                 _keep_grid(root, out_dir, point.name, ran[point.name]["rev"], logger)
@@ -194,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              "(sweeps/<name>/points/<point>.json)")
     parser.add_argument("--rerun-stale", action="store_true", help="run points again that finished on "
                                                                    "other code or params than HEAD's")
+    parser.add_argument("--register", action="store_true", help="register the points' models in the MLflow "
+                                                                "registry (default: a sweep registers none)")
     parser.add_argument("--dry-run", action="store_true", help="print the points and commands, run nothing")
     args = parser.parse_args(argv)
     subset = [p for p in (args.points or "").split(",") if p] or None
@@ -205,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             return 0
         sweep(config=args.config, repo=args.repo, name=args.name, points=subset, retries=args.retries,
-              copy_paths=args.copy, rerun=args.rerun, rerun_stale=args.rerun_stale)
+              copy_paths=args.copy, rerun=args.rerun, rerun_stale=args.rerun_stale,
+              register=args.register)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

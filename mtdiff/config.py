@@ -275,8 +275,8 @@ class EvaluateConfig(_Section):
 class MlflowConfig(_Section):
     tracking_uri: Optional[str] = None
     experiment: str = "mtdiff"
-    # registry alias moved to each model version a training outside a sweep registers
-    # (models:/mtdiff@champion); null: no alias
+    # registry alias of the newest evaluated model version: moved by the evaluate stage outside a sweep
+    # (models:/mtdiff@champion; rule in mtdiff/registry.py); null: no alias
     model_alias: Optional[str] = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 

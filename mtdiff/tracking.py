@@ -39,6 +39,7 @@ PENDING_FILE = "mlflow_pending.jsonl"
 PENDING_IMAGES = "mlflow_pending_images"
 PENDING_DIR = Path(".mtdiff") / "mlflow_pending"  # under the project root: never inside a DVC output
 OVERRIDES_TAG = "mtdiff.overrides"  # the overrides (JSON) behind a run's full params
+REGISTER_TAG = "mtdiff.register"  # "1" on a sweep's points: their trainings register (flows.sweep --register)
 
 
 def pending_file(stage: str, root: str | os.PathLike | None = None) -> Path:
@@ -268,9 +269,10 @@ class StageRun:
         except OSError as exc:
             log.warning("could not keep MLflow %s in %s: %s", what, self.pending_path, exc)
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None) -> None:
+        """``model_id``: also link them to that logged model (MLflow 3; the Models view ranks by them)."""
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self._call("log_metrics", clean, step=step)
+        self._call("log_metrics", clean, step=step, **({"model_id": model_id} if model_id else {}))
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._call("log_params", {k: fit_value(v) for k, v in params.items()})
@@ -320,9 +322,11 @@ def client_ops(client, run_id: str) -> dict[str, Any]:
     """The StageRun operations (same signatures) done through ``MlflowClient`` on ``run_id``."""
     from mlflow.entities import Metric, Param, RunTag
 
-    def log_metrics(metrics: dict, step: int | None = None, timestamp: float | None = None) -> None:
+    def log_metrics(metrics: dict, step: int | None = None, timestamp: float | None = None,
+                    model_id: str | None = None) -> None:
         ts = int((timestamp or time.time()) * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()])
+        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, int(step or 0), model_id=model_id)
+                                          for k, v in metrics.items()])
 
     def log_params(params: dict) -> None:
         client.log_batch(run_id, params=[Param(k, fit_value(v)) for k, v in params.items()])

@@ -54,7 +54,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mtdiff.checkpoint import load_for_inference
+from mtdiff import registry
+from mtdiff.checkpoint import EMA, load_for_inference
 from mtdiff.config import Params, resolve_path
 from mtdiff.data import load_prepared
 from mtdiff.encoders import EVAL_NET_FILE, load_fmnist_encoder
@@ -358,11 +359,15 @@ def run(params: Params) -> dict[str, Any]:
     }
     numbers = file_metrics(metrics_path, metrics)  # evaluate/<key>: the parent and sweep runs' keys too
     with stage_run(params, "evaluate", out_dir) as mlrun:
-        mlrun.log_metrics({**numbers, "evaluate/wall_time_s": time.time() - t0})
+        # the model these samples came from (by ema.pt's digest): its numbers, then the registry alias
+        version = registry.evaluated_version(params.checkpoints_dir / EMA) if mlrun.online else None
+        mlrun.log_metrics({**numbers, "evaluate/wall_time_s": time.time() - t0},
+                          model_id=registry.model_id_of(version))
         mlrun.set_tags({f"evaluate.{k}": v for k, v in metrics.items() if isinstance(v, str) and v})
         mlrun.log_artifact(metrics_path)
         for p in plot_paths.values():
             mlrun.log_artifact(p, artifact_path=PLOTS_SUBDIR)
+        registry.promote(params, version)
     log.info("wrote %s (%d metrics) in %.1f s", metrics_path, len(numbers), time.time() - t0)
     return {"metrics_path": str(metrics_path), "plots": {k: str(v) for k, v in plot_paths.items()},
             "metrics": metrics, "wall_time_s": time.time() - t0}
