@@ -6,6 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mtdiff-installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+# A FMNIST_DIR given to make (`make run FMNIST_DIR=...`, or from the environment) reaches the stages:
+# mtdiff/config.py reads $MTDIFF_FMNIST_DIR over data.fashion_mnist_dir. Not exported for the default,
+# so a data.fashion_mnist_dir set in params.yaml still applies.
+ifneq ($(origin FMNIST_DIR),file)
+export MTDIFF_FMNIST_DIR := $(FMNIST_DIR)
+endif
 
 # Telemetry off; Prefect, MLflow and DVC state stay inside the repo, nothing lands in $HOME.
 export DO_NOT_TRACK := 1

@@ -29,8 +29,8 @@ from mtdiff.config import ConfigError
 from mtdiff.dvc_runner import dvc_command, load_repo_params, run_checked, shown_command, tracked_env
 from mtdiff.sweeps import (SweepConfig, SweepPoint, check_points, dry_run_commands, exp_name_for, exp_run_args,
                            experiment_result, finished_rows, git_head, load_sweep, point_result_path,
-                           save_point_grid, save_point_result, select_points, sweep_report, untracked_files,
-                           write_sweep_file)
+                           save_point_grid, save_point_result, select_points, stale_rows, sweep_report,
+                           untracked_files, write_sweep_file)
 
 
 # -- task and flow ---------------------------------------------------------------------------
@@ -62,10 +62,11 @@ def run_point(point: str, overrides: dict[str, Any], exp_base: str, repo: str, t
 
 def _run_and_record(point: SweepPoint, point_task: Any, cfg: SweepConfig, stamp: str, head: str, root: Path,
                     uri: str, base_params: Any, sweep_run: Any, copy_paths: list[str] | None,
-                    logger: Any) -> dict[str, Any]:
+                    logger: Any, register: bool = False) -> dict[str, Any]:
     """One point: its MLflow run nested under the sweep's, its experiment, and its report row."""
     exp_base = exp_name_for(cfg.name, point.name, stamp)
-    point_tags = {"mtdiff.sweep": cfg.name, "mtdiff.sweep_point": point.name}
+    point_tags = {"mtdiff.sweep": cfg.name, "mtdiff.sweep_point": point.name,
+                  **({tracking.REGISTER_TAG: "1"} if register else {})}
     point_run = tracking.start_client_run(
         point.name, uri=uri, experiment=base_params.mlflow.experiment, parent_run_id=sweep_run.run_id,
         tags={**point_tags, "mtdiff.kind": "sweep_point", "dvc.exp_name": exp_base, "git_commit": head})
@@ -97,11 +98,23 @@ def _keep_grid(root: Path, out_dir: Path, point: str, rev: str | None, logger: A
         logger.warning("point %s: no grid kept: %s", point, exc)
 
 
+def _resumable_rows(root: Path, cfg: SweepConfig, out_dir: Path, head: str, rerun_stale: bool,
+                    logger: Any) -> dict[str, dict[str, Any]]:
+    """The saved rows a run may reuse: every finished point, less the stale ones when ``rerun_stale``;
+    each stale one is named in a warning either way."""
+    done = finished_rows(root, cfg, out_dir)
+    for name, line in stale_rows(root, done, head).items():
+        logger.warning(line if not rerun_stale else line.replace("--rerun-stale runs it again", "running it again"))
+        if rerun_stale:
+            done.pop(name)
+    return done
+
+
 @flow(name="mtdiff-sweep", log_prints=True)
 def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str | None = None,
           name: str | None = None, points: list[str] | None = None, retries: int = 1,
           retry_delay_seconds: float = 10.0, copy_paths: list[str] | None = None,
-          rerun: bool = False) -> dict[str, Any]:
+          rerun: bool = False, rerun_stale: bool = False, register: bool = False) -> dict[str, Any]:
     """Run every point of ``config`` as a DVC experiment and write ``sweeps/<name>/comparison.*``.
 
     ``points`` runs a subset by name. A failed point is reported (status 'failed' in the table) and the
@@ -110,7 +123,10 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
 
     Resumable: each finished point's row is saved as ``sweeps/<name>/points/<point>.json`` (commit it
     with the report); a rerun skips the points saved with the same overrides (``rerun``: run them all
-    again) and builds the report from the saved and the new rows, so a study can span sessions.
+    again) and builds the report from the saved and the new rows, so a study can span sessions. A saved
+    point computed on a commit whose code or params differ from HEAD's (:func:`mtdiff.sweeps.stale_rows`)
+    is flagged in one warning line each; ``rerun_stale`` runs those again. ``register``: the points'
+    trainings register their models too (by default a sweep leaves the model registry alone).
     """
     logger = get_run_logger()
     root = find_repo(repo)
@@ -130,7 +146,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_file = write_sweep_file(out_dir, cfg, todo)
     point_task = run_point.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    done = {} if rerun else finished_rows(root, cfg, out_dir)
+    done = {} if rerun else _resumable_rows(root, cfg, out_dir, head, rerun_stale, logger)
     sweep_tags = {"mtdiff.kind": "sweep", "mtdiff.sweep": cfg.name, "git_commit": head,
                   "prefect.flow_run_id": current_flow_run_id(),
                   "mtdiff.sweep_points": ",".join(p.name for p in todo)}
@@ -145,7 +161,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
                             point_result_path(out_dir, point.name).relative_to(root))
                 continue
             ran[point.name] = _run_and_record(point, point_task, cfg, stamp, head, root, uri, base_params,
-                                              sweep_run, copy_paths, logger)
+                                              sweep_run, copy_paths, logger, register)
             if ran[point.name]["status"] == "ok":
                 save_point_result(out_dir, ran[point.name])
                 _keep_grid(root, out_dir, point.name, ran[point.name]["rev"], logger)
@@ -178,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="untracked/ignored path to copy into each experiment (dvc exp run -C); repeatable")
     parser.add_argument("--rerun", action="store_true", help="run points again that finished before "
                                                              "(sweeps/<name>/points/<point>.json)")
+    parser.add_argument("--rerun-stale", action="store_true", help="run points again that finished on "
+                                                                   "other code or params than HEAD's")
+    parser.add_argument("--register", action="store_true", help="register the points' models in the MLflow "
+                                                                "registry (default: a sweep registers none)")
     parser.add_argument("--dry-run", action="store_true", help="print the points and commands, run nothing")
     args = parser.parse_args(argv)
     subset = [p for p in (args.points or "").split(",") if p] or None
@@ -189,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             return 0
         sweep(config=args.config, repo=args.repo, name=args.name, points=subset, retries=args.retries,
-              copy_paths=args.copy, rerun=args.rerun)
+              copy_paths=args.copy, rerun=args.rerun, rerun_stale=args.rerun_stale,
+              register=args.register)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

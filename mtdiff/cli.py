@@ -10,7 +10,8 @@
                                           (.mtdiff/mlflow_pending/<stage>.jsonl; = python -m mtdiff.mlflow_replay)
     mtdiff stage <name> [key=value ...]   run one pipeline stage (= python -m mtdiff.stages.<name>)
     mtdiff config [key=value ...]         print the validated, merged params
-    mtdiff bench {train,sample,stages} ... benchmarks (see mtdiff.bench)
+    mtdiff config --explain KEY           what a param means, its type, default and the value that runs
+    mtdiff bench {train,sample,stages,smoke} ... benchmarks (see mtdiff.bench)
 
 `mtdiff <command> --help` shows the options of each.
 """
@@ -23,7 +24,7 @@ import sys
 import yaml
 
 from mtdiff import __version__
-from mtdiff.config import ConfigError, load_params
+from mtdiff.config import ConfigError, Params, load_params, param_docs
 
 DESCRIPTION = "MT-Diffusion as a DVC + Prefect + MLflow pipeline: the pipeline, its stages and its tools."
 STAGES = ("prepare", "latents", "representations", "train", "sample", "evaluate")
@@ -50,6 +51,18 @@ def delegate(command: str, argv: list[str]) -> int:
     return module.main([*lead, *argv]) or 0
 
 
+def explain(key: str, overrides: list[str]) -> str:
+    """``mtdiff config --explain KEY``: per param at or under KEY, its description, type, built-in
+    default and the value that runs now (params.yaml + profile + ``overrides``)."""
+    docs, defaults = param_docs(), Params().flat()
+    keys = [k for k in docs if k == key or k.startswith(key + ".")]
+    if not keys:
+        raise ConfigError(f"no param {key!r}; sections: {', '.join(Params.model_fields)}")
+    runs = load_params(overrides=overrides).flat()
+    return "\n".join(f"{k}: {docs[k][1] or '(no description)'}\n  type {docs[k][0]}, default "
+                     f"{defaults[k]!r}, runs with {runs[k]!r}" for k in keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
@@ -63,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("overrides", nargs="*", help="key.sub=value")
     cfg = sub.add_parser("config", help="print the validated, merged params: mtdiff config [key=value ...]")
     cfg.add_argument("overrides", nargs="*")
+    cfg.add_argument("--explain", metavar="KEY", help="what KEY (e.g. train.steps or train) means")
     for name, (_, _, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
     args = parser.parse_args(argv)
     try:
+        if args.command == "config" and args.explain:
+            print(explain(args.explain, args.overrides))
+            return 0
         if args.command == "config":
             print(yaml.safe_dump(load_params(overrides=args.overrides).model_dump(), sort_keys=False))
             return 0

@@ -268,6 +268,8 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(250, ge=1)
     inception: bool = True
     feature_extractor_weights_path: Optional[str] = None
+    # offline by default: without local Inception weights, Inception metrics are skipped, not downloaded
+    download_weights: bool = False
     ref_stats_npz: Optional[str] = None
     classify_t: list[int] = Field(default_factory=lambda: [1, 10, 50], min_length=1)
     out_dir: str = "metrics"
@@ -276,8 +278,8 @@ class EvaluateConfig(_Section):
 class MlflowConfig(_Section):
     tracking_uri: Optional[str] = None
     experiment: str = "mtdiff"
-    # registry alias moved to each model version a training outside a sweep registers
-    # (models:/mtdiff@champion); null: no alias
+    # registry alias of the newest evaluated model version: moved by the evaluate stage outside a sweep
+    # (models:/mtdiff@champion; rule in mtdiff/registry.py); null: no alias
     model_alias: Optional[str] = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
@@ -689,3 +691,60 @@ def load_params_written(path: str | os.PathLike, overrides: list[str] | dict[str
         raise ConfigError(f"{path}: {key}={asked[key]!r} cannot be written into params.yaml: the stages would "
                           f"read {runs[key]!r}, since {why}")
     return params
+
+
+# -- what each param means (stage --help, `mtdiff config --explain`) ---------------------------------
+def _field_docs(model: type[BaseModel], prefix: str = "") -> dict[str, tuple[str, str]]:
+    """Dotted key -> (type, Field description) of every leaf of ``model``."""
+    out: dict[str, tuple[str, str]] = {}
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(_field_docs(ann, f"{prefix}{name}."))
+        else:
+            shown = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+            out[prefix + name] = (shown, field.description or "")
+    return out
+
+
+def _yaml_comments(path: Path = DEFAULT_PARAMS) -> dict[str, str]:
+    """Dotted key -> its end-of-line comment in params.yaml (the file documents most keys there)."""
+    from ruamel.yaml import YAML
+
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key in node:
+            if isinstance(node[key], dict):
+                walk(node[key], f"{prefix}{key}.")
+                continue
+            token = (node.ca.items.get(key) or [None] * 3)[2]
+            text = token.value.split("\n", 1)[0].lstrip("#").strip() if token is not None else ""
+            if text:
+                out[prefix + key] = text
+
+    try:
+        walk(YAML().load(path.read_text()) or {}, "")
+    except Exception:  # noqa: BLE001 - descriptions are a help text nicety
+        pass
+    return out
+
+
+def param_docs() -> dict[str, tuple[str, str]]:
+    """Dotted key -> (type, one-line description): the Field's description, else params.yaml's comment."""
+    comments = _yaml_comments()
+    return {k: (t, d or comments.get(k, "")) for k, (t, d) in _field_docs(Params).items()}
+
+
+def params_help(prefixes: list[str], values: dict[str, Any] | None = None) -> str:
+    """One line per param under ``prefixes`` (``train`` or ``train.steps``): key = value  # description.
+    ``values``: the flat params that would run (default: the built-in defaults)."""
+    values = values if values is not None else Params().flat()
+    docs = param_docs()
+    keys = [k for k in docs if any(k == p or k.startswith(p + ".") for p in prefixes)]
+    width = max((len(k) for k in keys), default=0)
+    lines = []
+    for key in keys:
+        kind, text = docs[key]
+        lines.append(f"  {key:<{width}} = {values.get(key)!r:<14} {text or '(' + kind + ')'}")
+    return "\n".join(lines)

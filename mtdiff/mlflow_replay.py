@@ -78,7 +78,7 @@ def _send_record(ops: dict[str, Any], rec: dict) -> None:
     """Send one kept record through ``ops`` (see :func:`client_ops`); raises when it cannot."""
     what, args, kwargs = rec["what"], rec.get("args", []), dict(rec.get("kwargs") or {})
     if what == "log_metrics":
-        ops["log_metrics"](*args, step=kwargs.get("step"), timestamp=rec.get("time"))
+        ops["log_metrics"](*args, step=kwargs.get("step"), timestamp=rec.get("time"), model_id=kwargs.get("model_id"))
     elif what == "log_image":
         image_path = kwargs.get("image_path")
         if not image_path or not Path(image_path).exists():

@@ -7,13 +7,22 @@ Called by the train stage (rank 0) inside its MLflow run, after ``ema.pt`` is wr
   split, index, class, source, sha1) with its file digest, context ``training``;
 - :func:`log_model`: ``mlflow.pytorch.log_model`` of :class:`MTDiffSampler` (the EMA weights of
   ``ema.pt`` + the diffusion schedule + the sampling settings of ``params.sample``) with a signature
-  and an input example, registered as model ``mtdiff`` (:data:`MODEL_NAME`): one version per training
-  run, tagged with the params hash, steps, final loss and the pipeline's parent run; a training outside
-  a sweep also moves the alias ``mlflow.model_alias`` (``champion``) to its version.
+  and an input example, with the ``mtdiff`` package as its ``code_paths`` (it loads wherever MLflow
+  and torch are installed, no checkout needed), registered as model ``mtdiff`` (:data:`MODEL_NAME`): one
+  version per training run outside a sweep (a sweep registers only when asked: ``flows.sweep
+  --register``), tagged with the params hash, steps, final loss, the pipeline's parent run and the
+  digest of ``ema.pt`` (:data:`EMA_DIGEST_TAG`);
+- :func:`evaluated_version` / :func:`promote` (the evaluate stage): the evaluation's numbers logged
+  against that model (``model_id``: MLflow's Models view ranks versions by them), then the alias moved.
+
+The alias rule (``mlflow.model_alias``, ``champion``): it names the **newest evaluated** version, i.e.
+it moves when the evaluate stage outside a sweep finishes on samples of the version's ``ema.pt`` (found
+by digest, so a run-cache restore of an older checkpoint moves it back to that checkpoint's version).
+Training alone never moves it: ``@champion`` is always a model whose numbers were measured.
 
 Load and sample (pixel mode: images in [-1, 1]; latent mode: SD-VAE latents)::
 
-    sampler = mlflow.pytorch.load_model("models:/mtdiff@champion")  # the newest outside a sweep
+    sampler = mlflow.pytorch.load_model("models:/mtdiff@champion")  # the newest evaluated
     images = sampler(torch.tensor([0, 1, 2]))               # one image per class label
     images = sampler(torch.tensor([0, 1]), steps=20, seed=1)
 
@@ -36,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "mtdiff"
 ARTIFACT_NAME = "model"
+EMA_DIGEST_TAG = "ema_digest"  # the version's ema.pt, how evaluate finds the model it measured
 MANIFEST = "manifest.parquet"
 
 
@@ -123,10 +133,21 @@ def in_sweep() -> bool:
     return "mtdiff.sweep" in env_tags()
 
 
+def should_register() -> bool:
+    """A training outside a sweep registers its model; a sweep point only when the sweep asks."""
+    from mtdiff.tracking import REGISTER_TAG, env_tags
+
+    return not in_sweep() or env_tags().get(REGISTER_TAG) == "1"
+
+
 def log_model(params: Params, ema_path: str | Path, summary: dict[str, Any],
-              parent_run_id: Optional[str] = None, register: bool = True) -> Optional[Any]:
-    """Log the EMA model of the active run (signature, input example) and register it as
-    :data:`MODEL_NAME`; returns MLflow's ``ModelInfo`` (None when it failed: a warning)."""
+              parent_run_id: Optional[str] = None, register: Optional[bool] = None) -> Optional[Any]:
+    """Log the EMA model of the active run (signature, input example, the mtdiff package as code) and
+    register it as :data:`MODEL_NAME` (``register``: default :func:`should_register`); returns MLflow's
+    ``ModelInfo`` (None when it failed: a warning)."""
+    import mtdiff
+
+    register = should_register() if register is None else register
     try:
         import mlflow
         import mlflow.pytorch
@@ -140,6 +161,7 @@ def log_model(params: Params, ema_path: str | Path, summary: dict[str, Any],
             sampler, name=ARTIFACT_NAME, signature=signature, input_example=example,
             serialization_format="pickle",  # a sampling loop, not an exportable graph (torch.export)
             registered_model_name=MODEL_NAME if register else None,
+            code_paths=[str(Path(mtdiff.__file__).parent)],  # the pickle needs mtdiff: ship it
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                               "numpy"],
             params={"params_hash": summary.get("params_hash"), "steps": summary.get("steps")})
@@ -151,15 +173,54 @@ def log_model(params: Params, ema_path: str | Path, summary: dict[str, Any],
             client = mlflow.MlflowClient()
             tags = {"params_hash": summary.get("params_hash"), "steps": summary.get("steps"),
                     "final_loss": summary.get("final_loss"), "run_id": mlflow.active_run().info.run_id,
-                    "pipeline_run_id": parent_run_id or ""}
+                    "pipeline_run_id": parent_run_id or "", EMA_DIGEST_TAG: file_digest(ema_path),
+                    "model_id": getattr(info, "model_id", "")}  # search_model_versions leaves model_id None
             for key, value in tags.items():
                 client.set_model_version_tag(MODEL_NAME, str(version), key, str(value))
-            alias = params.mlflow.model_alias if not in_sweep() else None
-            if alias:
-                client.set_registered_model_alias(MODEL_NAME, alias, str(version))
-            log.info("registered model %s version %s (%s)%s", MODEL_NAME, version, info.model_uri,
-                     f", alias @{alias}" if alias else "")
+            log.info("registered model %s version %s (%s); the alias moves once it is evaluated",
+                     MODEL_NAME, version, info.model_uri)
         return info
     except Exception as exc:  # noqa: BLE001 - the registry must never fail training
         log.warning("MLflow log_model / registration of %s failed: %s", ema_path, exc)
         return None
+
+
+def evaluated_version(ema_path: str | Path) -> Optional[Any]:
+    """The newest registered version whose ``ema.pt`` has the digest of ``ema_path``; None when there is
+    none or the registry cannot say (a warning: the evaluation goes on unlinked)."""
+    try:
+        import mlflow
+
+        if not Path(ema_path).is_file():
+            return None
+        digest = file_digest(ema_path)
+        found = mlflow.MlflowClient().search_model_versions(
+            f"name='{MODEL_NAME}' and tags.{EMA_DIGEST_TAG} = '{digest}'")
+        if not found:
+            log.info("no registered model for %s: evaluation not linked to a model version", ema_path)
+        return max(found, key=lambda v: int(v.version), default=None)
+    except Exception as exc:  # noqa: BLE001 - the registry must never fail the evaluation
+        log.warning("MLflow: finding the registered model of %s failed: %s", ema_path, exc)
+        return None
+
+
+def model_id_of(version: Any) -> Optional[str]:
+    """The logged model (MLflow 3 ``model_id``) of a registered ``version``, None when unknown."""
+    if version is None:
+        return None
+    return getattr(version, "model_id", None) or (version.tags or {}).get("model_id") or None
+
+
+def promote(params: Params, version: Any) -> None:
+    """After its evaluation: move the alias to ``version`` (the rule: the newest evaluated version),
+    unless this is a sweep point or ``mlflow.model_alias`` is null."""
+    alias = params.mlflow.model_alias if not in_sweep() else None
+    if version is None or not alias:
+        return
+    try:
+        import mlflow
+
+        mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, alias, str(version.version))
+        log.info("evaluated %s version %s: alias @%s moved to it", MODEL_NAME, version.version, alias)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("MLflow: moving alias @%s failed: %s", alias, exc)

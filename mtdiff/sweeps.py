@@ -422,6 +422,34 @@ def experiment_result(root: Path, exp_name: str) -> dict[str, Any]:
     return {"rev": found.get("rev"), "metrics": flatten_metrics(per_file), "missing_metrics": missing}
 
 
+# what a point's numbers depend on: a commit touching only other files (docs, tests) leaves them valid
+RESULT_PATHS = ("mtdiff", "dvc.yaml", "params.yaml", "configs", "pyproject.toml")
+
+
+def code_changed(root: Path, old: str | None, new: str) -> bool:
+    """Whether :data:`RESULT_PATHS` differ between commits ``old`` and ``new`` (an unknown or missing
+    ``old`` counts as changed)."""
+    if not old:
+        return True
+    if old == new:
+        return False
+    proc = subprocess.run(["git", "diff", "--quiet", old, new, "--", *RESULT_PATHS], cwd=root,
+                          capture_output=True)
+    return proc.returncode != 0  # 1: they differ; 128: old is not in this repo
+
+
+def stale_rows(root: Path, rows: dict[str, dict[str, Any]], head: str) -> dict[str, str]:
+    """Point -> one line saying why its saved row was computed on other code than ``head``."""
+    out = {}
+    for name, row in rows.items():
+        commit = row.get("git_commit")
+        if code_changed(root, commit, head):
+            out[name] = (f"point {name}: finished on commit {(commit or 'unknown')[:10]}, and the code or "
+                         f"params ({', '.join(RESULT_PATHS)}) changed since (HEAD {head[:10]}); "
+                         f"--rerun-stale runs it again")
+    return out
+
+
 def untracked_files(root: Path) -> list[str]:
     """Untracked, not ignored files: ``dvc exp run --temp`` leaves them out of the experiment's copy."""
     proc = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=root,

@@ -6,6 +6,12 @@ params and tags, and yields a :class:`StageRun` whose ``log_*`` methods never ra
 tracking server is down the stage warns and goes on, and what it could not send is appended to
 ``<project>/.mtdiff/mlflow_pending/<stage>.jsonl`` (outside every DVC output, gitignored) so nothing is
 lost (``mtdiff replay``, :mod:`mtdiff.mlflow_replay`, sends it later).
+
+An unreachable server costs seconds, not minutes: before a run starts, a TCP probe of an http(s)
+tracking URI (:func:`server_reachable`, :data:`PROBE_TIMEOUT_S`) decides whether MLflow is used at all,
+and MLflow's own HTTP retries are bounded for this project's calls (:data:`HTTP_DEFAULTS`, unless the
+environment sets them). A server that dies mid-run costs one bounded failed call: the run then keeps
+every later record locally (``StageRun.online`` turns False) instead of retrying each one.
 """
 from __future__ import annotations
 
@@ -16,11 +22,13 @@ import logging
 import math
 import os
 import re
+import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from mtdiff.config import REPO_ROOT, Params, flatten, project_root
 
@@ -31,6 +39,7 @@ PENDING_FILE = "mlflow_pending.jsonl"
 PENDING_IMAGES = "mlflow_pending_images"
 PENDING_DIR = Path(".mtdiff") / "mlflow_pending"  # under the project root: never inside a DVC output
 OVERRIDES_TAG = "mtdiff.overrides"  # the overrides (JSON) behind a run's full params
+REGISTER_TAG = "mtdiff.register"  # "1" on a sweep's points: their trainings register (flows.sweep --register)
 
 
 def pending_file(stage: str, root: str | os.PathLike | None = None) -> Path:
@@ -102,6 +111,44 @@ def log_run_params(run: "StageRun", params: Params, overrides: dict[str, Any] | 
     run.set_tags({OVERRIDES_TAG: json.dumps(shown, sort_keys=True, default=str)})
 
 
+# MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) spend ~4 minutes per call on a
+# server that is down; these bound a failed call to seconds. Set only where the environment is silent.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+PROBE_TIMEOUT_S = 3.0
+
+
+def bound_http_retries() -> None:
+    """Apply :data:`HTTP_DEFAULTS` to this process (and the stages it starts) where not set."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def server_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether an http(s) tracking server accepts a TCP connection within ``timeout`` seconds; other
+    stores (sqlite, file, databricks) are not probed (True)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return True
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+class TrackingUnavailable(ConnectionError):
+    """The tracking server did not answer the probe."""
+
+
+def require_server(uri: str) -> None:
+    """Bound MLflow's retries, then raise :class:`TrackingUnavailable` when ``uri``'s server is down."""
+    bound_http_retries()
+    if not server_reachable(uri):
+        raise TrackingUnavailable(f"no answer within {PROBE_TIMEOUT_S:g} s")
+
+
 def tracking_uri(params: Params | None = None) -> str:
     """params.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else a sqlite store in the repo."""
     if params is not None and params.mlflow.tracking_uri:
@@ -169,11 +216,28 @@ class StageRun:
     """
 
     def __init__(self, run_id: str | None, pending_dir: Path | None, *, key: str | None = None,
-                 stage: str | None = None, pending_path: Path | None = None):
+                 stage: str | None = None, pending_path: Path | None = None, uri: str | None = None):
         self.run_id = run_id
+        self.uri = uri  # probed again when a call fails
         self.pending_path = pending_path or (None if pending_dir is None else Path(pending_dir) / PENDING_FILE)
         self.key = key or uuid.uuid4().hex
         self.stage = stage
+        self.server_down = False  # set when a call failed and the server no longer answers
+
+    @property
+    def online(self) -> bool:
+        """Whether calls still go to MLflow (a run exists and its server has not gone away)."""
+        return self.run_id is not None and not self.server_down
+
+    def _note_failure(self, what: str, exc: Exception) -> None:
+        """A failed call: if the server no longer answers, keep every later record locally at once
+        (each would otherwise pay MLflow's retries); another error (a rejected value) stays per call."""
+        if self.uri is not None and not server_reachable(self.uri):
+            self.server_down = True
+            log.warning("MLflow server %s went away (%s); this run's later records are kept in %s",
+                        redact_uri(self.uri), _brief(exc), self.pending_path)
+        else:
+            log.warning("MLflow %s failed (%s); kept in %s", what, _brief(exc), self.pending_path)
 
     # the callable that does ``what`` on this run; StageRun uses MLflow's fluent (active-run) API
     def _op(self, what: str):
@@ -184,12 +248,12 @@ class StageRun:
                 "log_image": mlflow.log_image}[what]
 
     def _call(self, what: str, *args, **kwargs) -> None:
-        if self.run_id is not None:
+        if self.online:
             try:
                 self._op(what)(*args, **kwargs)
                 return
             except Exception as exc:  # tracking must never kill a stage
-                log.warning("MLflow %s failed (%s); kept in %s", what, exc, self.pending_path)
+                self._note_failure(what, exc)
         self._keep(what, args, kwargs)
 
     def _keep(self, what: str, args, kwargs) -> None:
@@ -205,9 +269,10 @@ class StageRun:
         except OSError as exc:
             log.warning("could not keep MLflow %s in %s: %s", what, self.pending_path, exc)
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None) -> None:
+        """``model_id``: also link them to that logged model (MLflow 3; the Models view ranks by them)."""
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self._call("log_metrics", clean, step=step)
+        self._call("log_metrics", clean, step=step, **({"model_id": model_id} if model_id else {}))
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._call("log_params", {k: fit_value(v) for k, v in params.items()})
@@ -225,13 +290,13 @@ class StageRun:
         the pending file when unsent."""
         if (artifact_file is None) == (key is None):
             raise ValueError("log_image: give artifact_file or key")
-        if self.run_id is not None:
+        if self.online:
             try:
                 self._op("log_image")(image, **({"artifact_file": artifact_file} if key is None
                                                  else {"key": key, "step": step}))
                 return
             except Exception as exc:
-                log.warning("MLflow log_image failed (%s); kept in %s", exc, self.pending_path)
+                self._note_failure("log_image", exc)
         name = artifact_file or f"{key}/step_{int(step or 0):08d}.png"
         extra = {} if key is None else {"key": key, "step": step}
         self._keep("log_image", (name,), {"image_path": self._save_image(image, name), **extra})
@@ -257,9 +322,11 @@ def client_ops(client, run_id: str) -> dict[str, Any]:
     """The StageRun operations (same signatures) done through ``MlflowClient`` on ``run_id``."""
     from mlflow.entities import Metric, Param, RunTag
 
-    def log_metrics(metrics: dict, step: int | None = None, timestamp: float | None = None) -> None:
+    def log_metrics(metrics: dict, step: int | None = None, timestamp: float | None = None,
+                    model_id: str | None = None) -> None:
         ts = int((timestamp or time.time()) * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()])
+        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, int(step or 0), model_id=model_id)
+                                          for k, v in metrics.items()])
 
     def log_params(params: dict) -> None:
         client.log_batch(run_id, params=[Param(k, fit_value(v)) for k, v in params.items()])
@@ -285,8 +352,8 @@ class ClientRun(StageRun):
     sweep-point runs. Same failure-tolerant ``log_*`` API as :class:`StageRun`, plus :meth:`end`."""
 
     def __init__(self, client, run_id: str | None, pending_dir: Path | None = None, *,
-                 key: str | None = None, stage: str | None = None):
-        super().__init__(run_id, pending_dir, key=key, stage=stage)
+                 key: str | None = None, stage: str | None = None, uri: str | None = None):
+        super().__init__(run_id, pending_dir, key=key, stage=stage, uri=uri)
         self.client = client
         self._ops = client_ops(client, run_id) if (client is not None and run_id) else {}
 
@@ -294,7 +361,7 @@ class ClientRun(StageRun):
         return self._ops[what]
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.run_id is None or self.client is None:
+        if not self.online or self.client is None:
             self._keep("end_run", (), {"status": status})
             return
         try:
@@ -318,10 +385,11 @@ def start_client_run(name: str, *, tags: dict[str, Any] | None = None, parent_ru
     try:
         from mlflow import MlflowClient
 
+        require_server(uri)
         client = MlflowClient(tracking_uri=uri)
         exp_id = experiment_id(client, experiment, uri)
         run = client.create_run(exp_id, tags=all_tags, run_name=name)
-        return ClientRun(client, run.info.run_id, pending, stage=name)
+        return ClientRun(client, run.info.run_id, pending, stage=name, uri=uri)
     except Exception as exc:
         log.warning("MLflow unavailable at %s (%s); run '%s' is not tracked", redact_uri(uri), _brief(exc), name)
         out = ClientRun(None, None, pending, stage=name)
@@ -386,6 +454,7 @@ def stage_run(params: Params, stage: str, out_dir: str | os.PathLike = ".",
         import mlflow
 
         uri = tracking_uri(params)
+        require_server(uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(uri), params.mlflow.experiment, uri))
         active = mlflow.start_run(run_name=stage, tags=tags, parent_run_id=parent, log_system_metrics=monitor)
@@ -393,7 +462,7 @@ def stage_run(params: Params, stage: str, out_dir: str | os.PathLike = ".",
     except Exception as exc:
         log.warning("MLflow unavailable at %s (%s); stage '%s' goes on and keeps its logs in %s",
                     redact_uri(tracking_uri(params)), _brief(exc), stage, pending)
-    run = StageRun(run_id, None, stage=stage, pending_path=pending)
+    run = StageRun(run_id, None, stage=stage, pending_path=pending, uri=tracking_uri(params))
     if run_id is None:  # the replay nests it through the tag, as start_run(parent_run_id=...) does
         tags.update({"mlflow.parentRunId": parent} if parent else {})
         run._keep("start_run", (), {"run_name": stage, "tags": {k: str(v) for k, v in tags.items()},
@@ -404,12 +473,33 @@ def stage_run(params: Params, stage: str, out_dir: str | os.PathLike = ".",
         yield run
         status = "FINISHED"
     finally:
-        if run_id is not None:
+        if run.online:
             try:
                 import mlflow
 
                 mlflow.end_run(status=status)
             except Exception as exc:
-                log.warning("MLflow end_run failed: %s", exc)
+                log.warning("MLflow end_run failed: %s", _brief(exc))
         else:
+            _drop_active_run(run_id)
             run._keep("end_run", (), {"status": status})
+
+
+def _drop_active_run(run_id: str | None) -> None:
+    """``mlflow.end_run`` without its call to the (gone) server: pop the fluent active run and stop its
+    system-metrics monitor, so neither the next run nor MLflow's atexit hook waits on the server; the
+    kept ``end_run`` record terminates the run on replay."""
+    if run_id is None:
+        return
+    try:
+        from mlflow.tracking import fluent
+
+        stack = fluent._active_run_stack.get()  # private names, but end_run() would call the server first
+        if stack and stack[-1].info.run_id == run_id:
+            stack.pop()
+            fluent.MLFLOW_RUN_ID.unset()
+        monitor = fluent.run_id_to_system_metrics_monitor.pop(run_id, None)
+        if monitor is not None:
+            monitor.finish()
+    except Exception:  # noqa: BLE001 - an MLflow without them: the run stays active, no worse than before
+        pass

@@ -73,3 +73,49 @@ def test_pyproject_declares_imports_test_extra_and_prefect_version():
     (prefect_req,) = [d for d in project["dependencies"] if d.startswith("prefect")]
     lower = re.search(r">=\s*([\d.]+)", prefect_req).group(1)
     assert yaml.safe_load((REPO / "prefect.yaml").read_text())["prefect-version"] == lower
+
+
+# -- issue 34 item 7: each stage's --help, `mtdiff config --explain`, `make run FMNIST_DIR=` ----------
+@pytest.mark.parametrize("stage", cli.STAGES)
+def test_stage_help_lists_the_params_it_reads_with_descriptions(stage, capsys):
+    import importlib
+
+    from mtdiff.stages import stage_param_keys
+
+    module = importlib.import_module(f"mtdiff.stages.{stage}")
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m mtdiff.stages.{stage}")
+    for key in stage_param_keys(stage):
+        assert re.search(rf"^  {re.escape(key)}[ .]", out, re.M), key
+    if stage == "train":
+        assert re.search(r"^  train\.steps += 400 +optimizer steps", out, re.M)
+
+
+def test_stage_help_as_python_m():
+    proc = subprocess.run([sys.executable, "-m", "mtdiff.stages.evaluate", "--help"], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0 and "error" not in proc.stderr
+    assert "evaluate.download_weights" in proc.stdout and "usage: python -m mtdiff.stages.evaluate" in proc.stdout
+
+
+def test_config_explain_says_what_a_key_means(capsys):
+    assert cli.main(["config", "--explain", "train.steps", "train.steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "train.steps: optimizer steps in all" in out and "default 400, runs with 7" in out
+    assert cli.main(["config", "--explain", "evaluate"]) == 0
+    assert "evaluate.download_weights" in capsys.readouterr().out
+    assert cli.main(["config", "--explain", "train.nope"]) == 2
+
+
+def test_make_passes_fmnist_dir_to_the_stages(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    show = ["make", "-s", "--no-print-directory", "-f", str(root / "Makefile"), "--eval",
+            "show: ; @echo \"[$$MTDIFF_FMNIST_DIR]\"", "show"]
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("MTDIFF_FMNIST_DIR", "FMNIST_DIR")}
+    given = subprocess.run([*show, f"FMNIST_DIR={tmp_path}"], capture_output=True, text=True, env=env, cwd=root)
+    assert given.stdout.strip() == f"[{tmp_path}]"
+    default = subprocess.run(show, capture_output=True, text=True, env=env, cwd=root)
+    assert default.stdout.strip() == "[]"  # the default path: params.yaml's data.fashion_mnist_dir decides

@@ -273,7 +273,7 @@ def test_evaluate_stage_image_conditions_via_cli(make_params, monkeypatch, workd
                       f"{condition}_mse", f"{condition}_psnr"}
     assert m[f"{condition}_mse"] == pytest.approx(expect)
     assert m[f"{condition}_psnr"] == pytest.approx(10 * np.log10(1 / expect))
-    assert "Inception weights unavailable" in m["inception_skipped_reason"]
+    assert "Inception weights not local" in m["inception_skipped_reason"]
     assert "encoder.pt missing" in m["domain_skipped_reason"]
     assert m["label_head_skipped_reason"] == "tasks.label.enabled is false"
     for name in ("label_accuracy_vs_t.csv", "per_class_accuracy.csv", "per_class_sample_accuracy.csv"):

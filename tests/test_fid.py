@@ -262,12 +262,39 @@ def test_fid_inception_weights_resolution(tmp_path, monkeypatch):
         fid.inception_weights(str(tmp_path / "nope.pth"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("MTDIFF_OFFLINE", "1")
-    path, reason = fid.inception_weights(None)
-    assert path is None and "unavailable" in reason
+    path, reason = fid.inception_weights(None, allow_download=True)  # MTDIFF_OFFLINE=1 wins
+    assert path is None and "not local" in reason
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
     assert fid.inception_weights(None) == (cached, None)
+
+
+def test_fid_inception_weights_offline_by_default(tmp_path, monkeypatch, caplog):
+    """No download unless asked (issue 34 item 4); a failed download's error goes to the log, not
+    into the reason that metrics/evaluate.json keeps."""
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for var in ("MTDIFF_OFFLINE", fid.ALLOW_DOWNLOAD_ENV):
+        monkeypatch.delenv(var, raising=False)
+    urls = []
+
+    def fake_download(url, dst, progress=True):
+        urls.append(url)
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    path, reason = fid.inception_weights(None)
+    assert path is None and urls == []
+    assert "evaluate.feature_extractor_weights_path" in reason and "evaluate.download_weights=true" in reason
+    path, reason = fid.inception_weights(None, allow_download=True)  # asked: one attempt
+    assert path is None and len(urls) == 1
+    assert "urlopen" not in reason and "download failed" in reason
+    assert "name resolution" in caplog.text
+    monkeypatch.setenv(fid.ALLOW_DOWNLOAD_ENV, "1")  # the environment may ask too
+    fid.inception_weights(None)
+    assert len(urls) == 2
 
 
 def test_fid_inception_random_weights(inception_weights_file, tmp_path, monkeypatch, fast_fid_eigvals):

@@ -163,11 +163,13 @@ def test_pipeline_flow_runs_stages_in_order_with_nested_mlflow_runs(prefect_harn
 
     assert result["stages"] == ["a", "b"]
     assert [(r["stage"], r["outcome"]) for r in result["results"]] == [("a", "ran"), ("b", "ran")]
-    assert (repo / "order.log").read_text().split() == ["a", "b"]
-    params_text = (repo / "params.yaml").read_text()
-    assert "steps: 4" in params_text and "# steps comment" in params_text  # written in place, comments kept
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert lock["stages"]["a"]["params"]["params.yaml"]["train.steps"] == 4  # DVC recorded the override
+    # overrides run as a DVC experiment (issue 34 item 2): params.yaml and the workspace untouched
+    assert (repo / "params.yaml").read_text() == PARAMS_YAML and not (repo / "order.log").exists()
+    from mtdiff.sweeps import exp_show, find_experiment
+
+    exp_name = _runs_exp_name(flow_env, result["mlflow_run_id"])
+    found = find_experiment(exp_show(repo), exp_name)  # what `dvc exp show` lists, with the values that ran
+    assert found["data"]["params"]["params.yaml"]["data"]["train"]["steps"] == 4
 
     from mlflow import MlflowClient
 
@@ -204,10 +206,19 @@ def test_pipeline_flow_runs_stages_in_order_with_nested_mlflow_runs(prefect_harn
     exp = client.get_experiment(parent.info.experiment_id)
     assert exp.artifact_location.startswith(str(tmp_path / "store" / "mlartifacts"))
 
-    # DVC stays the source of truth: nothing changed, so nothing reruns
+    # without overrides: dvc repro in the workspace; DVC stays the source of truth: nothing changed, nothing reruns
+    plain = pipeline(repo=str(repo), retry_delay_seconds=0)
+    assert [r["outcome"] for r in plain["results"]] == ["ran", "ran"]
+    assert (repo / "order.log").read_text().split() == ["a", "b"]
+    assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["a"]["params"]["params.yaml"]["train.steps"] == 3
     again = pipeline(repo=str(repo), stages=["b"], retry_delay_seconds=0)
     assert [(r["stage"], r["outcome"]) for r in again["results"]] == [("b", "unchanged")]
-    assert (repo / "order.log").read_text().split() == ["a", "b"]
+
+
+def _runs_exp_name(uri: str, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri).get_run(run_id).data.tags["dvc.exp_name"]
 
 
 def test_pipeline_flow_retries_transient_failures_not_bad_params(prefect_harness, flow_env, tmp_path, monkeypatch):

@@ -176,3 +176,51 @@ def test_mlflow_full_params_long_values_and_overrides_tag(tmp_path, monkeypatch)
     assert len(cut) == MAX_PARAM_VAL_LENGTH and cut.startswith("/data/xxx")
     assert cut.endswith(f"...[{len(long_dir)} chars]")
     assert json.loads(run.data.tags[OVERRIDES_TAG]) == {"train.steps": 9, "data.imagenet_dir": long_dir}
+
+
+# -- issue 34 item 6: an unreachable server costs seconds ---------------------------------------
+def test_unreachable_server_costs_seconds_not_minutes(mlflow_down, monkeypatch):
+    """MLflow's own retries are not turned down here (MLflow's defaults retry ~4 minutes a call): the
+    project's probe and bounded retries must keep the stage's tracking overhead to seconds."""
+    import os
+    import time
+
+    from mtdiff.tracking import HTTP_DEFAULTS
+
+    for var in HTTP_DEFAULTS:  # setenv first so the teardown removes what the stage sets
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    params = load_params(DEFAULT_PARAMS, overrides={"mlflow.experiment": "down"})
+    start = time.monotonic()
+    with stage_run(params, "train", mlflow_down / "out") as run:
+        run.log_metrics({"loss": 1.0}, step=1)
+        run.set_tags({"a": "b"})
+    assert time.monotonic() - start < 15
+    assert run.run_id is None and not run.online
+    kinds = [r["what"] for r in read_pending(pending_file("train"))]
+    assert kinds == ["start_run", "log_params", "log_metrics", "set_tags", "end_run"]
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+
+
+@pytest.mark.parametrize("down", [True, False])
+def test_server_gone_mid_run_keeps_later_records_without_calling_it(mlflow_down, down):
+    """After a failed call, a server that no longer answers is not called again (each call would pay
+    the retries); the records keep the run's id for the replay. A store that still answers (a value it
+    rejected) is tried again on the next call."""
+    from mtdiff.tracking import StageRun
+
+    uri = f"http://127.0.0.1:{_closed_port()}" if down else "sqlite:///still-here.db"
+    run = StageRun("run-1", None, stage="train", pending_path=pending_file("train"), uri=uri)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("connection refused")
+
+    run._op = lambda what: failing
+    for step in range(4):
+        run.log_metrics({"loss": float(step)}, step=step)
+    assert len(calls) == (1 if down else 4) and run.online is (not down)
+    records = read_pending(pending_file("train"))
+    assert [r["kwargs"]["step"] for r in records] == [0, 1, 2, 3]
+    assert {r["run_id"] for r in records} == {"run-1"}

@@ -364,3 +364,33 @@ def test_study_curve_row_reads_the_budget_against_the_baselines_seed_spread(tmp_
     pd.DataFrame(budget).to_csv(tmp_path / "c.csv", index=False)
     frame = pd.read_csv(tmp_path / "c.csv")
     assert curve_row(frame, _summary(frame)).endswith("| not run |")
+
+
+def test_sweep_points_finished_on_other_code_are_flagged(tmp_path):
+    """Issue 34 item 7: a saved row from a commit whose code or params differ from HEAD is stale; one
+    that differs only in docs is not; an unknown commit is."""
+    import subprocess
+
+    from mtdiff.sweeps import stale_rows
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "mtdiff").mkdir()
+    (tmp_path / "mtdiff" / "a.py").write_text("x = 1\n")
+    git("add", "-A"), git("commit", "-qm", "one")
+    first = git("rev-parse", "HEAD")
+    (tmp_path / "notes.md").write_text("docs\n")
+    git("add", "-A"), git("commit", "-qm", "docs")
+    docs_only = git("rev-parse", "HEAD")
+    (tmp_path / "mtdiff" / "a.py").write_text("x = 2\n")
+    git("add", "-A"), git("commit", "-qm", "code")
+    head = git("rev-parse", "HEAD")
+    rows = {"old": {"git_commit": first}, "same": {"git_commit": head}, "gone": {"git_commit": "0" * 40},
+            "none": {}}
+    assert set(stale_rows(tmp_path, rows, head)) == {"old", "gone", "none"}
+    assert stale_rows(tmp_path, {"docs": {"git_commit": first}}, docs_only) == {}
+    line = stale_rows(tmp_path, rows, head)["old"]
+    assert "\n" not in line and first[:10] in line and "--rerun-stale" in line

@@ -4,7 +4,8 @@ Two feature spaces:
 
 - **Inception** (``inception-v3-compat``, torch-fidelity's port of the TF Inception that the ADM
   evaluator uses). Offline clusters pass a local weights file (``evaluate.feature_extractor_weights_path``);
-  without one the file from torch's hub cache is used, and failing that one download is tried.
+  without one the file from torch's hub cache is used; a download is tried only when asked
+  (``evaluate.download_weights: true`` or ``MTDIFF_ALLOW_DOWNLOAD=1``), else Inception is skipped.
   When none of that works the Inception metrics are skipped and the reason is returned.
 - **Domain** features: any module with ``features(x)`` / ``forward(x) -> logits`` on float
   ``(B, 1, H, W)`` in ``[-1, 1]`` (the project's Fashion-MNIST encoder) is registered as a
@@ -194,13 +195,25 @@ def register_module_extractor(module: nn.Module, prefix: str = "fmnist_cnn") -> 
 
 
 # -- Inception weights --------------------------------------------------------------------------
-def inception_weights(path: Optional[str], allow_download: bool = True,
+ALLOW_DOWNLOAD_ENV = "MTDIFF_ALLOW_DOWNLOAD"
+
+
+def downloads_allowed(allow_download: bool = False) -> bool:
+    """Offline by default: a download only when asked (``evaluate.download_weights`` or
+    ``MTDIFF_ALLOW_DOWNLOAD=1``), and never under ``MTDIFF_OFFLINE=1``."""
+    if os.environ.get("MTDIFF_OFFLINE") == "1":
+        return False
+    return allow_download or os.environ.get(ALLOW_DOWNLOAD_ENV) == "1"
+
+
+def inception_weights(path: Optional[str], allow_download: bool = False,
                       timeout_s: float = 20.0) -> tuple[Optional[Path], Optional[str]]:
     """Find the Inception weights: ``(path, None)``, or ``(None, reason)`` when they are unavailable.
 
     Order: the explicit ``path`` (missing file -> FileNotFoundError: an explicit setting that is wrong
-    must not pass silently), torch hub's cache, one download attempt (``allow_download`` and not
-    ``MTDIFF_OFFLINE=1``).
+    must not pass silently), torch hub's cache, one download attempt only when :func:`downloads_allowed`.
+    ``reason`` is one line saying how to get the weights; a failed download's error goes to the log, not
+    into it (it ends up in metrics/evaluate.json).
     """
     if path:
         p = Path(path).expanduser()
@@ -210,9 +223,10 @@ def inception_weights(path: Optional[str], allow_download: bool = True,
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
     if cached.is_file():
         return cached, None
-    if not allow_download or os.environ.get("MTDIFF_OFFLINE") == "1":
-        return None, (f"Inception weights unavailable: evaluate.feature_extractor_weights_path is null, "
-                      f"{cached} does not exist and downloads are off")
+    if not downloads_allowed(allow_download):
+        return None, (f"Inception weights not local ({cached}); to enable: set "
+                      f"evaluate.feature_extractor_weights_path, or allow the download with "
+                      f"evaluate.download_weights=true or {ALLOW_DOWNLOAD_ENV}=1")
     old = socket.getdefaulttimeout()
     try:
         socket.setdefaulttimeout(timeout_s)
@@ -220,9 +234,10 @@ def inception_weights(path: Optional[str], allow_download: bool = True,
         log.info("downloading Inception weights %s -> %s", URL_INCEPTION_V3, cached)
         torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=False)
         return cached, None
-    except Exception as exc:  # no network: record why and go on without Inception
-        return None, (f"Inception weights unavailable: evaluate.feature_extractor_weights_path is null, "
-                      f"{cached} does not exist and the download failed ({type(exc).__name__}: {exc})")
+    except Exception as exc:  # no network: say so in the log, go on without Inception
+        log.warning("Inception weights download from %s failed: %s: %s", URL_INCEPTION_V3, type(exc).__name__, exc)
+        return None, (f"Inception weights download failed (see the log); put the file at {cached} or set "
+                      f"evaluate.feature_extractor_weights_path")
     finally:
         socket.setdefaulttimeout(old)
 

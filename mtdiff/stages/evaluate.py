@@ -15,7 +15,7 @@ always
     heads), ``condition``, ``data_source`` (strings) and three strings that are ``""`` when the
     part ran, else why it did not: ``inception_skipped_reason``, ``domain_skipped_reason``,
     ``label_head_skipped_reason``.
-Inception (torch-fidelity ``inception-v3-compat``, when its weights are available)
+Inception (torch-fidelity ``inception-v3-compat``, when its weights are local; downloaded only with ``evaluate.download_weights``)
     ``fid``, ``kid``, ``kid_std``, ``precision``, ``recall``, ``f_score``;
     ImageNet also ``isc``, ``isc_std``; with ``evaluate.ref_stats_npz`` ``fid_adm_ref``.
 Domain (Fashion-MNIST CNN of the representations stage, default profile)
@@ -54,7 +54,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mtdiff.checkpoint import load_for_inference
+from mtdiff import registry
+from mtdiff.checkpoint import EMA, load_for_inference
 from mtdiff.config import Params, resolve_path
 from mtdiff.data import load_prepared
 from mtdiff.encoders import EVAL_NET_FILE, load_fmnist_encoder
@@ -197,7 +198,7 @@ def _inception_metrics(inp: _Inputs) -> tuple[dict[str, Any], str]:
     ev, params = inp.params.evaluate, inp.params
     if not ev.inception:
         return {}, "evaluate.inception is false"
-    weights, reason = fid.inception_weights(ev.feature_extractor_weights_path)
+    weights, reason = fid.inception_weights(ev.feature_extractor_weights_path, ev.download_weights)
     if weights is None:
         return {}, reason or "no Inception weights"
     return fid.fidelity_metrics(inp.samples, inp.reference, extractor=fid.INCEPTION, weights_path=weights,
@@ -363,11 +364,15 @@ def run(params: Params) -> dict[str, Any]:
     }
     numbers = file_metrics(metrics_path, metrics)  # evaluate/<key>: the parent and sweep runs' keys too
     with stage_run(params, "evaluate", out_dir) as mlrun:
-        mlrun.log_metrics({**numbers, "evaluate/wall_time_s": time.time() - t0})
+        # the model these samples came from (by ema.pt's digest): its numbers, then the registry alias
+        version = registry.evaluated_version(params.checkpoints_dir / EMA) if mlrun.online else None
+        mlrun.log_metrics({**numbers, "evaluate/wall_time_s": time.time() - t0},
+                          model_id=registry.model_id_of(version))
         mlrun.set_tags({f"evaluate.{k}": v for k, v in metrics.items() if isinstance(v, str) and v})
         mlrun.log_artifact(metrics_path)
         for p in plot_paths.values():
             mlrun.log_artifact(p, artifact_path=PLOTS_SUBDIR)
+        registry.promote(params, version)
     log.info("wrote %s (%d metrics) in %.1f s", metrics_path, len(numbers), time.time() - t0)
     return {"metrics_path": str(metrics_path), "plots": {k: str(v) for k, v in plot_paths.items()},
             "metrics": metrics, "wall_time_s": time.time() - t0}

@@ -494,7 +494,7 @@ def _log_start(session: _Session, progress: _Progress, tracker: Any) -> None:
 
 def _log_model_and_data(session: _Session, summary: dict[str, Any], tracker: Any) -> None:
     """The data set as the run's input and the EMA model in the registry (rank 0, MLflow on)."""
-    if getattr(tracker, "run_id", None) is None:
+    if getattr(tracker, "online", False) is not True:  # no run, or its server went away mid-run
         return
     digest = registry.log_dataset(session.params)
     if digest:
