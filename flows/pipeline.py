@@ -99,7 +99,7 @@ def pipeline(stages: list[str] | str | None = None, force: bool = False,
     order = resolve_stages(root, stages)
     overrides = parse_overrides(params_overrides)
     params = load_repo_params(root, overrides)  # what the stages will read; a bad override fails here
-    with compute_slot(logger.info):  # before params.yaml changes: a running sweep copies the workspace
+    with compute_slot(logger.info):  # one compute-heavy flow at a time (a sweep shares the cores)
         return _run_stages(root, order, overrides, params, force, retry_delay_seconds)
 
 

@@ -12,7 +12,7 @@ The label head is read against the FashionCNN's test accuracy and the 0.91 targe
 against the baseline's own curve (750 / 1500 / 3000 steps).
 
     python -m mtdiff.study [sweeps/study/comparison.csv]   # prints the markdown table
-    python -m mtdiff.study --write                         # ... into README.md and docs/study.md,
+    python -m mtdiff.study --write                         # ... into docs/study.md (its verdict and points tables),
                                                            # the plots into sweeps/study/ (fid_per_seed.png,
                                                            # baseline_curve.png)
 """
@@ -269,7 +269,7 @@ def points_table(comparison_csv: str | Path, grids_from: str = "../sweeps/study/
 def verdict_table(comparison_csv: str | Path) -> str:
     frame = pd.read_csv(comparison_csv)
     summary = _summary(frame)
-    head = ("| claim (lower FID first) | paper (ImageNet-64) | ours: FID fmnist_cnn / fmnist_eval, mean ± std "
+    head = ("| claim (lower FID first) | paper (ImageNet-64, second-hand: docs/method.md) | ours: FID fmnist_cnn / fmnist_eval, mean ± std "
             "(seeds), Δ: paired difference ± its SE | verdict (paired t, 95 %) |\n|---|---|---|---|")
     return "\n".join([head, *(claim_row(frame, summary, c) for c in CLAIMS), label_row(summary),
                       curve_row(frame, summary)])
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("comparison", nargs="?", default="sweeps/study/comparison.csv")
     ap.add_argument("--write", nargs="*", metavar="FILE", default=None,
-                    help="put the table between the markers of these files (default: README.md docs/study.md)")
+                    help="put the table between the markers of these files (default: docs/study.md)")
     args = ap.parse_args(argv)
     if not Path(args.comparison).is_file():
         print(f"error: {args.comparison}: no study results yet (python -m flows.sweep configs/sweeps/study.yaml)",
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write is None:
         print(table)
     points = points_table(args.comparison)
-    for path in args.write or (["README.md", "docs/study.md"] if args.write is not None else []):
+    for path in args.write or (["docs/study.md"] if args.write is not None else []):
         wrote = [b for b, t in (("study-verdicts", table), ("study-points", points))
                  if write_between_markers(Path(path), t, b)]
         if not wrote:
