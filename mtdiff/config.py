@@ -272,6 +272,10 @@ class EvaluateConfig(_Section):
     download_weights: bool = False
     ref_stats_npz: Optional[str] = None
     classify_t: list[int] = Field(default_factory=lambda: [1, 10, 50], min_length=1)
+    # the Diffusion Classifier (a generative reference for the label head): the first N test images,
+    # classes x draws network calls each; 0: off
+    diffusion_classifier_images: int = Field(200, ge=0)
+    diffusion_classifier_draws: int = Field(8, ge=1)
     out_dir: str = "metrics"
 
 

@@ -20,7 +20,6 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 from mtdiff.config import Params, load_params, project_root
 from mtdiff.report import flatten_metrics

@@ -142,15 +142,21 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of bf16 matr
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and flags from /proc/cpuinfo (Linux; elsewhere unknown, no flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {"model": "unknown", "flags": frozenset()}
+    fields = dict((k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in lines if ":" in line))
+    return {"model": fields.get("model name", "unknown"), "flags": frozenset(fields.get("flags", "").split())}
+
+
 def cpu_bf16_units() -> str | None:
     """The CPU's bf16 matrix unit (``amx_bf16``, else ``avx512_bf16``), or None (AVX2-only CPUs, where
     bf16 autocast is slower than fp32; non-Linux hosts)."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
-                      if line.startswith("flags")), [])
-    except OSError:
-        return None
-    return next((f for f in CPU_BF16_FLAGS if f in flags), None)
+    return next((f for f in CPU_BF16_FLAGS if f in cpu_info()["flags"]), None)
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:

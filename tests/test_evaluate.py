@@ -80,6 +80,48 @@ def test_evaluate_label_head_accuracy_vs_t(diffusion):
         acc.label_head_accuracy(model, diffusion, z0, labels[:5], [1])
 
 
+class TemplateModel(nn.Module):
+    """Stub class-conditional model: it predicts the noise exactly when the image is its class's
+    constant level (``LEVELS``), so the Diffusion Classifier's error is 0 for the true class only."""
+
+    class_conditional = True
+
+    def __init__(self, diffusion):
+        super().__init__()
+        self.diffusion = diffusion
+
+    def forward(self, z_t, t, class_labels):
+        template = torch.as_tensor(LEVELS, dtype=z_t.dtype)[class_labels][:, None, None, None].expand_as(z_t)
+        return {"eps": self.diffusion.predict_eps(z_t, template, None, t)}
+
+
+def test_diffusion_classifier_picks_the_class_that_predicts_the_noise_best(diffusion):
+    labels = np.arange(2 * K) % K
+    z0 = level_images(labels)
+    model = TemplateModel(diffusion)
+    assert acc.diffusion_classifier_accuracy(model, diffusion, z0, labels, K, draws=3, batch_size=7) == 1.0
+    wrong = (labels + 1) % K  # the same images under other labels: every one misclassified
+    assert acc.diffusion_classifier_accuracy(model, diffusion, z0, wrong, K, draws=3) == 0.0
+
+
+def test_diffusion_classifier_runs_the_joint_model_through_its_label_code(make_params):
+    """The joint model takes class c as its label code in the forward process (M2/M3), not as an input."""
+    from mtdiff.models import build_model
+
+    params = make_params({**TINY})
+    torch.manual_seed(0)
+    model = build_model(params, repr_dim=None, num_classes=K).eval()
+    seen = []
+    real_aggregate = model.aggregate
+    model.aggregate = lambda inputs, **kw: seen.append(inputs["label"][0].item()) or real_aggregate(inputs, **kw)
+    labels = np.arange(4) % K
+    z0 = np.random.default_rng(0).uniform(-1, 1, (4, 1, 28, 28)).astype(np.float32)
+    diffusion = MTDiffusion(params.diffusion)
+    a = acc.diffusion_classifier_accuracy(model, diffusion, z0, labels, K, draws=2, seed=1)
+    assert seen == list(range(K)) and 0.0 <= a <= 1.0
+    assert acc.diffusion_classifier_accuracy(model, diffusion, z0, labels, K, draws=2, seed=1) == a  # seeded
+
+
 def test_evaluate_representation_similarity(diffusion):
     labels = np.arange(30) % K
     z0 = level_images(labels)
@@ -168,7 +210,7 @@ def read_csv(path):
 
 TINY = {"model.channels": 8, "model.channel_mult": [1, 2], "model.depth": 1, "model.hidden_size": 32, "model.num_heads": 1, "model.head_hidden": 16,
         "diffusion.timesteps": 100, "sample.steps": 10, "evaluate.num_samples": 32, "evaluate.num_ref": 32,
-        "evaluate.batch_size": 16}
+        "evaluate.batch_size": 16, "evaluate.diffusion_classifier_images": 16, "evaluate.diffusion_classifier_draws": 2}
 
 
 def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir):
@@ -198,12 +240,16 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
               for space in ("fmnist_cnn", "fmnist_eval")}
     label = {"label_acc_t1", "label_acc_t10", "label_acc_t50", "label_acc_ens"}
     always = {"num_samples", "num_reference", "num_test_eval", "condition", "data_source",
-              "inception_skipped_reason", "domain_skipped_reason", "label_head_skipped_reason"}
-    assert set(m) == always | domain | label
+              "inception_skipped_reason", "domain_skipped_reason", "label_head_skipped_reason",
+              "diffusion_classifier_skipped_reason"}
+    generative = {"diffusion_classifier_acc", "diffusion_classifier_images", "diffusion_classifier_draws"}
+    assert set(m) == always | domain | label | generative
+    assert m["diffusion_classifier_images"] == 16.0 and 0.0 <= m["diffusion_classifier_acc"] <= 1.0
     assert m["num_samples"] == 32.0 and m["num_reference"] == 32.0 and m["num_test_eval"] == 32.0
     assert m["condition"] == "label" and m["data_source"] == "fashion_mnist"
     assert m["inception_skipped_reason"] == "evaluate.inception is false"
     assert m["domain_skipped_reason"] == "" and m["label_head_skipped_reason"] == ""
+    assert m["diffusion_classifier_skipped_reason"] == ""
     for k in domain | label:
         assert isinstance(m[k], float) and math.isfinite(m[k]), k
     for k in label | {"cond_acc_fmnist_cnn", "cond_acc_fmnist_eval", "class_entropy_fmnist_cnn"}:
@@ -270,12 +316,13 @@ def test_evaluate_stage_image_conditions_via_cli(make_params, monkeypatch, workd
     m = json.loads((params.metrics_dir / "evaluate.json").read_text())
     assert set(m) == {"num_samples", "num_reference", "num_test_eval", "condition", "data_source",
                       "inception_skipped_reason", "domain_skipped_reason", "label_head_skipped_reason",
-                      f"{condition}_mse", f"{condition}_psnr"}
+                      "diffusion_classifier_skipped_reason", f"{condition}_mse", f"{condition}_psnr"}
     assert m[f"{condition}_mse"] == pytest.approx(expect)
     assert m[f"{condition}_psnr"] == pytest.approx(10 * np.log10(1 / expect))
     assert "Inception weights not local" in m["inception_skipped_reason"]
     assert "encoder.pt missing" in m["domain_skipped_reason"]
     assert m["label_head_skipped_reason"] == "tasks.label.enabled is false"
+    assert m["diffusion_classifier_skipped_reason"].startswith("the model takes no label")
     for name in ("label_accuracy_vs_t.csv", "per_class_accuracy.csv", "per_class_sample_accuracy.csv"):
         rows = read_csv(params.metrics_dir / "plots" / name)
         assert len(rows) == 1  # header only: the outputs exist for DVC, with nothing to plot

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from fixtures import real_size
-from fixtures.dvc_repo import DVC, REPO, repo_copy, sh
+from fixtures.dvc_repo import DVC, repo_copy, sh
 
 pytestmark = pytest.mark.slow
 

@@ -323,14 +323,14 @@ def test_precision_auto_takes_bf16_only_on_cpus_with_bf16_units(tmp_path, monkey
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     real_open = builtins.open
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
-    training.cpu_bf16_units.cache_clear()
+    training.cpu_info.cache_clear()
     try:
         cpu = torch.device("cpu")
         assert training.cpu_bf16_units() == unit
         assert training.autocast_dtype(cpu, "auto") == (torch.bfloat16 if unit else None)
         assert training.autocast_dtype(cpu, "bf16") is None and training.autocast_dtype(cpu, "fp32") is None
     finally:
-        training.cpu_bf16_units.cache_clear()
+        training.cpu_info.cache_clear()
 
 
 def test_cpu_bf16_autocast_trains_with_fp32_timesteps_loss_and_ema(make_params):

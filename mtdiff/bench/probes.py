@@ -10,7 +10,7 @@ import platform
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -121,6 +121,19 @@ def synthetic_batch(s: Setup, batch_size: int, generator: torch.Generator) -> di
     if "transition" in tasks:
         batch["transition"] = image()
     return {k: v.to(s.device) for k, v in batch.items()}
+
+
+def best_seconds(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
+    """The fastest of ``reps`` timed calls of ``fn`` after one untimed warm-up call."""
+    fn()
+    sync(device)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def sync(device: torch.device) -> None:

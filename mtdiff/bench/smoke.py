@@ -17,12 +17,11 @@ output: measure yours); sampling and evaluation shard without communication (tor
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any, Callable
 
 import torch
 
-from mtdiff.bench.probes import fmt_si, peak_memory, setup, sync
+from mtdiff.bench.probes import best_seconds, fmt_si, peak_memory, setup
 from mtdiff.bench.sample import run_sample
 from mtdiff.bench.stages import RESOLUTION, random_inception, random_vae
 from mtdiff.bench.train import run_train
@@ -38,17 +37,8 @@ TIMED_REPS = {"cuda": 3}
 
 
 def _timed_rate(fn: Callable[[], Any], items: int, device: torch.device) -> float:
-    """Items per second of ``fn``: best of a few timed calls after a warm-up (one on CPU: seconds each)."""
-    reps = TIMED_REPS.get(device.type, 1)
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return items / best
+    """Items per second of ``fn`` (a few timed calls on a GPU, one on CPU: seconds each)."""
+    return items / best_seconds(fn, device, TIMED_REPS.get(device.type, 1))
 
 
 def vae_decode_rate(device: torch.device, amp: torch.dtype | None, batch: int, latent_hw: int) -> dict[str, Any]:

@@ -12,15 +12,14 @@ import concurrent.futures as cf
 import io
 import multiprocessing as mp
 import resource
-import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from mtdiff.bench.probes import CONFIGS, Setup, bench_params, build, device_name, sync
+from mtdiff import training
+from mtdiff.bench.probes import CONFIGS, Setup, best_seconds, bench_params, build, device_name
 from mtdiff.bench.sample import sample_conditions
 from mtdiff.encoders import DEFAULT_IMAGE_ENCODERS
 from mtdiff.utils import pick_device
@@ -193,28 +192,16 @@ def _measure(stage: str, batch: int, reps: int, threads: int, device_kind: str) 
     if stage == "baseline":
         return {"stage": stage, "peak_mem_mb": _peak_mb(device)}
     work, images = BUILDERS[stage](batch, device)
-    work()
-    sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        work()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
+    best = best_seconds(work, device, reps)
     return {"stage": stage, "what": STAGES[stage][0], "batch": batch, "images": images, "seconds": best,
             "img_per_s": images / best, "peak_mem_mb": _peak_mb(device)}
 
 
 def cpu_info() -> dict[str, Any]:
-    """The CPU's model name and whether it has the bf16 matmul extensions (/proc/cpuinfo; Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"cpu_model": "unknown", "avx512_bf16": None, "amx_bf16": None}
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
-    flags = fields.get("flags", "").split()
-    return {"cpu_model": fields.get("model name", "unknown"), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags}
+    """The CPU's model name and whether it has the bf16 matmul extensions."""
+    info = training.cpu_info()
+    return {"cpu_model": info["model"], "avx512_bf16": "avx512_bf16" in info["flags"],
+            "amx_bf16": "amx_bf16" in info["flags"]}
 
 
 def run_stages(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,6 +4,9 @@ representation head, inpainting (masked) and image-transition errors.
 - :func:`label_head_accuracy`: ``MTDiffusion.classify`` (the label head on ``q_sample(z0, t)``, M3
   with A = 0 since nothing but the image is given) on the real test split, top-1 (and top-5) per
   t, an ensemble over several t (mean softmax) and per-class accuracy.
+- :func:`diffusion_classifier_accuracy`: the generative reference (Li et al.'s Diffusion Classifier):
+  the class whose condition makes the noise easiest to predict, for the class-conditional baseline
+  and the joint model alike.
 - :func:`classifier_accuracy`: a domain classifier (Fashion-MNIST CNN) on generated images vs the
   labels they were asked for (class-conditional sampling) or predicted with (joint sampling);
   :func:`class_entropy`: how evenly its predictions spread over the classes.
@@ -118,6 +121,47 @@ def label_head_accuracy(model: Any, diffusion: Any, z0: np.ndarray | torch.Tenso
         per_t={t: {k: mean(v) for k, v in hits[t].items()} for t in t_values},
         ensemble_t=ensemble_t, ensemble={k: mean(v) for k, v in ens_hits.items()},
         per_class_t=t_pc, per_class=per_class_accuracy(np.concatenate(pc_correct), labels, int(K or 0)))
+
+
+def _class_condition(model: Any, z: torch.Tensor, c: int):
+    """How class ``c`` enters ``model``: (the aggregated label code A of M2 for the joint model, the
+    label input for the class-conditional baseline)."""
+    labels = torch.full((z.shape[0],), c, dtype=torch.long, device=z.device)
+    if getattr(model, "class_conditional", False):
+        return None, labels
+    return model.aggregate({"label": labels}, like=z), None
+
+
+@torch.no_grad()
+def diffusion_classifier_accuracy(model: Any, diffusion: Any, z0: np.ndarray | torch.Tensor, labels: np.ndarray,
+                                  num_classes: int, *, draws: int, batch_size: int = 256,
+                                  device: torch.device | str = "cpu", seed: int = 0) -> float:
+    """Diffusion Classifier (Li et al., 2023) top-1 accuracy on clean images ``z0``.
+
+    Each image goes to ``argmin_c sum_k ||eps_k - eps_hat(z_{t_k}(c), t_k, c)||^2`` over ``draws`` pairs
+    (t_k, eps_k) shared by every class (t stratified over [1, T], eps seeded), as the paper pairs them
+    to cancel the draw's noise. Costs ``num_classes x draws`` network calls per image.
+    """
+    device = torch.device(device)
+    labels = np.asarray(labels, dtype=np.int64)
+    T = int(diffusion.T)
+    t_draws = [min(T, max(1, round((k + 0.5) * T / draws))) for k in range(draws)]
+    gen = torch.Generator().manual_seed(seed)
+    correct = 0
+    for sl in _batches(len(labels), batch_size):
+        z = _to_tensor(z0[sl], device)
+        noise = torch.randn((draws, *z.shape), generator=gen).to(device)
+        err = torch.zeros(z.shape[0], num_classes, device=device)
+        for c in range(num_classes):
+            A, class_labels = _class_condition(model, z, c)
+            for k, t_int in enumerate(t_draws):
+                t = torch.full((z.shape[0],), t_int, dtype=torch.long, device=device)
+                z_t = diffusion.q_sample(z, A, t, noise[k])
+                out = model(z_t, t, class_labels) if class_labels is not None else model(z_t, t)
+                eps_hat = diffusion.predict_eps(z_t, diffusion.predict_z0(z_t, out, A, t), A, t)
+                err[:, c] += (eps_hat.float() - noise[k]).square().flatten(1).mean(1)
+        correct += int((err.argmin(1).cpu() == torch.as_tensor(labels[sl])).sum())
+    return correct / max(len(labels), 1)
 
 
 @torch.no_grad()

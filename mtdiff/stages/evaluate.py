@@ -29,6 +29,9 @@ Label head (tasks.label)
     averaged over those t), ImageNet also ``label_top5_t<t>``, ``label_top5_ens``.
 Representation head (tasks.representation)
     ``repr_cos_t<t>``: mean cosine to the encoder's test features.
+Diffusion Classifier (tasks.label or model.class_conditional; ``evaluate.diffusion_classifier_images`` > 0)
+    ``diffusion_classifier_acc`` on the first N test images, with ``_images`` and ``_draws``: the label
+    head's generative reference (Li et al. 2023; classes x draws network calls per image).
 Masked / transition samples
     ``masked_mse``, ``masked_psnr`` (hidden pixels only) / ``transition_mse``,
     ``transition_psnr`` (MSE in [0,1] pixel units, PSNR in dB, capped at 100).
@@ -250,6 +253,29 @@ def _reconstruction_metrics(inp: _Inputs) -> dict[str, Any]:
     return {inp.name(f"{inp.condition}_mse"): mse, inp.name(f"{inp.condition}_psnr"): _psnr(mse)}
 
 
+def _diffusion_classifier_metrics(inp: _Inputs) -> tuple[dict[str, Any], str]:
+    """The Diffusion Classifier's accuracy on the first ``evaluate.diffusion_classifier_images`` test
+    images (the label head's generative reference); or why it is skipped."""
+    params, ev = inp.params, inp.params.evaluate
+    if not ev.diffusion_classifier_images:
+        return {}, "evaluate.diffusion_classifier_images is 0"
+    if not (params.tasks.label.enabled or params.model.class_conditional):
+        return {}, "the model takes no label (tasks.label.enabled and model.class_conditional are false)"
+    try:
+        model, diffusion, _ = load_model(params, inp.device)
+    except FileNotFoundError as exc:
+        return {}, f"no checkpoint ({exc})"
+    n = min(ev.diffusion_classifier_images, inp.n_test)
+    z0 = _test_z0(params, inp.test_images, n)
+    if z0 is None:
+        return {}, f"no test latents at {params.latents_dir / 'test'} (run the latents stage)"
+    accuracy = acc.diffusion_classifier_accuracy(
+        model, diffusion, z0, inp.test_labels[:n], int(model.num_classes), draws=ev.diffusion_classifier_draws,
+        batch_size=ev.batch_size, device=inp.device, seed=params.seed)
+    return {"diffusion_classifier_acc": accuracy, "diffusion_classifier_images": float(n),
+            "diffusion_classifier_draws": float(ev.diffusion_classifier_draws)}, ""
+
+
 def _head_metrics(inp: _Inputs) -> tuple[dict[str, Any], Plots, str]:
     """The model's label and representation heads on the real test split; or why the label head is skipped."""
     params = inp.params
@@ -327,7 +353,8 @@ def compute(params: Params) -> tuple[dict[str, Any], Plots]:
         "condition": inp.condition, "data_source": params.data.source,
     }
     plots: Plots = {ACC_VS_T: [], PER_CLASS: [], PER_CLASS_SAMPLES: []}
-    progress = ProgressLog(log, "evaluate: metric groups (Inception, domain, reconstruction, heads)", 4, every_s=0)
+    progress = ProgressLog(log, "evaluate: metric groups (Inception, domain, reconstruction, heads, "
+                                "Diffusion Classifier)", 5, every_s=0)
     inception, m["inception_skipped_reason"] = _inception_metrics(inp)
     progress.update(1)
     domain, domain_plots, m["domain_skipped_reason"] = _domain_metrics(inp)
@@ -336,11 +363,13 @@ def compute(params: Params) -> tuple[dict[str, Any], Plots]:
     progress.update(3)
     heads, head_plots, m["label_head_skipped_reason"] = _head_metrics(inp)
     progress.update(4)
+    generative, m["diffusion_classifier_skipped_reason"] = _diffusion_classifier_metrics(inp)
+    progress.update(5)
     for part, what in (("inception", "Inception"), ("domain", "domain (Fashion-MNIST CNN)"),
                        ("label_head", "label-head")):
         if m[f"{part}_skipped_reason"]:
             log.warning("%s metrics skipped: %s", what, m[f"{part}_skipped_reason"])
-    m.update({**inception, **domain, **reconstruction, **heads})
+    m.update({**inception, **domain, **reconstruction, **heads, **generative})
     plots.update({**domain_plots, **head_plots})
     log.info("evaluated %s samples against %s reference images, condition %s", inp.n, len(inp.reference), inp.condition)
     return m, plots
