@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterator
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run as runtime_flow_run
 
-from mtdiff import dvc_runner
 from mtdiff.config import ConfigError
-from mtdiff.dvc_runner import StageConfigError, StagePreempted
+from mtdiff.pipeline import dvc_runner
+from mtdiff.pipeline.dvc_runner import StageConfigError, StagePreempted
 
 # One global slot shared by the pipeline and sweep flows: the nightly run and the weekly sweep never
 # compete for the machine (each waits for the other). Raise the limit's slots on a bigger machine.

@@ -27,13 +27,13 @@ from prefect.runtime import task_run as runtime_task_run
 
 from flows.artifacts import pipeline_artifacts
 from flows.common import compute_slot, current_flow_run_id, find_repo, retryable
-from mtdiff import dvc_runner, tracking
 from mtdiff.config import ConfigError, Params, parse_overrides
-from mtdiff.preemption import PREEMPTED_EXIT_CODE
-from mtdiff.dvc_runner import (StageConfigError, StagePreempted, dvc_command, load_repo_params, metrics_files,
+from mtdiff.pipeline import dvc_runner, tracking
+from mtdiff.pipeline.dvc_runner import (StageConfigError, StagePreempted, dvc_command, load_repo_params, metrics_files,
                                read_metrics, repro_command, resolve_stages, run_checked, shown_command, stage_outcome,
                                summary_text, tracked_env)
-from mtdiff.sweeps import exp_run_args, experiment_result
+from mtdiff.pipeline.preemption import PREEMPTED_EXIT_CODE
+from mtdiff.pipeline.sweeps import exp_run_args, experiment_result
 
 # Task timeout per stage in seconds (a timed-out stage is stopped and not retried); generous, since the
 # imagenet256 profile trains for days. MTDIFF_STAGE_TIMEOUT_S=<seconds> sets one for every stage.

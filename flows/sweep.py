@@ -1,10 +1,10 @@
 """Sweeps as a Prefect flow: each point of a grid is one DVC experiment, one nested MLflow run.
 
-The sweep config (name, base, points, grid, metrics, targets) is described in :mod:`mtdiff.sweeps`.
+The sweep config (name, base, points, grid, metrics, targets) is described in :mod:`mtdiff.pipeline.sweeps`.
 Each point runs, one after the other, as ``dvc exp run --temp --name <sweep>-<point>-<stamp> -S
 ++key=value ...``: in a temporary copy of the repo, so the workspace is untouched and DVC's run-cache
 restores unchanged stages (prepare, latents, ...) instead of rerunning them. The experiment's metrics
-come back through ``dvc exp show --json``; ``mtdiff.report`` writes the comparison table
+come back through ``dvc exp show --json``; ``mtdiff.pipeline.report`` writes the comparison table
 (``comparison.csv`` / ``.md``) and one bar plot per main metric.
 
     python -m flows.sweep configs/sweeps/tasks.yaml [--points a,b] [--dry-run]
@@ -24,10 +24,10 @@ from prefect.runtime import task_run as runtime_task_run
 
 from flows.artifacts import sweep_artifacts
 from flows.common import compute_slot, current_flow_run_id, find_repo, retryable
-from mtdiff import tracking
 from mtdiff.config import ConfigError
-from mtdiff.dvc_runner import dvc_command, load_repo_params, run_checked, shown_command, tracked_env
-from mtdiff.sweeps import (SweepConfig, SweepPoint, check_points, dry_run_commands, exp_name_for, exp_run_args,
+from mtdiff.pipeline import tracking
+from mtdiff.pipeline.dvc_runner import dvc_command, load_repo_params, run_checked, shown_command, tracked_env
+from mtdiff.pipeline.sweeps import (SweepConfig, SweepPoint, check_points, dry_run_commands, exp_name_for, exp_run_args,
                            experiment_result, finished_rows, git_head, load_sweep, point_result_path,
                            save_point_grid, save_point_result, select_points, stale_rows, sweep_report,
                            untracked_files, write_sweep_file)
@@ -124,7 +124,7 @@ def sweep(config: str | dict[str, Any] = "configs/sweeps/tasks.yaml", repo: str 
     Resumable: each finished point's row is saved as ``sweeps/<name>/points/<point>.json`` (commit it
     with the report); a rerun skips the points saved with the same overrides (``rerun``: run them all
     again) and builds the report from the saved and the new rows, so a study can span sessions. A saved
-    point computed on a commit whose code or params differ from HEAD's (:func:`mtdiff.sweeps.stale_rows`)
+    point computed on a commit whose code or params differ from HEAD's (:func:`mtdiff.pipeline.sweeps.stale_rows`)
     is flagged in one warning line each; ``rerun_stale`` runs those again. ``register``: the points'
     trainings register their models too (by default a sweep leaves the model registry alone).
     """

@@ -61,11 +61,18 @@ def params_hash(params: Params) -> str:
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
+# What computes no result: the pipeline machinery (tracking, registry, sweeps), the benchmarks, the CLI.
+NOT_RESULT_CODE = ("pipeline", "bench", "cli.py")
+
+
 def code_hash() -> str:
-    """A short hash of the ``mtdiff`` package's source: which code a training state came from."""
+    """A short hash of the source that computes results (the ``mtdiff`` package less
+    :data:`NOT_RESULT_CODE`): which code a training state came from."""
     package = Path(__file__).resolve().parent
     digest = hashlib.sha1()
     for path in sorted(package.rglob("*.py")):
+        if path.relative_to(package).parts[0] in NOT_RESULT_CODE:
+            continue
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -7,7 +7,7 @@
     mtdiff serve [--timezone TZ]          serve the nightly pipeline and weekly sweep schedules from this
                                           process (= python -m flows.serve)
     mtdiff replay FILE... [--uri URI]     send MLflow records kept while the tracking server was down
-                                          (.mtdiff/mlflow_pending/<stage>.jsonl; = python -m mtdiff.mlflow_replay)
+                                          (.mtdiff/mlflow_pending/<stage>.jsonl; = python -m mtdiff.pipeline.mlflow_replay)
     mtdiff stage <name> [key=value ...]   run one pipeline stage (= python -m mtdiff.stages.<name>)
     mtdiff config [key=value ...]         print the validated, merged params
     mtdiff config --explain KEY           what a param means, its type, default and the value that runs
@@ -38,7 +38,7 @@ DELEGATED = {
                                  "point, then the comparison report (python -m flows.sweep)"),
     "serve": ("flows.serve", [], "serve the nightly pipeline and weekly sweep schedules from this process "
                                  "(python -m flows.serve)"),
-    "replay": ("mtdiff.mlflow_replay", [], "send MLflow records kept while the tracking server was down "
+    "replay": ("mtdiff.pipeline.mlflow_replay", [], "send MLflow records kept while the tracking server was down "
                                               "(.mtdiff/mlflow_pending/*.jsonl) to the tracking store"),
     "bench": ("mtdiff.bench", [], "benchmarks: mtdiff bench {train,sample,stages} --help"),
 }

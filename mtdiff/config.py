@@ -283,7 +283,7 @@ class MlflowConfig(_Section):
     tracking_uri: Optional[str] = None
     experiment: str = "mtdiff"
     # registry alias of the newest evaluated model version: moved by the evaluate stage outside a sweep
-    # (models:/mtdiff@champion; rule in mtdiff/registry.py); null: no alias
+    # (models:/mtdiff@champion; rule in mtdiff/pipeline/registry.py); null: no alias
     model_alias: Optional[str] = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 

@@ -14,14 +14,12 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch.distributed as dist
 
-from mtdiff.config import Params
 from mtdiff.io import atomic_dir
-from mtdiff.tracking import stage_run
 from mtdiff.training import DistInfo, barrier
 
 COPY_ROWS = 1 << 14  # rows per copy when concatenating: bounded memory for 1.28M-item arrays
@@ -117,23 +115,6 @@ def broadcast_from_main(obj: Any, info: DistInfo) -> Any:
     box = [obj if info.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-class NullRun:
-    """MLflow stand-in for ranks other than 0 (they log nothing)."""
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *a, **k: None
-
-
-@contextlib.contextmanager
-def main_stage_run(params: Params, stage: str, out_dir: Path, info: DistInfo, **kwargs: Any) -> Iterator[Any]:
-    """The stage's MLflow run (:func:`mtdiff.tracking.stage_run`) on rank 0, a :class:`NullRun` elsewhere."""
-    if not info.is_main:
-        yield NullRun()
-        return
-    with stage_run(params, stage, out_dir, **kwargs) as run:
-        yield run
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mtdiff.report import SEED_SUFFIX, base_points, seed_summary
+from mtdiff.pipeline.report import SEED_SUFFIX, base_points, seed_summary
 
 SPACES = ("fmnist_cnn", "fmnist_eval")
 MIN_SEEDS = 3

@@ -40,7 +40,7 @@ def test_version(capsys):
 
 @pytest.mark.parametrize("command, module, lead", [
     ("run", "flows.pipeline", []), ("sweep", "flows.sweep", []), ("serve", "flows.serve", []),
-    ("replay", "mtdiff.mlflow_replay", []), ("bench", "mtdiff.bench", []),
+    ("replay", "mtdiff.pipeline.mlflow_replay", []), ("bench", "mtdiff.bench", []),
 ])
 def test_commands_delegate_their_whole_argv(monkeypatch, command, module, lead):
     seen = {}

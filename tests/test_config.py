@@ -124,7 +124,7 @@ def test_stage_override_and_params_yaml_agree(tmp_path):
 def test_flows_log_what_the_stages_read_once_written(tmp_path):
     """The flows validate and log ``load_repo_params(root, overrides)`` and write the overrides into
     params.yaml, where the stages read them; an override params.yaml cannot carry is refused."""
-    from mtdiff.dvc_runner import load_repo_params, write_params_overrides
+    from mtdiff.pipeline.dvc_runner import load_repo_params, write_params_overrides
 
     _dvc_set(tmp_path, "profile=imagenet256")
     logged = load_repo_params(tmp_path, {"train.steps": 1000, "model.size": "S"})

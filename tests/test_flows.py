@@ -1,5 +1,5 @@
 """Prefect flows (pipeline, sweep, schedules) on tiny temp git+DVC repos whose two stages are trivial
-scripts calling mtdiff.tracking.stage_run, so the tests are fast and independent of the real stages.
+scripts calling mtdiff.pipeline.tracking.stage_run, so the tests are fast and independent of the real stages.
 
 One Prefect test harness serves the whole session (only one may exist per session: the sweep flow
 tests live here too, not in a second module).
@@ -27,7 +27,7 @@ STAGE_SCRIPT = '''\
 import json, sys
 from pathlib import Path
 from mtdiff.config import load_params
-from mtdiff.tracking import file_metrics, stage_run
+from mtdiff.pipeline.tracking import file_metrics, stage_run
 
 name = sys.argv[1]
 params = load_params()
@@ -165,7 +165,7 @@ def test_pipeline_flow_runs_stages_in_order_with_nested_mlflow_runs(prefect_harn
     assert [(r["stage"], r["outcome"]) for r in result["results"]] == [("a", "ran"), ("b", "ran")]
     # overrides run as a DVC experiment (issue 34 item 2): params.yaml and the workspace untouched
     assert (repo / "params.yaml").read_text() == PARAMS_YAML and not (repo / "order.log").exists()
-    from mtdiff.sweeps import exp_show, find_experiment
+    from mtdiff.pipeline.sweeps import exp_show, find_experiment
 
     exp_name = _runs_exp_name(flow_env, result["mlflow_run_id"])
     found = find_experiment(exp_show(repo), exp_name)  # what `dvc exp show` lists, with the values that ran
@@ -223,7 +223,7 @@ def _runs_exp_name(uri: str, run_id: str) -> str:
 
 def test_pipeline_flow_retries_transient_failures_not_bad_params(prefect_harness, flow_env, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
-    from mtdiff.dvc_runner import StageConfigError, StagePreempted
+    from mtdiff.pipeline.dvc_runner import StageConfigError, StagePreempted
     from mtdiff.config import ConfigError
 
     monkeypatch.setenv("MTDIFF_MLFLOW", "0")
@@ -254,8 +254,8 @@ def test_pipeline_flow_retries_transient_failures_not_bad_params(prefect_harness
 
 def test_pipeline_flow_goes_on_when_tracking_server_is_down(prefect_harness, flow_env, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
-    from mtdiff.mlflow_replay import read_pending, replay_pending
-    from mtdiff.tracking import pending_file
+    from mtdiff.pipeline.mlflow_replay import read_pending, replay_pending
+    from mtdiff.pipeline.tracking import pending_file
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -438,7 +438,7 @@ def test_flow_module_entry_points_parse_arguments(tmp_path, capsys):
 
 
 def test_dvc_runner_failure_classification_and_outcomes():
-    from mtdiff.dvc_runner import (StageConfigError, StageFailed, StagePreempted, failure_for, stage_exit_code,
+    from mtdiff.pipeline.dvc_runner import (StageConfigError, StageFailed, StagePreempted, failure_for, stage_exit_code,
                                    stage_outcome)
 
     lines = ["Running stage 'b':", "> python flaky.py b", "ERROR: failed to run: python flaky.py b, exited with 2"]
@@ -463,7 +463,7 @@ def test_dvc_runner_failure_classification_and_outcomes():
 
 
 def test_dvc_runner_params_overrides_metrics_and_env(tmp_path, monkeypatch):
-    from mtdiff.dvc_runner import (StageFailed, find_repo, read_metrics, resolve_stages, run_checked,
+    from mtdiff.pipeline.dvc_runner import (StageFailed, find_repo, read_metrics, resolve_stages, run_checked,
                                    tracked_env, write_params_overrides)
 
     params = tmp_path / "params.yaml"

@@ -114,7 +114,7 @@ def test_malformed_params_yaml_is_one_line_exit_2(tmp_path, content, words):
 
 
 def test_config_failure_is_not_retried_by_the_flow():
-    from mtdiff.dvc_runner import StageConfigError, failure_for
+    from mtdiff.pipeline.dvc_runner import StageConfigError, failure_for
 
     lines = ["ERROR: failed to reproduce 'prepare': failed to run: python -m mtdiff.stages.prepare, exited with 2"]
     assert isinstance(failure_for("prepare", 1, lines), StageConfigError)
@@ -348,14 +348,14 @@ def test_decompression_bomb_limit_is_enforced(monkeypatch):
     ({"points": {"a": {"train.steps": 5}}, "targets": ["-f"]}, "dvc option"),
 ])
 def test_sweep_refuses_interpolation_and_option_targets(config, words):
-    from mtdiff.sweeps import load_sweep
+    from mtdiff.pipeline.sweeps import load_sweep
 
     with pytest.raises(ConfigError, match=words):
         load_sweep(config)
 
 
 def test_exp_run_args_refuse_option_like_targets_and_interpolation():
-    from mtdiff.sweeps import exp_run_args
+    from mtdiff.pipeline.sweeps import exp_run_args
 
     with pytest.raises(ConfigError):
         exp_run_args("e", {"train.steps": 5}, ["--run-all"])
@@ -366,8 +366,8 @@ def test_exp_run_args_refuse_option_like_targets_and_interpolation():
 
 # -- 15: credentials in the tracking URI are never shown -----------------------------------------
 def test_tracking_uri_credentials_are_redacted(tmp_path, monkeypatch, caplog):
-    from mtdiff import tracking
-    from mtdiff.dvc_runner import summary_text
+    from mtdiff.pipeline import tracking
+    from mtdiff.pipeline.dvc_runner import summary_text
 
     uri = "http://alice:s3cret@127.0.0.1:9/mlflow?token=abc123"
     assert tracking.redact_uri(uri) == "http://***@127.0.0.1:9/mlflow?token=***"
@@ -390,7 +390,7 @@ def test_tracking_uri_credentials_are_redacted(tmp_path, monkeypatch, caplog):
 
 
 def test_pending_queue_lives_outside_stage_outputs(tmp_path, monkeypatch):
-    from mtdiff import tracking
+    from mtdiff.pipeline import tracking
 
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "sub").mkdir()
@@ -409,12 +409,12 @@ def test_second_pipeline_run_is_refused_at_once(tmp_path):
     import textwrap
     import time
 
-    from mtdiff.dvc_runner import PipelineBusy, pipeline_lock
+    from mtdiff.pipeline.dvc_runner import PipelineBusy, pipeline_lock
 
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from mtdiff.dvc_runner import pipeline_lock
+        from mtdiff.pipeline.dvc_runner import pipeline_lock
         with pipeline_lock(Path({str(tmp_path)!r})):
             print("held", flush=True)
             time.sleep(60)

@@ -1,4 +1,4 @@
-"""mtdiff.local_sweep: a sweep's points run in-process (a GPU node without DVC), rows as flows.sweep's."""
+"""mtdiff.pipeline.local_sweep: a sweep's points run in-process (a GPU node without DVC), rows as flows.sweep's."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import pytest
 
 from fixtures.tiny_run import TINY
 from mtdiff.config import DEFAULT_PARAMS
-from mtdiff.local_sweep import run_here
-from mtdiff.sweeps import finished_point, load_sweep
+from mtdiff.pipeline.local_sweep import run_here
+from mtdiff.pipeline.sweeps import finished_point, load_sweep
 
 
 def _sweep(fmnist_dir) -> dict:

@@ -9,8 +9,8 @@ import pytest
 
 from fixtures.mlflow_store import sqlite_store
 from mtdiff.config import DEFAULT_PARAMS, load_params
-from mtdiff.mlflow_replay import read_pending, replay_pending
-from mtdiff.tracking import PENDING_FILE, client_run, pending_file, stage_run
+from mtdiff.pipeline.mlflow_replay import read_pending, replay_pending
+from mtdiff.pipeline.tracking import PENDING_FILE, client_run, pending_file, stage_run
 
 
 def _closed_port() -> int:
@@ -159,7 +159,7 @@ def test_mlflow_full_params_long_values_and_overrides_tag(tmp_path, monkeypatch)
     failing the whole batch."""
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-    from mtdiff.tracking import OVERRIDES_TAG, log_run_params
+    from mtdiff.pipeline.tracking import OVERRIDES_TAG, log_run_params
 
     monkeypatch.chdir(tmp_path)
     uri = sqlite_store(tmp_path)
@@ -185,7 +185,7 @@ def test_unreachable_server_costs_seconds_not_minutes(mlflow_down, monkeypatch):
     import os
     import time
 
-    from mtdiff.tracking import HTTP_DEFAULTS
+    from mtdiff.pipeline.tracking import HTTP_DEFAULTS
 
     for var in HTTP_DEFAULTS:  # setenv first so the teardown removes what the stage sets
         monkeypatch.setenv(var, "")
@@ -207,7 +207,7 @@ def test_server_gone_mid_run_keeps_later_records_without_calling_it(mlflow_down,
     """After a failed call, a server that no longer answers is not called again (each call would pay
     the retries); the records keep the run's id for the replay. A store that still answers (a value it
     rejected) is tried again on the next call."""
-    from mtdiff.tracking import StageRun
+    from mtdiff.pipeline.tracking import StageRun
 
     uri = f"http://127.0.0.1:{_closed_port()}" if down else "sqlite:///still-here.db"
     run = StageRun("run-1", None, stage="train", pending_path=pending_file("train"), uri=uri)

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from mtdiff.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
+from mtdiff.pipeline.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])

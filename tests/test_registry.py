@@ -1,4 +1,4 @@
-"""MLflow models and data of a training run (mtdiff.registry, called by the train stage): the EMA
+"""MLflow models and data of a training run (mtdiff.pipeline.registry, called by the train stage): the EMA
 model logged with a signature and an input example, registered as ``mtdiff``, loadable with
 ``mlflow.pytorch.load_model`` and sampling; the data set as the run's input; the loss curve as a
 metric history; system metrics."""
@@ -24,7 +24,7 @@ def test_train_registers_the_ema_model_and_records_the_data(shared_data, workdir
     from mlflow import MlflowClient
 
     from mtdiff.checkpoint import load_checkpoint
-    from mtdiff.registry import MODEL_NAME, file_digest
+    from mtdiff.pipeline.registry import MODEL_NAME, file_digest
     from mtdiff.stages import train
 
     link_data(shared_data, workdir)
@@ -80,8 +80,8 @@ def test_train_registers_the_ema_model_and_records_the_data(shared_data, workdir
 
 def _evaluation_moves_the_alias(workdir, client) -> None:
     """The evaluate stage's part: its numbers against the model of ema.pt (by digest), then the alias."""
-    from mtdiff import registry
-    from mtdiff.tracking import stage_run
+    from mtdiff.pipeline import registry
+    from mtdiff.pipeline.tracking import stage_run
 
     params = tiny_params(workdir, **{"mlflow.experiment": "registry-test"})
     with stage_run(params, "evaluate") as run:
@@ -126,7 +126,7 @@ def _loads_in_a_fresh_process_without_mtdiff(uri: str, workdir) -> None:
 
 def test_no_mlflow_no_registry(shared_data, workdir, monkeypatch):
     """MLflow off (MTDIFF_MLFLOW=0): training neither logs nor fails."""
-    from mtdiff import registry
+    from mtdiff.pipeline import registry
     from mtdiff.stages import train
 
     link_data(shared_data, workdir)

@@ -82,7 +82,7 @@ def test_train_resume_matches_uninterrupted(root):
     #     and raises Preempted; the rerun resumes there and ends where the uninterrupted run does
     import signal
 
-    from mtdiff.preemption import Preempted
+    from mtdiff.pipeline.preemption import Preempted
 
     def preempt(step: int) -> None:
         if step == 7:

@@ -1,5 +1,5 @@
 """Sweep config expansion, DVC -S value encoding, experiment lookup and the comparison report
-(mtdiff.sweeps / mtdiff.report, no Prefect needed; the sweep flow itself is tested in test_flows.py)."""
+(mtdiff.pipeline.sweeps / mtdiff.pipeline.report, no Prefect needed; the sweep flow itself is tested in test_flows.py)."""
 from __future__ import annotations
 
 import math
@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from mtdiff.config import DEFAULT_PARAMS, ConfigError, load_params
-from mtdiff.report import (comparison_frame, flatten_metrics, main_metrics, to_markdown,
+from mtdiff.pipeline.report import (comparison_frame, flatten_metrics, main_metrics, to_markdown,
                            write_report)
-from mtdiff.sweeps import (SweepPoint, check_points, expand_points, exp_name_for, exp_run_args, find_experiment,
+from mtdiff.pipeline.sweeps import (SweepPoint, check_points, expand_points, exp_name_for, exp_run_args, find_experiment,
                            hydra_value, load_sweep, select_points, set_param_args)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def test_sweep_select_and_check_points(tmp_path):
 
 
 def test_mtdiff_modules_never_import_flows_or_prefect():
-    code = ("import sys, mtdiff.dvc_runner, mtdiff.sweeps, mtdiff.report; "
+    code = ("import sys, mtdiff.pipeline.dvc_runner, mtdiff.pipeline.sweeps, mtdiff.pipeline.report; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flows', 'prefect')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
@@ -193,7 +193,7 @@ def test_sweep_report_mean_and_std_over_seeds(tmp_path):
 
 
 def test_sweep_finished_point_needs_status_ok_and_the_same_overrides(tmp_path):
-    from mtdiff.sweeps import SweepPoint, finished_point, point_result_path, save_point_result
+    from mtdiff.pipeline.sweeps import SweepPoint, finished_point, point_result_path, save_point_result
 
     point = SweepPoint("a", {"train.lr": 0.5, "model.channel_mult": [1, 2]})
     assert finished_point(tmp_path, point) is None
@@ -211,7 +211,7 @@ def test_sweep_finished_point_same_params_through_resolve(tmp_path):
     """A seeds block that adds ``seed: 0`` over the default seed 0 keeps the point finished; another
     seed, or a saved override the config no longer accepts, does not."""
     from mtdiff.config import load_params
-    from mtdiff.sweeps import SweepPoint, finished_point, save_point_result
+    from mtdiff.pipeline.sweeps import SweepPoint, finished_point, save_point_result
 
     params_yaml = Path(__file__).resolve().parents[1] / "params.yaml"
     resolve = lambda overrides: load_params(params_yaml, overrides=overrides)  # noqa: E731
@@ -224,9 +224,9 @@ def test_sweep_finished_point_same_params_through_resolve(tmp_path):
 
 
 def test_sweep_report_rebuilt_from_saved_points_alone(tmp_path):
-    """python -m mtdiff.sweeps report: the comparison from the saved points, in the config's order,
+    """python -m mtdiff.pipeline.sweeps report: the comparison from the saved points, in the config's order,
     without the points whose overrides changed; no saved point is a clear error."""
-    from mtdiff.sweeps import main, save_point_result
+    from mtdiff.pipeline.sweeps import main, save_point_result
 
     (tmp_path / "s.yaml").write_text("name: s\npoints:\n  a: {train.lr: 0.5}\n  b: {train.lr: 0.1}\n"
                                      "  c: {train.lr: 0.2}\nmetrics: [evaluate/fid]\n")
@@ -371,7 +371,7 @@ def test_sweep_points_finished_on_other_code_are_flagged(tmp_path):
     that differs only in docs is not; an unknown commit is."""
     import subprocess
 
-    from mtdiff.sweeps import stale_rows
+    from mtdiff.pipeline.sweeps import stale_rows
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,

@@ -279,8 +279,8 @@ def test_an_unusable_mlflow_store_leaves_the_training_outputs_whole(root, monkey
     import mlflow
 
     from mtdiff.stages import train
-    from mtdiff.mlflow_replay import read_pending
-    from mtdiff.tracking import pending_file
+    from mtdiff.pipeline.mlflow_replay import read_pending
+    from mtdiff.pipeline.tracking import pending_file
 
     for var in ("MTDIFF_PARENT_RUN_ID", "MLFLOW_PARENT_RUN_ID", "MTDIFF_MLFLOW_TAGS"):
         monkeypatch.delenv(var, raising=False)

@@ -57,7 +57,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mtdiff import registry
 from mtdiff.checkpoint import EMA, load_for_inference
 from mtdiff.config import Params, resolve_path
 from mtdiff.data import load_prepared
@@ -65,8 +64,9 @@ from mtdiff.encoders import EVAL_NET_FILE, load_fmnist_encoder
 from mtdiff.evaluation import accuracy as acc
 from mtdiff.evaluation import fidelity as fid
 from mtdiff.io import atomic_path, write_json
+from mtdiff.pipeline import registry
+from mtdiff.pipeline.tracking import file_metrics, stage_run
 from mtdiff.stages import stage_main
-from mtdiff.tracking import file_metrics, stage_run
 from mtdiff.utils import ProgressLog, get_logger, pick_device, seed_everything
 
 log = get_logger("mtdiff.evaluate")

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from mtdiff.config import Params
 from mtdiff.data import SPLITS, load_prepared, pair_images
 from mtdiff.encoders import encode_images_vae, load_vae
-from mtdiff.sharding import gather_arrays, main_atomic_dir, main_stage_run, rank_dir, shard_range, shard_scratch
+from mtdiff.pipeline.tracking import main_stage_run
+from mtdiff.sharding import gather_arrays, main_atomic_dir, rank_dir, shard_range, shard_scratch
 from mtdiff.stages import stage_main
 from mtdiff.training import DistInfo, distributed
 from mtdiff.utils import get_logger

@@ -19,8 +19,8 @@ import pandas as pd
 from mtdiff import sources
 from mtdiff.config import Params
 from mtdiff.io import atomic_dir
+from mtdiff.pipeline.tracking import stage_run
 from mtdiff.stages import stage_main
-from mtdiff.tracking import stage_run
 from mtdiff.utils import get_logger
 
 log = get_logger("mtdiff.prepare")

@@ -36,10 +36,10 @@ from mtdiff.encoders import (EVAL_NET_FILE, FashionCNN, FashionEvalNet, images_t
                              save_fmnist_encoder)
 from mtdiff.evaluation.accuracy import classifier_accuracy
 from mtdiff.io import write_json
-from mtdiff.sharding import (broadcast_from_main, gather_arrays, main_atomic_dir, main_stage_run, rank_dir,
-                             save_arrays, shard_range, shard_scratch)
+from mtdiff.pipeline.tracking import file_metrics, main_stage_run
+from mtdiff.sharding import (broadcast_from_main, gather_arrays, main_atomic_dir, rank_dir, save_arrays, shard_range,
+                             shard_scratch)
 from mtdiff.stages import stage_main
-from mtdiff.tracking import file_metrics
 from mtdiff.training import DistInfo, autocast, distributed
 from mtdiff.utils import get_logger, seed_everything
 

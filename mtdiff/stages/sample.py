@@ -37,10 +37,10 @@ from mtdiff.config import Params, TasksConfig
 from mtdiff.data import pair_images, random_patch_mask
 from mtdiff.encoders import decode_latents_vae, load_vae
 from mtdiff.io import atomic_dir, save_npz, write_json
+from mtdiff.pipeline.tracking import stage_run
 from mtdiff.sampling_io import sample_grid, save_png, to_pil, to_uint8_nhwc
 from mtdiff.sharding import gather_arrays, load_arrays, rank_dir, save_arrays, shard_range, shard_scratch
 from mtdiff.stages import stage_main
-from mtdiff.tracking import stage_run
 from mtdiff.training import DistInfo, autocast, autocast_dtype, distributed
 from mtdiff.utils import ProgressLog, derive_seed, get_logger
 

@@ -48,13 +48,13 @@ from mtdiff.data import TrainDataset, collate_batch
 from mtdiff.diffusion import MTDiffusion
 from mtdiff.io import write_json
 from mtdiff.models import TRAIN_FLOPS_PER_FORWARD, build_model, count_params, flops_per_image
-from mtdiff.preemption import Preempted, PreemptionWatch
+from mtdiff.pipeline import registry
+from mtdiff.pipeline.preemption import Preempted, PreemptionWatch
+from mtdiff.pipeline.tracking import main_stage_run
+from mtdiff.pipeline.tracking import file_metrics, parent_run_id
 from mtdiff.sampling_io import to_pil
-from mtdiff.sharding import main_stage_run
 from mtdiff.stages import stage_main
 from mtdiff.stages.sample import preview_grid
-from mtdiff import registry
-from mtdiff.tracking import file_metrics, parent_run_id
 from mtdiff.training import (EMA, DistInfo, NonFiniteLossError, ResumableBatchSampler, TrainMeter,
                              TrainLog, TrainStep, Window, autocast_dtype, barrier, configure_backends,
                              distributed, make_sampler, per_rank_batch, ranks_in_sync, to_device)

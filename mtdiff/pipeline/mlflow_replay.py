@@ -1,6 +1,6 @@
 """Replay of the MLflow records a stage kept while the tracking store could not take them.
 
-:class:`mtdiff.tracking.StageRun` appends every call it could not send to
+:class:`mtdiff.pipeline.tracking.StageRun` appends every call it could not send to
 ``.mtdiff/mlflow_pending/<stage>.jsonl`` (one JSON record a line: what, args, time, the run's group
 key). ``replay_pending`` sends them to a store later, idempotently; ``mtdiff replay FILE...`` is its
 command line. A local sqlite store rarely refuses a write, but a full disk or a corrupt database
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mtdiff.tracking import client_ops, experiment_id, redact_uri, tracking_uri
+from mtdiff.pipeline.tracking import client_ops, experiment_id, redact_uri, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def replay_pending(path: str | os.PathLike, uri: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mtdiff.mlflow_replay FILE... [--uri URI]`` (``mtdiff replay``): send kept records to MLflow."""
+    """``python -m mtdiff.pipeline.mlflow_replay FILE... [--uri URI]`` (``mtdiff replay``): send kept records to MLflow."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="mtdiff replay", description="send kept MLflow records "

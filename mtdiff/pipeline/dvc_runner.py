@@ -23,8 +23,8 @@ import yaml
 
 from mtdiff.config import REPO_ROOT, Params, load_params_written
 from mtdiff.io import atomic_path
-from mtdiff.preemption import PREEMPTED_EXIT_CODE
-from mtdiff.tracking import file_metrics, redact_uri
+from mtdiff.pipeline.preemption import PREEMPTED_EXIT_CODE
+from mtdiff.pipeline.tracking import file_metrics, redact_uri
 
 SUMMARY_METRICS = 20  # metrics printed at the end of a run
 CONFIG_EXIT_CODE = 2  # stage_main exits 2 on a bad parameter: retrying cannot help
@@ -195,7 +195,7 @@ def subprocess_env(**extra: str | None) -> dict[str, str]:
 
 def tracked_env(parent_run_id: str | None, uri: str | None, stage: str | None = None,
                 flow_run_id: str = "", tags: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for DVC commands whose stages' MLflow runs (mtdiff.tracking.stage_run) nest under
+    """Environment for DVC commands whose stages' MLflow runs (mtdiff.pipeline.tracking.stage_run) nest under
     ``parent_run_id`` in ``uri``; ``tags`` (if given) are added to every stage run."""
     extra: dict[str, str | None] = {
         "MTDIFF_PARENT_RUN_ID": parent_run_id, "MLFLOW_PARENT_RUN_ID": None, "MLFLOW_TRACKING_URI": uri,

@@ -5,11 +5,11 @@ Each point runs the stages' own ``run(params)`` (the same code ``dvc repro`` run
 folders under ``sweep_work/<sweep>/``: prepare, latents and representations once per distinct data params and
 seed, train / sample / evaluate per point. A finished point leaves the same
 row ``flows.sweep`` writes (``sweeps/<name>/points/<point>.json``, ``experiment: in-process@<host>``)
-and its grid, so ``python -m mtdiff.sweeps report`` builds the comparison from either kind of row.
+and its grid, so ``python -m mtdiff.pipeline.sweeps report`` builds the comparison from either kind of row.
 Points already finished with the same overrides are skipped; ``--budget-s`` stops starting points
 once the time is spent (a long job is split over calls, each finished point kept).
 
-    python -m mtdiff.local_sweep configs/sweeps/dit_reference.yaml --commit $(git rev-parse HEAD)
+    python -m mtdiff.pipeline.local_sweep configs/sweeps/dit_reference.yaml --commit $(git rev-parse HEAD)
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 from mtdiff.config import Params, load_params, project_root
-from mtdiff.report import flatten_metrics
-from mtdiff.sweeps import SweepPoint, finished_point, load_sweep, save_point_result
+from mtdiff.pipeline.report import flatten_metrics
+from mtdiff.pipeline.sweeps import SweepPoint, finished_point, load_sweep, save_point_result
 from mtdiff.utils import get_logger
 
-log = get_logger("mtdiff.local_sweep")
+log = get_logger("mtdiff.pipeline.local_sweep")
 WORK_DIR = "sweep_work"  # gitignored scratch for the points' stage outputs
 DATA_SECTIONS = ("data", "prepare", "latents", "representations")
 
@@ -100,7 +100,7 @@ def run_here(config: str, root: Path, commit: str, names: list[str] | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mtdiff.local_sweep", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m mtdiff.pipeline.local_sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="sweep YAML, e.g. configs/sweeps/dit_reference.yaml")
     ap.add_argument("--commit", required=True, help="the code's git commit, recorded in each row")

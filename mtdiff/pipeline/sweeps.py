@@ -33,9 +33,9 @@ from typing import Any, Callable, Iterator, Sequence
 import yaml
 
 from mtdiff.config import ConfigError, flatten
-from mtdiff.dvc_runner import dvc_command, load_repo_params, subprocess_env
 from mtdiff.io import atomic_path
-from mtdiff.report import SEED_SUFFIX, flatten_metrics, write_report
+from mtdiff.pipeline.dvc_runner import dvc_command, load_repo_params, subprocess_env
+from mtdiff.pipeline.report import SEED_SUFFIX, flatten_metrics, write_report
 
 SWEEP_KEYS = {"name", "description", "base", "points", "grid", "seeds", "metrics", "targets"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -282,14 +282,14 @@ def rebuild_report(config: str | Path, root: Path) -> Any:
 
 
 def sweep_report(cfg: SweepConfig, out_dir: Path, rows: Sequence[dict[str, Any]]) -> Any:
-    """The sweep's comparison table and plots (``mtdiff.report.write_report``) from its points' rows."""
+    """The sweep's comparison table and plots (``mtdiff.pipeline.report.write_report``) from its points' rows."""
     return write_report(rows, out_dir, metrics=cfg.metrics, title=f"sweep {cfg.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m mtdiff.sweeps",
+    ap = argparse.ArgumentParser(prog="python -m mtdiff.pipeline.sweeps",
                                  description="rebuild a sweep's comparison from its saved points (runs nothing)")
     ap.add_argument("command", choices=["report"])
     ap.add_argument("config", help="sweep YAML, e.g. configs/sweeps/study.yaml")

@@ -5,7 +5,7 @@ parent run when ``MTDIFF_PARENT_RUN_ID`` (or ``MLFLOW_PARENT_RUN_ID``) is set, l
 params and tags, and yields a :class:`StageRun` whose ``log_*`` methods never raise: when the
 tracking server is down the stage warns and goes on, and what it could not send is appended to
 ``<project>/.mtdiff/mlflow_pending/<stage>.jsonl`` (outside every DVC output, gitignored) so nothing is
-lost (``mtdiff replay``, :mod:`mtdiff.mlflow_replay`, sends it later).
+lost (``mtdiff replay``, :mod:`mtdiff.pipeline.mlflow_replay`, sends it later).
 
 An unreachable server costs seconds, not minutes: before a run starts, a TCP probe of an http(s)
 tracking URI (:func:`server_reachable`, :data:`PROBE_TIMEOUT_S`) decides whether MLflow is used at all,
@@ -27,7 +27,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from mtdiff.config import REPO_ROOT, Params, flatten, project_root
@@ -77,7 +77,7 @@ def file_metrics(path: str | os.PathLike, data: Any) -> dict[str, float]:
     """The numbers of metrics file ``path`` (holding ``data``) under the one MLflow key each has:
     ``<file stem>/<dotted key>`` (``metrics/evaluate.json {"fid": 9.1}`` -> ``evaluate/fid``). The
     stage run, the pipeline's parent run and the sweep-point runs all log these keys, the sweep table's
-    columns (``mtdiff.report.flatten_metrics``), so MLflow's compare view shows each number once."""
+    columns (``mtdiff.pipeline.report.flatten_metrics``), so MLflow's compare view shows each number once."""
     return {f"{Path(path).stem}/{k}": v for k, v in numeric_leaves(data).items()}
 
 
@@ -503,3 +503,20 @@ def _drop_active_run(run_id: str | None) -> None:
             monitor.finish()
     except Exception:  # noqa: BLE001 - an MLflow without them: the run stays active, no worse than before
         pass
+
+
+class NullRun:
+    """MLflow stand-in for ranks other than 0 (they log nothing)."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *a, **k: None
+
+
+@contextlib.contextmanager
+def main_stage_run(params: Params, stage: str, out_dir: Path, info: Any, **kwargs: Any) -> Iterator[Any]:
+    """The stage's MLflow run (:func:`stage_run`) on rank 0, a :class:`NullRun` elsewhere."""
+    if not info.is_main:
+        yield NullRun()
+        return
+    with stage_run(params, stage, out_dir, **kwargs) as run:
+        yield run

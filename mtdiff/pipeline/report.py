@@ -21,7 +21,7 @@ from mtdiff.io import atomic_path
 
 log = logging.getLogger(__name__)
 ID_COLUMNS = ("point", "status", "experiment")
-SEED_SUFFIX = "__seed-"  # mtdiff.sweeps names a point's runs at further seeds <point>__seed-<v>
+SEED_SUFFIX = "__seed-"  # mtdiff.pipeline.sweeps names a point's runs at further seeds <point>__seed-<v>
 MAX_AUTO_PLOTS = 12
 
 

@@ -128,14 +128,14 @@ def build_sampler(params: Params, ema_path: str | Path) -> MTDiffSampler:
 
 def in_sweep() -> bool:
     """Whether this training is a sweep point (the sweep flow passes its tags down)."""
-    from mtdiff.tracking import env_tags
+    from mtdiff.pipeline.tracking import env_tags
 
     return "mtdiff.sweep" in env_tags()
 
 
 def should_register() -> bool:
     """A training outside a sweep registers its model; a sweep point only when the sweep asks."""
-    from mtdiff.tracking import REGISTER_TAG, env_tags
+    from mtdiff.pipeline.tracking import REGISTER_TAG, env_tags
 
     return not in_sweep() or env_tags().get(REGISTER_TAG) == "1"
 
