@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default="configs/sweeps/tasks.yaml", help="sweep YAML")
     parser.add_argument("--repo", default=None, help="DVC project root (default: cwd or this checkout)")
     parser.add_argument("--name", default=None, help="sweep name (default: the config's name)")
-    parser.add_argument("--points", default=None, help="comma-separated subset of point names")
+    parser.add_argument("--points", default=None, help="comma-separated subset of point names, run in this order")
     parser.add_argument("--retries", type=int, default=1, help="retries of a failed point (not for bad params)")
     parser.add_argument("--copy", action="append", default=None, metavar="PATH",
                         help="untracked/ignored path to copy into each experiment (dvc exp run -C); repeatable")

@@ -271,7 +271,7 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     assert len(read_csv(plots / "per_class_sample_accuracy.csv")) == 1 + K
 
     # MLflow off: what would have been logged is kept beside the metrics
-    pending = [json.loads(line) for line in __import__("mtdiff.pipeline.tracking").tracking.pending_file("evaluate").read_text().splitlines()]
+    pending = [json.loads(line) for line in __import__("mtdiff.pipeline.tracking").pipeline.tracking.pending_file("evaluate").read_text().splitlines()]
     logged = [r for r in pending if r["what"] == "log_metrics"]
     # one key per number: the stage run logs evaluate.json's numbers under the keys the pipeline's
     # parent run (read_metrics) and the sweep table (flatten_metrics) use

@@ -77,7 +77,7 @@ def test_sweep_set_param_args_and_exp_names():
 def test_sweep_select_and_check_points(tmp_path):
     cfg = load_sweep({"name": "s", "points": {"a": {"train.lr": 0.1}, "b": {}, "c": {"train.nope": 1}}})
     assert [p.name for p in select_points(cfg, None)] == ["a", "b", "c"]
-    assert [p.name for p in select_points(cfg, ["c", "a"])] == ["a", "c"]  # config order
+    assert [p.name for p in select_points(cfg, ["c", "a", "c"])] == ["c", "a"]  # the order given, once each
     with pytest.raises(ConfigError, match=r"no point\(s\) \['z'\]"):
         select_points(cfg, ["a", "z"])
     (tmp_path / "params.yaml").write_text(DEFAULT_PARAMS.read_text())

@@ -191,13 +191,14 @@ def load_sweep(config: str | Path | dict[str, Any], name: str | None = None,
 
 
 def select_points(cfg: SweepConfig, names: Sequence[str] | None) -> list[SweepPoint]:
-    """The points of ``cfg`` named in ``names`` (all when empty), in config order."""
+    """The points of ``cfg`` named in ``names``, in the order given (all, in config order, when empty)."""
     if not names:
         return cfg.points
     missing = sorted(set(names) - {p.name for p in cfg.points})
     if missing:
         raise ConfigError(f"sweep {cfg.name}: no point(s) {missing}; have {[p.name for p in cfg.points]}")
-    return [p for p in cfg.points if p.name in set(names)]
+    by_name = {p.name: p for p in cfg.points}
+    return [by_name[n] for n in dict.fromkeys(names)]
 
 
 def check_points(root: Path, cfg: SweepConfig, points: Sequence[SweepPoint]) -> None:

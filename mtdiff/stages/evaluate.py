@@ -50,7 +50,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -138,6 +138,14 @@ class _Inputs:
     test_images: np.ndarray
     test_labels: np.ndarray
     classes: list[str]
+    _model: Optional[tuple[Any, Any, dict[str, Any]]] = field(default=None, repr=False)
+
+    def model(self) -> tuple[Any, Any, dict[str, Any]]:
+        """(model, diffusion, meta), loaded once for every metric group that reads the model;
+        FileNotFoundError when there is no checkpoint."""
+        if self._model is None:
+            self._model = load_model(self.params, self.device)
+        return self._model
 
     @property
     def n(self) -> int:
@@ -262,7 +270,7 @@ def _diffusion_classifier_metrics(inp: _Inputs) -> tuple[dict[str, Any], str]:
     if not (params.tasks.label.enabled or params.model.class_conditional):
         return {}, "the model takes no label (tasks.label.enabled and model.class_conditional are false)"
     try:
-        model, diffusion, _ = load_model(params, inp.device)
+        model, diffusion, _ = inp.model()
     except FileNotFoundError as exc:
         return {}, f"no checkpoint ({exc})"
     n = min(ev.diffusion_classifier_images, inp.n_test)
@@ -283,7 +291,7 @@ def _head_metrics(inp: _Inputs) -> tuple[dict[str, Any], Plots, str]:
     if not (params.tasks.label.enabled or params.tasks.representation.enabled):
         return {}, {}, reason
     try:
-        model, diffusion, model_meta = load_model(params, inp.device)
+        model, diffusion, model_meta = inp.model()
     except FileNotFoundError as exc:
         return {}, {}, reason or f"no checkpoint ({exc})"
     z0 = _test_z0(params, inp.test_images, inp.n_test)
