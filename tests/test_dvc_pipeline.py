@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fixtures.dvc_repo import DVC, REPO, repo_copy, sh
@@ -110,6 +111,7 @@ def test_profile_edits_reach_only_its_runs_and_config_py_reaches_every_stage(tmp
     assert _status(root) == set(_dvc_yaml()["stages"])
 
 
+@pytest.mark.slow
 def test_identical_training_params_train_once_via_the_run_cache(tiny_project, tmp_path):
     """Two experiments that differ only downstream of train (the tasks sweep's joint_label and
     joint_label_uncond) train once: the second restores checkpoints/ from DVC's run-cache.
