@@ -23,7 +23,7 @@ export GIT_PYTHON_REFRESH := quiet
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install data-package run test bench gpu-smoke sweep serve screenshots clean
+.PHONY: install data-package run test test-fast bench gpu-smoke sweep serve screenshots clean
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ run: install data-package
 test: install
 	-@$(MAKE) --no-print-directory data-package || echo "note: dataset-fashion-mnist not installed; the tests use their generated IDX fixture"
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The suite minus the tests marked `slow` (the longest end-to-end runs: sweeps through Prefect and
+# DVC, the ImageNet rehearsal, ...); `make test` (and CI) runs them all.
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 sweep: install data-package
 	$(PY) -m flows.sweep configs/sweeps/tasks.yaml

@@ -28,8 +28,8 @@ os.environ.update({"MTDIFF_MLFLOW": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREAD
 
 import torch  # noqa: E402
 
-from fixtures.faults import KILLED_STAGES, build_reference, kill_and_rerun  # noqa: E402
-from mtdiff.config import DEFAULT_PARAMS  # noqa: E402
+from fixtures import tiny_project  # noqa: E402
+from fixtures.faults import KILLED_STAGES, kill_and_rerun  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     fmnist = Path(args.fmnist_dir)
     work = Path(tempfile.mkdtemp(prefix="mtdiff-fault-loop-"))
     t0 = time.monotonic()
-    durations = build_reference(work / "ref", fmnist, DEFAULT_PARAMS)
+    durations = tiny_project.build(work / "ref", fmnist)
     print(f"reference pipeline in {time.monotonic() - t0:.0f} s: " +
           ", ".join(f"{s} {d:.1f} s" for s, d in durations.items()), flush=True)
     stages = [args.stage] if args.stage else list(KILLED_STAGES)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     while kills < args.kills:
         stage = stages[runs % len(stages)]
         run_root = work / f"run-{stage}-{seed}"
-        res = kill_and_rerun(work / "ref", durations, fmnist, stage, run_root, random.Random(f"{stage}/{seed}"))
+        res = kill_and_rerun(work / "ref", durations, stage, run_root, random.Random(f"{stage}/{seed}"))
         ok = bool(res["kills"]) and res["equal"] and not res["leftovers"]
         kills += len(res["kills"])
         runs += 1

@@ -95,6 +95,18 @@ def single_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory):
+    """The tiny end-to-end project, built once per session (tests/fixtures/tiny_project.py); a test
+    works on ``tiny_project.copy(dst)``."""
+    from fixtures import tiny_project as tp
+
+    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not at {FMNIST_DIR}")
+    root = tmp_path_factory.mktemp("tiny-project") / "repo"
+    return tp.TinyProject(root, tp.build(root, FMNIST_DIR))
+
+
 @pytest.fixture
 def tiny_imagenet(tmp_path):
     """A tiny ImageNet folder with broken files (tests/fixtures/imagenet_tree.py)."""

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fixtures.faults import KILLED_STAGES, build_reference, kill_and_rerun
+from fixtures.faults import KILLED_STAGES, kill_and_rerun
 from mtdiff.io import OUTPUT_MARKER
 
 
@@ -66,25 +66,12 @@ def test_prepare_sigkilled_at_random_points_then_rerun_matches_uninterrupted(fmn
     assert not list((root / "data").glob(".prepared.*")), "temp folders of killed runs are cleaned up"
 
 
-@pytest.fixture(scope="module")
-def pipeline_ref(tmp_path_factory):
-    """``(ref root, {stage: seconds}, fmnist dir)``: the uninterrupted run."""
-    from conftest import FMNIST_DIR
-
-    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"Fashion-MNIST not at {FMNIST_DIR}")
-    from mtdiff.config import DEFAULT_PARAMS
-
-    root = tmp_path_factory.mktemp("pipeline") / "ref"
-    return root, build_reference(root, FMNIST_DIR, DEFAULT_PARAMS), FMNIST_DIR
-
-
 @pytest.mark.parametrize("stage", KILLED_STAGES)
-def test_stage_sigkilled_at_a_random_point_then_rerun_matches_uninterrupted(pipeline_ref, tmp_path, stage):
+def test_stage_sigkilled_at_a_random_point_then_rerun_matches_uninterrupted(tiny_project, tmp_path, stage):
     """Two SIGKILLs at random points of the stage's work, then a full run: the outputs equal the
     uninterrupted run's and no temp file is left (scripts/fault_loop.py runs this over many points)."""
-    ref, durations, fmnist_dir = pipeline_ref
-    result = kill_and_rerun(ref, durations, fmnist_dir, stage, tmp_path / "run", random.Random(f"{stage}/11"))
+    result = kill_and_rerun(tiny_project.root, tiny_project.durations, stage, tmp_path / "run",
+                            random.Random(f"{stage}/11"))
     assert result["kills"], f"{stage}: every run finished before its kill"
     assert result["equal"], f"{stage}: outputs after kills at {result['kills']} differ from the uninterrupted run's"
     assert not result["leftovers"], f"temp files of killed runs left behind: {result['leftovers']}"

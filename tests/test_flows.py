@@ -277,6 +277,7 @@ def test_pipeline_flow_goes_on_when_tracking_server_is_down(prefect_harness, flo
     assert run.data.tags["dvc.stage"] == "a"
 
 
+@pytest.mark.slow
 def test_sweep_flow_two_points_comparison_and_nested_runs(prefect_harness, flow_env, tmp_path):
     import pandas as pd
 
@@ -510,6 +511,7 @@ def test_dvc_runner_params_overrides_metrics_and_env(tmp_path, monkeypatch):
                     seen.append, what="t")
 
 
+@pytest.mark.slow
 def test_sweep_sigkilled_during_a_point_reruns_only_the_unfinished_one(prefect_harness, flow_env, tmp_path):
     """Issue 22: the whole sweep (flow, dvc, the stage) SIGKILLed while its second point runs; the rerun
     keeps the first point's saved result, runs the second, and every report file is whole."""

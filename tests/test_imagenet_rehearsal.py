@@ -87,6 +87,7 @@ def _check_model_and_metrics(root: Path) -> None:
     assert metrics["fid_adm_ref"] > 0
 
 
+@pytest.mark.slow
 def test_imagenet256_chain_with_real_size_components_through_dvc_exp_run(tmp_path):
     inputs, decodable = _local_inputs(tmp_path / "assets")
     root = repo_copy(tmp_path / "repo")

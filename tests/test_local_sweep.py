@@ -20,6 +20,7 @@ def _sweep(fmnist_dir) -> dict:
         "model.class_conditional": True, "tasks.label.enabled": False}}, "seeds": {"values": [0, 1], "points": ["joint"]}}
 
 
+@pytest.mark.slow
 def test_points_run_in_process_share_data_per_seed_and_skip_when_finished(workdir, fmnist_dir):
     shutil.copyfile(DEFAULT_PARAMS, workdir / "params.yaml")
     (workdir / "dvc.yaml").write_text("stages: {}\n")  # the project root marker

@@ -1,6 +1,7 @@
 """Every key of params.yaml, generated from the config model: a wrong type, an out-of-range value
-(a bound or a value outside a choice) and an unknown sibling key each give one line naming the key
-(``stage_main`` turns that ConfigError into exit 2: test_hardening / test_cli)."""
+(a bound or a value outside a choice) and an unknown key (in each section and at the top) each give
+one line naming the key and the bad value, a choice its allowed values, an unknown key the keys
+allowed there (``stage_main`` turns that ConfigError into exit 2: test_config)."""
 from __future__ import annotations
 
 import typing
@@ -69,15 +70,18 @@ def test_bad_value_is_one_line_naming_the_key(key, value):
     with pytest.raises(ConfigError) as err:
         load_params(DEFAULT_PARAMS, overrides={key: value})
     message = str(err.value).strip()
-    assert key in message and "\n" not in message, message
+    assert key in message and repr(value) in message and "\n" not in message, message
     if value == "zzz_not_allowed":  # a choice: the allowed values are listed
         allowed = get_args(_base_type(dict(_leaves(Params))[key].annotation))
         assert all(repr(a) in message or str(a) in message for a in allowed), message
 
 
-@pytest.mark.parametrize("section", SECTIONS)
-def test_unknown_sibling_key_is_one_line_naming_it(section):
+@pytest.mark.parametrize("section", [*SECTIONS, ""])
+def test_unknown_key_is_one_line_naming_it_and_the_allowed_keys(section):
+    key = f"{section}.no_such_key" if section else "no_such_key"
     with pytest.raises(ConfigError) as err:
-        load_params(DEFAULT_PARAMS, overrides={f"{section}.no_such_key": 1})
+        load_params(DEFAULT_PARAMS, overrides={key: 1})
     message = str(err.value).strip()
-    assert f"{section}.no_such_key" in message and "\n" not in message, message
+    model = Params.model_fields[section].annotation if section else Params
+    assert key in message and "\n" not in message, message
+    assert "allowed keys here: " + ", ".join(sorted(model.model_fields)) in message, message

