@@ -254,12 +254,6 @@ class SampleConfig(_Section):
     forward_batch: Optional[int] = Field(100, ge=1)
     out_dir: str = "samples"
 
-    def guidance(self) -> dict[str, Any]:
-        """``diffusion.sample``'s guidance arguments: the sample stage, ``bench sample`` and the
-        registered MLflow sampler all pass these, so all three sample alike."""
-        return {"cfg_scale": self.cfg_scale, "task_guidance": self.task_guidance, "forward_batch": self.forward_batch,
-                "predicted_label": self.predicted_label}
-
 
 class EvaluateConfig(_Section):
     num_samples: int = Field(500, ge=1)

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtdiff.config import DiffusionConfig, TasksConfig
-from mtdiff.diffusion import MTDiffusion, c_closed_form, c_recursion, make_betas, make_w
+from mtdiff.data import random_patch_mask
+from mtdiff.diffusion import MTDiffusion, Sampler, c_closed_form, c_recursion, make_betas, make_w
+from mtdiff.diffusion.sampler import LABEL_POLICIES, Absent, DrawnLabel, PatchMasked, timestep_sequence
 from mtdiff.models.tasks import TaskModel
 
 F64 = torch.float64
@@ -416,15 +418,15 @@ def test_toy_training_m5_loss_decreases():
 # ----------------------------------------------------------------------------- sampling
 def test_timestep_sequence_strided_and_full():
     diff = MTDiffusion(cfg(timesteps=1000))
-    assert diff.timestep_sequence() == list(range(1000, 0, -1))
-    seq = diff.timestep_sequence(10)
+    assert timestep_sequence(diff.T) == list(range(1000, 0, -1))
+    seq = timestep_sequence(diff.T, 10)
     assert seq[0] == 1000 and seq[-1] == 1 and len(set(seq)) == 10 and seq == sorted(seq, reverse=True)
-    assert diff.timestep_sequence(1) == [1000]
+    assert timestep_sequence(diff.T, 1) == [1000]
     for n in (2, 3, 7, 999):
-        s = diff.timestep_sequence(n)
+        s = timestep_sequence(diff.T, n)
         assert len(set(s)) == n and s[0] == 1000 and s[-1] == 1
     with pytest.raises(ValueError, match="steps"):
-        diff.timestep_sequence(1001)
+        timestep_sequence(diff.T, 1001)
 
 
 @pytest.mark.parametrize("given_kind", ["uncond", "label", "masked"])
@@ -439,8 +441,8 @@ def test_sample_ddim_eta1_full_steps_equals_ddpm(given_kind):
              "masked": {"masked": torch.randn(B, *SHAPE, generator=gd)}}[given_kind]
     runs = {}
     for sampler in ("ddpm", "ddim"):
-        runs[sampler] = diff.sample(model, (B, *SHAPE), given=given, sampler=sampler, eta=1.0, steps=50,
-                                    generator=torch.Generator().manual_seed(12), tasks_cfg=tasks(*names))
+        runs[sampler] = Sampler(diff, sampler, steps=50, eta=1.0)(model, (B, *SHAPE), given, tasks=tasks(*names),
+                                                                  generator=torch.Generator().manual_seed(12))
     a, b = runs["ddpm"], runs["ddim"]
     assert set(a) == {"z0", "label", "label_probs", "masked"}
     assert torch.allclose(a["z0"], b["z0"], atol=1e-5), (a["z0"] - b["z0"]).abs().max()
@@ -449,8 +451,8 @@ def test_sample_ddim_eta1_full_steps_equals_ddpm(given_kind):
     if given_kind == "label":
         assert torch.equal(a["label"], given["label"])
     # a different generator gives different samples (the noise is really used)
-    c = diff.sample(model, (B, *SHAPE), given=given, sampler="ddpm", generator=torch.Generator().manual_seed(13),
-                    tasks_cfg=tasks(*names))
+    c = Sampler(diff, "ddpm")(model, (B, *SHAPE), given, tasks=tasks(*names),
+                              generator=torch.Generator().manual_seed(13))
     assert not torch.allclose(a["z0"], c["z0"], atol=1e-3)
 
 
@@ -459,12 +461,14 @@ def test_sample_ddim_eta0_is_deterministic():
     model = ToyModel(("label",)).eval()
     diff = MTDiffusion(cfg(w_max=1.0))
     z_T = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(0))
-    kw = dict(tasks_cfg=tasks("label"), z_T=z_T, steps=10, clip_denoised=False)
-    r = [diff.sample(model, (8, *SHAPE), sampler="ddim", eta=0.0, generator=torch.Generator().manual_seed(s), **kw)
-         for s in (1, 2)]
+
+    def sample(eta, seed):
+        return Sampler(diff, "ddim", steps=10, eta=eta, clip=False)(
+            model, (8, *SHAPE), tasks=tasks("label"), z_T=z_T, generator=torch.Generator().manual_seed(seed))
+
+    r = [sample(0.0, s) for s in (1, 2)]
     assert torch.equal(r[0]["z0"], r[1]["z0"]) and torch.isfinite(r[0]["z0"]).all()
-    r = [diff.sample(model, (8, *SHAPE), sampler="ddim", eta=1.0, generator=torch.Generator().manual_seed(s), **kw)
-         for s in (1, 2)]
+    r = [sample(1.0, s) for s in (1, 2)]
     assert not torch.allclose(r[0]["z0"], r[1]["z0"], atol=1e-3)
 
 
@@ -509,9 +513,9 @@ def test_sample_with_exact_denoiser_recovers_the_data_distribution(prediction, s
     oracle = GaussianOracle(diff, m, s, e)
     N = 20000
     for given in ({}, {"label": torch.zeros(N, dtype=torch.long)}):
-        out = diff.sample(oracle, (N, 2), given=given, sampler=sampler, steps=steps, eta=0.0 if sampler == "ddim"
-                          else 1.0, generator=torch.Generator().manual_seed(3), tasks_cfg=tasks("label"),
-                          clip_denoised=False, dtype=F64, start=start)
+        run = Sampler(diff, sampler, steps=steps, eta=0.0 if sampler == "ddim" else 1.0, clip=False, dtype=F64,
+                      start=start)
+        out = run(oracle, (N, 2), given, tasks=tasks("label"), generator=torch.Generator().manual_seed(3))
         z = out["z0"]
         assert torch.allclose(z.mean(0), m, atol=tol), z.mean(0)
         assert torch.allclose(z.std(0), torch.full((2,), s, dtype=F64), atol=tol), z.std(0)
@@ -531,8 +535,8 @@ def test_dpmpp2m_beats_ddim_at_equal_steps_and_keeps_the_aggregated_term_exact(b
     label = {"label": torch.zeros(N, dtype=torch.long)}
 
     def run(sampler, steps, given=label):
-        return diff.sample(oracle, (N, 2), given=given, sampler=sampler, steps=steps, eta=0.0, tasks_cfg=tasks("label"),
-                           clip_denoised=False, dtype=F64, generator=torch.Generator().manual_seed(4))["z0"]
+        return Sampler(diff, sampler, steps=steps, eta=0.0, clip=False, dtype=F64)(
+            oracle, (N, 2), given, tasks=tasks("label"), generator=torch.Generator().manual_seed(4))["z0"]
 
     ode = run("ddim", T)
     err = {smp: (run(smp, 25) - ode).abs().max().item() for smp in ("ddim", "dpmpp2m")}
@@ -585,8 +589,8 @@ def test_sample_feeds_given_or_predicted_task_inputs_to_aggregate(start):
     tc = tasks("label", "masked")  # mask_ratio 0.5
     B = 4
     noise_T = torch.randn(B, *SHAPE, generator=torch.Generator().manual_seed(8))
-    diff.sample(model, (B, *SHAPE), steps=3, sampler="ddim", generator=torch.Generator().manual_seed(8),
-                tasks_cfg=tc, start=start)
+    Sampler(diff, "ddim", steps=3, start=start)(model, (B, *SHAPE), tasks=tc,
+                                               generator=torch.Generator().manual_seed(8))
     fwd = [c[1] for c in model.calls if c[0] == "forward"]
     agg = [c[1] for c in model.calls if c[0] == "aggregate"]
     assert len(fwd) == (4 if start == "predict" else 3) and len(agg) == len(fwd)
@@ -601,8 +605,8 @@ def test_sample_feeds_given_or_predicted_task_inputs_to_aggregate(start):
 
     model.calls.clear()
     lbl = torch.tensor([2, 0, 1, 1])
-    diff.sample(model, (B, *SHAPE), given={"label": lbl}, steps=2, sampler="ddpm",
-                generator=torch.Generator().manual_seed(8), tasks_cfg=tc, start=start)
+    Sampler(diff, "ddpm", steps=2, start=start)(model, (B, *SHAPE), {"label": lbl}, tasks=tc,
+                                               generator=torch.Generator().manual_seed(8))
     agg = [c[1] for c in model.calls if c[0] == "aggregate"]
     assert torch.equal(agg[0]["label"], lbl) and set(agg[0]) == {"label"}  # z_T = c_T A(given) + noise
     assert all(torch.equal(a["label"], lbl) for a in agg)
@@ -614,8 +618,8 @@ def test_sample_predicted_label_modes(mode):
     torch.manual_seed(6)
     model = SpyModel(("label",)).eval()
     diff = MTDiffusion(cfg(w_max=1.0))
-    out = diff.sample(model, (4, *SHAPE), steps=3, sampler="ddim", generator=torch.Generator().manual_seed(8),
-                      tasks_cfg=tasks("label"), predicted_label=mode)
+    out = Sampler(diff, "ddim", steps=3, inputs={"label": LABEL_POLICIES[mode]()})(
+        model, (4, *SHAPE), tasks=tasks("label"), generator=torch.Generator().manual_seed(8))
     fwd = [c[1][1] for c in model.calls if c[0] == "forward"]
     agg = [c[1]["label"] for c in model.calls if c[0] == "aggregate"]
     assert len(agg) == len(fwd) == 4
@@ -624,8 +628,6 @@ def test_sample_predicted_label_modes(mode):
         assert torch.equal(code, want)
     # the returned label is the head's argmax whatever entered A_hat
     assert torch.equal(out["label"], torch.softmax(fwd[-1]["label"], -1).argmax(-1))
-    with pytest.raises(ValueError, match="predicted_label must be one of soft, hard, absent, drawn"):
-        diff.sample(model, (4, *SHAPE), steps=2, tasks_cfg=tasks("label"), predicted_label="argmax")
 
 
 def test_sample_predicted_label_drawn_holds_one_class_from_the_heads_softmax():
@@ -634,8 +636,8 @@ def test_sample_predicted_label_drawn_holds_one_class_from_the_heads_softmax():
     model = SpyModel(("label",)).eval()
     diff = MTDiffusion(cfg(w_max=1.0))
     B = 64
-    out = diff.sample(model, (B, *SHAPE), steps=3, sampler="ddim", generator=torch.Generator().manual_seed(8),
-                      tasks_cfg=tasks("label"), predicted_label="drawn")
+    drawn = Sampler(diff, "ddim", steps=3, inputs={"label": DrawnLabel()})
+    out = drawn(model, (B, *SHAPE), tasks=tasks("label"), generator=torch.Generator().manual_seed(8))
     fwd = [c[1] for c in model.calls if c[0] == "forward"]
     agg = [c[1]["label"] for c in model.calls if c[0] == "aggregate"]
     # the draw's pass at pure noise (nothing given), then the 3 steps; no "predict" pass: all is given
@@ -647,31 +649,35 @@ def test_sample_predicted_label_drawn_holds_one_class_from_the_heads_softmax():
     assert all(torch.equal(code, want) for code in agg)  # held as given from then on
     assert torch.equal(out["label"], want)
     assert want.unique().numel() > 1  # a draw, not an argmax shared by all samples
-    again = diff.sample(SpyModel(("label",)).eval(), (B, *SHAPE), steps=3, sampler="ddim",
-                        generator=torch.Generator().manual_seed(8), tasks_cfg=tasks("label"), predicted_label="drawn")
+    again = drawn(SpyModel(("label",)).eval(), (B, *SHAPE), tasks=tasks("label"),
+                  generator=torch.Generator().manual_seed(8))
     assert torch.equal(again["label"], out["label"])
     # a z_T passed in is the draw's input too: the label is still drawn and held
     spy = SpyModel(("label",)).eval()
-    passed = diff.sample(spy, (B, *SHAPE), steps=3, sampler="ddim", generator=torch.Generator().manual_seed(8),
-                         tasks_cfg=tasks("label"), predicted_label="drawn", z_T=noise_T)
+    passed = drawn(spy, (B, *SHAPE), tasks=tasks("label"), z_T=noise_T, generator=torch.Generator().manual_seed(8))
     agg = [c[1]["label"] for c in spy.calls if c[0] == "aggregate"]
     assert len(agg) == 3 and all(torch.equal(code, passed["label"]) for code in agg)
 
 
-def test_sample_predicted_mask_gives_masked_input_training_form():
-    """With ``predicted_mask`` a masked input not given enters A_hat as head image * mask (training's z0 * mask)."""
+def test_sample_patch_masked_gives_masked_input_training_form():
+    """PatchMasked: a masked input not given enters A_hat as head image * a patch mask drawn once per
+    sample from the mask generator (training's z0 * mask); Absent: code 0."""
     torch.manual_seed(6)
     model = SpyModel(("masked",)).eval()
     diff = MTDiffusion(cfg(w_max=1.0))
-    mask = (torch.rand(4, 1, *SHAPE[1:], generator=torch.Generator().manual_seed(1)) > 0.5).float()
-    diff.sample(model, (4, *SHAPE), steps=3, sampler="ddim", generator=torch.Generator().manual_seed(8),
-                tasks_cfg=tasks("masked"), predicted_mask=mask)
+    tc = tasks("masked")
+    Sampler(diff, "ddim", steps=3, inputs={"masked": PatchMasked(patch=2)})(
+        model, (4, *SHAPE), tasks=tc, generator=torch.Generator().manual_seed(8),
+        mask_generator=torch.Generator().manual_seed(1))
+    mask = random_patch_mask(4, SHAPE, tc.masked.mask_ratio, 2, generator=torch.Generator().manual_seed(1))
+    assert 0 < mask.mean() < 1
     fwd = [c[1][1] for c in model.calls if c[0] == "forward"]
     agg = [c[1]["masked"] for c in model.calls if c[0] == "aggregate"]
     assert len(agg) == len(fwd) == 4
     assert all(torch.equal(code, heads["masked"] * mask) for heads, code in zip(fwd, agg))
-    with pytest.raises(ValueError, match=r"given\['predicted_mask'\] has batch size 2, expected 4"):
-        diff.sample(model, (4, *SHAPE), steps=2, tasks_cfg=tasks("masked"), predicted_mask=mask[:2])
+    model.calls.clear()
+    Sampler(diff, "ddim", steps=2, inputs={"masked": Absent()})(model, (4, *SHAPE), tasks=tc)
+    assert all(not c[1]["masked"].any() for c in model.calls if c[0] == "aggregate")
 
 
 def test_sample_conditioning_modes_and_errors():
@@ -685,7 +691,7 @@ def test_sample_conditioning_modes_and_errors():
     givens = [{}, {"label": torch.tensor([0, 1, 2, 1])}, {"masked": torch.randn(B, *SHAPE)},
               {"transition": torch.randn(B, *SHAPE)}, {"label": torch.softmax(torch.randn(B, K), -1)}]
     for given in givens:
-        out = diff.sample(model, (B, *SHAPE), given=given, steps=5, sampler="ddim", generator=g, tasks_cfg=tc)
+        out = Sampler(diff, "ddim", steps=5)(model, (B, *SHAPE), given, tasks=tc, generator=g)
         assert out["z0"].shape == (B, *SHAPE) and torch.isfinite(out["z0"]).all()
         assert out["label"].shape == (B,) and out["label"].dtype == torch.long
         assert out["representation"].shape == (B, D)
@@ -693,16 +699,16 @@ def test_sample_conditioning_modes_and_errors():
         if "label" in given and not given["label"].is_floating_point():
             assert torch.equal(out["label"], given["label"])
     # tasks_cfg omitted: enabled tasks come from model.task_names
-    out = diff.sample(model, (B, *SHAPE), steps=3, sampler="ddpm", generator=g)
+    out = Sampler(diff, "ddpm", steps=3)(model, (B, *SHAPE), generator=g)
     assert set(out) == {"z0", "label", "label_probs", "representation", "masked", "transition"}
     with pytest.raises(ValueError, match="not enabled"):
-        diff.sample(model, (B, *SHAPE), given={"label": torch.zeros(B, dtype=torch.long)}, tasks_cfg=tasks("masked"))
+        Sampler(diff)(model, (B, *SHAPE), {"label": torch.zeros(B, dtype=torch.long)}, tasks=tasks("masked"))
     with pytest.raises(ValueError, match="batch size"):
-        diff.sample(model, (B, *SHAPE), given={"label": torch.zeros(B + 1, dtype=torch.long)}, tasks_cfg=tc)
+        Sampler(diff)(model, (B, *SHAPE), {"label": torch.zeros(B + 1, dtype=torch.long)}, tasks=tc)
     with pytest.raises(ValueError, match="sampler"):
-        diff.sample(model, (B, *SHAPE), sampler="euler", tasks_cfg=tc)
+        Sampler(diff, "euler")
     with pytest.raises(KeyError, match="label"):
-        diff.sample(ToyModel(()), (B, *SHAPE), tasks_cfg=tasks("label"), steps=2)
+        Sampler(diff, steps=2)(ToyModel(()), (B, *SHAPE), tasks=tasks("label"))
 
 
 def test_classify_shape_and_ignores_given_label():
@@ -741,9 +747,9 @@ def test_gpu_losses_and_samplers_with_cpu_generator():
     res["loss"].backward()
     assert res["loss"].device.type == "cuda" and torch.isfinite(res["loss"])
     model.eval()
-    a = diff.sample(model, (16, *SHAPE), sampler="ddpm", generator=torch.Generator().manual_seed(1), tasks_cfg=tc)
-    b = diff.sample(model, (16, *SHAPE), sampler="ddim", eta=1.0, steps=50,
-                    generator=torch.Generator().manual_seed(1), tasks_cfg=tc)
+    a = Sampler(diff, "ddpm")(model, (16, *SHAPE), tasks=tc, generator=torch.Generator().manual_seed(1))
+    b = Sampler(diff, "ddim", steps=50, eta=1.0)(model, (16, *SHAPE), tasks=tc,
+                                                 generator=torch.Generator().manual_seed(1))
     assert a["z0"].device.type == "cuda" and torch.allclose(a["z0"], b["z0"], atol=1e-5)
     logp = diff.classify(model, z0, [1, 10], generator=g)
     assert logp.shape == (16, K) and logp.device.type == "cuda"

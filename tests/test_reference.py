@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mtdiff.config import ConfigError, DiffusionConfig, TasksConfig
-from mtdiff.diffusion import MTDiffusion
+from mtdiff.diffusion import MTDiffusion, Sampler
+from mtdiff.diffusion.sampler import ClassifierFreeGuidance
 from mtdiff.models import TASKS, MTUNet, build_model, flops_per_image
 from mtdiff.models.reference import ReferenceDiT, ReferenceUNet
 
@@ -52,8 +53,9 @@ def test_reference_trains_and_samples_through_the_project_code():
     res["loss"].backward()
     assert all(p.grad is not None for p in model.unet.parameters() if p.requires_grad)
     opt.step()
-    out = diff.sample(model.eval(), (4, 1, 28, 28), given={"label": y[:4]}, steps=3, sampler="ddim",
-                      generator=torch.Generator().manual_seed(1), tasks_cfg=tasks, cfg_scale=2.0)
+    sampler = Sampler(diff, "ddim", steps=3, guidance=(ClassifierFreeGuidance(2.0),))
+    out = sampler(model.eval(), (4, 1, 28, 28), {"label": y[:4]}, tasks=tasks,
+                  generator=torch.Generator().manual_seed(1))
     assert out["z0"].shape == (4, 1, 28, 28) and torch.equal(out["label"], y[:4])
 
 

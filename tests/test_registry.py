@@ -24,6 +24,7 @@ def test_train_registers_the_ema_model_and_records_the_data(shared_data, workdir
     from mlflow import MlflowClient
 
     from mtdiff.checkpoint import load_checkpoint
+    from mtdiff.diffusion import Sampler
     from mtdiff.pipeline.registry import MODEL_NAME, file_digest
     from mtdiff.stages import train
 
@@ -67,9 +68,8 @@ def test_train_registers_the_ema_model_and_records_the_data(shared_data, workdir
     sampler = mlflow.pytorch.load_model(f"models:/{MODEL_NAME}@champion")
     ema = load_checkpoint(workdir / "checkpoints" / "ema.pt")["ema"]["shadow"]
     assert all(torch.equal(v, ema[k]) for k, v in sampler.model.state_dict().items())
-    sc = tiny_params(workdir).sample  # guidance as the sample stage runs it
-    assert sampler.guidance == {"task_guidance": sc.task_guidance, "cfg_scale": sc.cfg_scale,
-                                "forward_batch": sc.forward_batch, "predicted_label": sc.predicted_label}
+    # the sampler as the sample stage builds it (guidance, input policies, steps)
+    assert sampler.sampler == Sampler.from_params(tiny_params(workdir), sampler.sampler.diffusion)
     images = sampler(torch.tensor([0, 3, 7]), steps=3, seed=1)
     assert images.shape == (3, 1, 28, 28) and torch.isfinite(images).all()
     assert torch.equal(images, sampler(torch.tensor([0, 3, 7]), steps=3, seed=1))  # seeded

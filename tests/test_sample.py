@@ -105,29 +105,33 @@ def test_same_seed_same_samples_other_seed_differs(trained, workdir):
 
 @pytest.mark.parametrize("condition", ["uncond", "masked"])
 def test_predicted_input_modes_reach_the_sampler(trained, workdir, monkeypatch, condition):
-    """sample.predicted_label / predicted_masked: the stage passes the mode and, for an unconditioned
-    masked input, one training-form patch mask per sample; the samples change, the default stays."""
-    from mtdiff.diffusion import MTDiffusion
+    """sample.predicted_label / predicted_masked reach the sampler as its input policies; an unconditioned
+    masked input gets one training-form patch mask per sample; the samples change, the default stays."""
+    from mtdiff.diffusion import Sampler
+    from mtdiff.diffusion.sampler import Absent, DrawnLabel, ExpectedMasked, HardLabel, PatchMasked, SoftLabel
 
-    seen, real = [], MTDiffusion.sample
-    monkeypatch.setattr(MTDiffusion, "sample", lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw))
+    seen, real = [], Sampler._chain
+    monkeypatch.setattr(Sampler, "_chain", lambda self, *a: seen.append(real(self, *a)) or seen[-1])
     over = {"sample.condition": condition, "sample.num_samples": 6}
     _, _, plain = _sample(trained, f"plain_{condition}", **over)
-    assert seen[-1]["predicted_label"] == "soft" and seen[-1]["predicted_mask"] is None
+    defaults = seen[-1].policies
+    assert type(defaults["label"]) is SoftLabel
     _, _, moded = _sample(trained, f"modes_{condition}", **over, **{"sample.predicted_label": "hard",
                                                                      "sample.predicted_masked": "masked"})
-    assert seen[-1]["predicted_label"] == "hard"
-    mask = seen[-1]["predicted_mask"]
-    if condition == "masked":  # the masked image is given: no mask for a prediction
-        assert mask is None
-    else:  # 49 patches of 4 x 4, round(0.5 * 49) = 24 hidden
-        assert mask.shape == (6, 1, 28, 28) and (mask.reshape(6, -1).sum(1) == 25 * 16).all()
-        assert not np.array_equal(plain["arr_0"], moded["arr_0"])
-        _, _, drawn = _sample(trained, "drawn_uncond", **over, **{"sample.predicted_label": "drawn"})
-        assert seen[-1]["predicted_label"] == "drawn" and drawn["labels"].shape == (6,)
-        assert not np.array_equal(plain["arr_0"], drawn["arr_0"])
-        _sample(trained, "absent_uncond", **over, **{"sample.predicted_masked": "absent"})
-        assert torch.equal(seen[-1]["predicted_mask"], torch.zeros(6, 1, 28, 28))  # every patch hidden
+    policies = seen[-1].policies
+    assert type(policies["label"]) is HardLabel
+    if condition == "masked":  # the masked image is given: no policy for its prediction
+        assert "masked" not in policies
+        return
+    assert defaults["masked"] == ExpectedMasked(0.5) and isinstance(policies["masked"], PatchMasked)
+    mask = policies["masked"].mask  # 49 patches of 4 x 4, round(0.5 * 49) = 24 hidden
+    assert mask.shape == (6, 1, 28, 28) and (mask.reshape(6, -1).sum(1) == 25 * 16).all()
+    assert not np.array_equal(plain["arr_0"], moded["arr_0"])
+    _, _, drawn = _sample(trained, "drawn_uncond", **over, **{"sample.predicted_label": "drawn"})
+    assert type(seen[-1].policies["label"]) is DrawnLabel and drawn["labels"].shape == (6,)
+    assert not np.array_equal(plain["arr_0"], drawn["arr_0"])
+    _sample(trained, "absent_uncond", **over, **{"sample.predicted_masked": "absent"})
+    assert seen[-1].policies["masked"] == Absent()  # every patch hidden
 
 
 def test_sample_without_checkpoint_is_a_clear_error(workdir):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mtdiff.config import DiffusionConfig, TasksConfig
-from mtdiff.diffusion import MTDiffusion
+from mtdiff.diffusion import MTDiffusion, Sampler
+from mtdiff.diffusion.sampler import ClassifierFreeGuidance, TaskGuidance, timestep_sequence
 from mtdiff.diffusion.schedules import build_schedule, make_w
 from mtdiff.models import TASKS, MTUNet, build_model, flops_per_image
 
@@ -141,13 +142,17 @@ def test_cfg_sampling_combines_conditional_and_null_predictions():
     _randomize_zero_inits(model)
     diff = MTDiffusion(DiffusionConfig(timesteps=20))
     y = torch.tensor([1, 2, 3])
-    kw = dict(steps=4, sampler="ddim", eta=0.0, tasks_cfg=TasksConfig(label={"enabled": False}))
-    z = {s: diff.sample(model, (3, 1, 28, 28), given={"label": y}, cfg_scale=s,
-                        generator=torch.Generator().manual_seed(0), **kw)["z0"] for s in (0.0, 1.0, 3.0)}
-    null = diff.sample(model, (3, 1, 28, 28), generator=torch.Generator().manual_seed(0), **kw)["z0"]
+    tc = TasksConfig(label={"enabled": False})
+
+    def sample(given, scale=1.0):
+        sampler = Sampler(diff, "ddim", steps=4, eta=0.0, guidance=(ClassifierFreeGuidance(scale),))
+        return sampler(model, (3, 1, 28, 28), given, tasks=tc, generator=torch.Generator().manual_seed(0))
+
+    z = {s: sample({"label": y}, s)["z0"] for s in (0.0, 1.0, 3.0)}
+    null = sample({})["z0"]
     assert torch.allclose(z[0.0], null, atol=1e-5)  # scale 0: the unconditional model
     assert not torch.allclose(z[1.0], z[3.0])
-    out = diff.sample(model, (3, 1, 28, 28), given={"label": y}, generator=torch.Generator().manual_seed(0), **kw)
+    out = sample({"label": y})
     assert torch.equal(out["label"], y)
 
 
@@ -156,10 +161,13 @@ def test_task_guidance_one_is_plain_conditioning_and_other_scales_move_samples()
     _randomize_zero_inits(model)
     diff = MTDiffusion(DiffusionConfig(timesteps=20, w_schedule="sigma", w_max=0.5))
     y = torch.tensor([1, 2, 3])
-    kw = dict(given={"label": y}, steps=4, sampler="ddim", eta=0.0, tasks_cfg=TasksConfig())
-    plain = diff.sample(model, (3, 1, 28, 28), generator=torch.Generator().manual_seed(0), **kw)["z0"]
-    one = diff.sample(model, (3, 1, 28, 28), task_guidance=1.0, generator=torch.Generator().manual_seed(0), **kw)["z0"]
-    two = diff.sample(model, (3, 1, 28, 28), task_guidance=2.0, generator=torch.Generator().manual_seed(0), **kw)["z0"]
+
+    def sample(*guidance):
+        sampler = Sampler(diff, "ddim", steps=4, eta=0.0, guidance=guidance)
+        return sampler(model, (3, 1, 28, 28), {"label": y}, tasks=TasksConfig(),
+                       generator=torch.Generator().manual_seed(0))["z0"]
+
+    plain, one, two = sample(), sample(TaskGuidance(1.0)), sample(TaskGuidance(2.0))
     assert torch.equal(plain, one) and not torch.allclose(one, two)
 
 
@@ -198,15 +206,19 @@ def test_two_pass_task_guidance_extrapolates_from_the_label_absent_prediction():
     calls = []
     forward = model.forward
     model.forward = lambda z, t, *a: calls.append(z.clone()) or forward(z, t, *a)
-    kw = dict(given={"label": y}, steps=2, sampler="ddim", eta=0.0, tasks_cfg=TasksConfig())
-    guided = diff.sample(model, (3, 1, 28, 28), task_guidance=3.0, generator=torch.Generator().manual_seed(0),
-                         **kw)["z0"]
+
+    def sample(*guidance):
+        sampler = Sampler(diff, "ddim", steps=2, eta=0.0, guidance=guidance)
+        return sampler(model, (3, 1, 28, 28), {"label": y}, tasks=TasksConfig(),
+                       generator=torch.Generator().manual_seed(0))["z0"]
+
+    guided = sample(TaskGuidance(3.0))
     assert len(calls) == 2 and calls[0].shape[0] == 6  # two steps, label given and absent in one batch
     c_T = float(diff.schedule.c[20])
     assert torch.allclose(calls[0][3:], calls[0][:3] - c_T * model.aggregate({"label": y}), atol=1e-5)
     # the same as the two passes one after the other: eps = eps_absent + s (eps_given - eps_absent)
     model.forward = forward
-    c_t = {t: float(diff.schedule.c[t]) for t in diff.timestep_sequence(2)}
+    c_t = {t: float(diff.schedule.c[t]) for t in timestep_sequence(diff.T, 2)}
     code = model.aggregate({"label": y})
 
     def two_pass(z, t, *a):
@@ -214,25 +226,29 @@ def test_two_pass_task_guidance_extrapolates_from_the_label_absent_prediction():
         absent = forward(z - c_t[int(t[0])] * code, t, *a)
         return {**given, "eps": absent["eps"] + 3.0 * (given["eps"] - absent["eps"])}
     model.forward = two_pass
-    reference = diff.sample(model, (3, 1, 28, 28), generator=torch.Generator().manual_seed(0), **kw)["z0"]
+    reference = sample()
     assert torch.allclose(guided, reference, atol=1e-5)
 
 
-@pytest.mark.parametrize("guidance", [dict(task_guidance=2.0), dict(cfg_scale=3.0)], ids=["task", "cfg"])
+@pytest.mark.parametrize("guidance", [TaskGuidance(2.0), ClassifierFreeGuidance(3.0)], ids=["task", "cfg"])
 def test_forward_batch_splits_the_network_calls_and_keeps_the_samples(guidance):
     """``sample.forward_batch``: guidance's doubled batch (2 x 5 images) in calls of at most 3; same samples."""
-    cfg = "cfg_scale" in guidance
+    cfg = isinstance(guidance, ClassifierFreeGuidance)
     model = _unet(() if cfg else ("label",), class_conditional=cfg).eval()
     _randomize_zero_inits(model)
     diff = MTDiffusion(DiffusionConfig(timesteps=20, w_schedule="sigma", w_max=0.5))
-    kw = dict(given={"label": torch.arange(5)}, steps=3, sampler="ddim", eta=1.0,
-              tasks_cfg=TasksConfig(label={"enabled": not cfg}), **guidance)
+
+    def sample(forward_batch):
+        sampler = Sampler(diff, "ddim", steps=3, eta=1.0, guidance=(guidance,), forward_batch=forward_batch)
+        return sampler(model, (5, 1, 28, 28), {"label": torch.arange(5)}, tasks=TasksConfig(label={"enabled": not cfg}),
+                       generator=torch.Generator().manual_seed(0))
+
     calls: list[int] = []
     hook = model.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
-    one = diff.sample(model, (5, 1, 28, 28), generator=torch.Generator().manual_seed(0), **kw)
+    one = sample(None)
     assert calls == [10, 10, 10]
     calls.clear()
-    split = diff.sample(model, (5, 1, 28, 28), forward_batch=3, generator=torch.Generator().manual_seed(0), **kw)
+    split = sample(3)
     hook.remove()
     assert calls == [3, 3, 3, 1] * 3
     assert one.keys() == split.keys()

@@ -2,7 +2,7 @@
 
 - ``train``: img/s, achieved FLOP/s and MFU of :class:`mtdiff.training.TrainStep` (the train
   stage's own step) on synthetic batches of the real shape, plus peak memory.
-- ``sample``: images/s of ``MTDiffusion.sample`` at N steps.
+- ``sample``: images/s of the sample stage's ``Sampler`` at N steps.
 - ``smoke``: the ImageNet-256 profile at real size on this device (``make gpu-smoke``): train steps,
   every later stage's throughput and the projected wall time of the profile's budget.
 - ``stages``: img/s and peak memory of each ImageNet-256 stage's work with the real architectures
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mtdiff.config import ConfigError
-from mtdiff.diffusion.process import SAMPLERS
+from mtdiff.diffusion.sampler import STEPS
 from mtdiff.bench.probes import CONFIGS, DTYPES, MATMUL_N, fmt_si
 from mtdiff.training import cpu_bf16_units
 from mtdiff.bench.sample import QUICK_SAMPLE_STEPS, SAMPLE_STEPS, format_sample, run_sample
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_arguments(sample)
     sample.add_argument("--steps", type=int, default=None, help=f"sampling steps ({SAMPLE_STEPS}; --quick {QUICK_SAMPLE_STEPS})")
     sample.add_argument("--num", type=int, default=None, help="images in the batch (default sample.batch_size)")
-    sample.add_argument("--sampler", default=None, choices=SAMPLERS, help="default sample.sampler")
+    sample.add_argument("--sampler", default=None, choices=STEPS, help="default sample.sampler")
     sample.add_argument("--checkpoint", default=None, help="load EMA weights from this checkpoint")
     smoke = sub.add_parser("smoke", help="the ImageNet-256 profile at real size: throughput and projected cost")
     smoke.add_argument("--json", action="store_true", help="print one JSON line instead of the table")

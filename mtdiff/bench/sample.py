@@ -1,4 +1,4 @@
-"""``mtdiff bench sample``: images/s of ``MTDiffusion.sample`` at N steps.
+"""``mtdiff bench sample``: images/s of the sample stage's ``Sampler`` at N steps.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from mtdiff.checkpoint import load_for_inference
 from mtdiff.data import random_patch_mask
+from mtdiff.diffusion import Sampler
 from mtdiff.models import count_params, flops_per_image
 from mtdiff.training import autocast
 from mtdiff.utils import derive_seed
@@ -35,12 +36,12 @@ def sample_conditions(s: Setup, num: int) -> dict[str, torch.Tensor]:
 
 
 def run_sample(args: argparse.Namespace) -> dict[str, Any]:
-    """Time one ``MTDiffusion.sample`` of ``--num`` images at ``--steps`` steps after a short warm-up."""
+    """Time one the sample stage's ``Sampler`` of ``--num`` images at ``--steps`` steps after a short warm-up."""
     s = setup(args)
     sc = s.params.sample
     steps = args.steps or (QUICK_SAMPLE_STEPS if args.quick else SAMPLE_STEPS)
     num = args.num or (QUICK_SAMPLE_NUM if args.quick else sc.batch_size)
-    sampler = args.sampler or sc.sampler
+    step = args.sampler or sc.sampler
     if num < 1 or steps < 1:
         raise ValueError(f"--num and --steps must be >= 1 (got {num}, {steps})")
     torch.manual_seed(s.params.seed)
@@ -54,10 +55,9 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
 
         def sample(n_steps: int) -> dict[str, torch.Tensor]:
             generator = torch.Generator().manual_seed(derive_seed(s.params.seed, "sample"))
-            with autocast(s.device, s.amp_dtype):  # guidance as the sample stage runs it
-                return diffusion.sample(model, (num, *s.shape), given=given, steps=n_steps, sampler=sampler,
-                                        eta=sc.eta, generator=generator, tasks_cfg=s.params.tasks, device=s.device,
-                                        **s.params.sample.guidance())
+            run = Sampler.from_params(s.params, diffusion, step=step, steps=n_steps)  # as the sample stage runs it
+            with autocast(s.device, s.amp_dtype):
+                return run(model, (num, *s.shape), given, tasks=s.params.tasks, generator=generator)
 
         sample(min(2, steps))  # warm-up: allocator, oneDNN / cuBLAS plans
         sync(s.device)
@@ -76,7 +76,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     achieved = float(flops_per_image(model)) * sum(forwards) / seconds
     return {
         "bench": "sample", "config": s.config, "device": s.device.type, "device_name": device_name(s.device),
-        "dtype": s.dtype, "threads": s.threads, "num": num, "steps": steps, "sampler": sampler,
+        "dtype": s.dtype, "threads": s.threads, "num": num, "steps": steps, "sampler": step,
         "condition": sc.condition, "weights": args.checkpoint or "random init", "params": count_params(model),
         "task_guidance": sc.task_guidance, "cfg_scale": sc.cfg_scale, "network_images": sum(forwards),
         "seconds": seconds, "img_per_s": img_per_s, "ms_per_step": seconds / steps * 1e3,

@@ -21,6 +21,7 @@ from torch import nn
 from mtdiff import training
 from mtdiff.bench.probes import CONFIGS, Setup, best_seconds, bench_params, build, device_name
 from mtdiff.bench.sample import sample_conditions
+from mtdiff.diffusion import Sampler
 from mtdiff.encoders import DEFAULT_IMAGE_ENCODERS
 from mtdiff.utils import pick_device
 
@@ -145,15 +146,15 @@ def _sample_call(batch: int, device: torch.device) -> Work:
     s = _dit_setup(device)
     model, diffusion = build(s)
     model.eval().requires_grad_(False)
-    given, sc = sample_conditions(s, batch), s.params.sample
+    given = sample_conditions(s, batch)
+    sampler = Sampler.from_params(s.params, diffusion, steps=1)
     forwards: list[int] = []
     model.register_forward_pre_hook(lambda _, args: forwards.append(args[0].shape[0]))
 
     def one_step() -> Any:
         with torch.no_grad():
-            return diffusion.sample(model, (batch, *LATENT_SHAPE), given=given, steps=1, sampler=sc.sampler, eta=sc.eta,
-                                    generator=torch.Generator().manual_seed(0), tasks_cfg=s.params.tasks,
-                                    device=device, **sc.guidance())
+            return sampler(model, (batch, *LATENT_SHAPE), given, tasks=s.params.tasks,
+                           generator=torch.Generator().manual_seed(0))
 
     one_step()  # counts the network's images per step (guidance: 2 x batch)
     return one_step, sum(forwards)

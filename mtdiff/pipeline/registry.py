@@ -30,6 +30,7 @@ Both never fail the stage: a registry or store error is a warning.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -50,35 +51,30 @@ MANIFEST = "manifest.parquet"
 
 
 class MTDiffSampler(nn.Module):
-    """The trained network and its reverse process as one module: ``forward(labels)`` samples one
-    image per entry of ``labels`` (int64 class labels, used as the label condition when the label
-    task is on, or the class label of a class-conditional baseline; otherwise they only set the batch
-    size: unconditional samples). ``guidance``: ``diffusion.sample``'s task_guidance / cfg_scale /
-    forward_batch, as the sample stage passes them."""
+    """The trained network and its sampler as one module: ``forward(labels)`` samples one image per
+    entry of ``labels`` (int64 class labels, used as the label condition when the label task is on,
+    or the class label of a class-conditional baseline; otherwise they only set the batch size:
+    unconditional samples). ``sampler``: ``Sampler.from_params``, as the sample stage builds it."""
 
-    def __init__(self, model: nn.Module, diffusion: Any, shape: list[int], steps: int, sampler: str,
-                 eta: float, label_conditioned: bool, tasks_cfg: Any = None, num_classes: int = 1,
-                 guidance: Optional[dict[str, Any]] = None):
+    def __init__(self, model: nn.Module, sampler: Any, shape: list[int], label_conditioned: bool,
+                 tasks_cfg: Any = None, num_classes: int = 1):
         super().__init__()
         self.model = model
+        self.sampler = sampler
         self.num_classes = int(num_classes)
-        self.diffusion = diffusion
         self.shape = [int(s) for s in shape]
-        self.steps, self.sampler, self.eta = int(steps), str(sampler), float(eta)
         self.label_conditioned = bool(label_conditioned)
         self.tasks_cfg = tasks_cfg
-        self.guidance = dict(guidance or {})
 
     @torch.no_grad()
     def forward(self, labels: torch.Tensor, steps: Optional[int] = None, seed: int = 0) -> torch.Tensor:
         labels = torch.as_tensor(labels).reshape(-1).long()
         device = next(self.model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(int(seed))
         given = {"label": labels.to(device)} if self.label_conditioned else {}
-        out = self.diffusion.sample(self.model, (labels.shape[0], *self.shape), given=given,
-                                    steps=int(steps or self.steps), sampler=self.sampler, eta=self.eta,
-                                    generator=gen, tasks_cfg=self.tasks_cfg, device=device,
-                                    **getattr(self, "guidance", {}))  # models logged before it: none
+        sampler = self.sampler if steps is None else dataclasses.replace(self.sampler, steps=int(steps))
+        out = sampler(self.model, (labels.shape[0], *self.shape), given, tasks=self.tasks_cfg,
+                      generator=torch.Generator(device=device).manual_seed(int(seed)),
+                      mask_generator=torch.Generator().manual_seed(int(seed)))
         return out["z0"].float()
 
 
@@ -116,14 +112,13 @@ def log_dataset(params: Params) -> Optional[str]:
 def build_sampler(params: Params, ema_path: str | Path) -> MTDiffSampler:
     """:class:`MTDiffSampler` on the CPU from ``ema.pt`` (the train stage's output)."""
     from mtdiff.checkpoint import load_for_inference
+    from mtdiff.diffusion import Sampler
 
     model, diffusion, meta = load_for_inference(params, path=ema_path, device="cpu")
-    sc = params.sample
     label_conditioned = "label" in params.final_tasks.enabled or params.model.class_conditional
-    return MTDiffSampler(model, diffusion, meta["shape"], sc.steps, sc.sampler, sc.eta,
+    return MTDiffSampler(model, Sampler.from_params(params, diffusion), meta["shape"],
                          label_conditioned=label_conditioned, tasks_cfg=params.final_tasks,
-                         num_classes=int(meta.get("num_classes") or 1),
-                         guidance=params.sample.guidance())
+                         num_classes=int(meta.get("num_classes") or 1))
 
 
 def in_sweep() -> bool:
@@ -156,7 +151,7 @@ def log_model(params: Params, ema_path: str | Path, summary: dict[str, Any],
         sampler = build_sampler(params, ema_path).eval()
         example = np.arange(2, dtype=np.int64) % max(sampler.num_classes, 1)  # two class labels
         example_out = sampler(torch.from_numpy(example), steps=2).numpy()
-        signature = infer_signature(example, example_out, params={"steps": int(sampler.steps), "seed": 0})
+        signature = infer_signature(example, example_out, params={"steps": int(sampler.sampler.steps), "seed": 0})
         info = mlflow.pytorch.log_model(
             sampler, name=ARTIFACT_NAME, signature=signature, input_example=example,
             serialization_format="pickle",  # a sampling loop, not an exportable graph (torch.export)

@@ -52,9 +52,9 @@ from mtdiff.pipeline import registry
 from mtdiff.pipeline.preemption import Preempted, PreemptionWatch
 from mtdiff.pipeline.tracking import main_stage_run
 from mtdiff.pipeline.tracking import file_metrics, parent_run_id
+from mtdiff.sampling import preview_grid
 from mtdiff.sampling_io import to_pil
 from mtdiff.stages import stage_main
-from mtdiff.stages.sample import preview_grid
 from mtdiff.training import (EMA, DistInfo, NonFiniteLossError, ResumableBatchSampler, TrainMeter,
                              TrainLog, TrainStep, Window, autocast_dtype, barrier, configure_backends,
                              distributed, make_sampler, per_rank_batch, ranks_in_sync, to_device)
