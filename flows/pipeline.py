@@ -32,7 +32,7 @@ from mtdiff.pipeline import dvc_runner, tracking
 from mtdiff.pipeline.dvc_runner import (StageConfigError, StagePreempted, dvc_command, load_repo_params, metrics_files,
                                read_metrics, repro_command, resolve_stages, run_checked, shown_command, stage_outcome,
                                summary_text, tracked_env)
-from mtdiff.pipeline.preemption import PREEMPTED_EXIT_CODE
+from mtdiff.train.preemption import PREEMPTED_EXIT_CODE
 from mtdiff.pipeline.sweeps import exp_run_args, experiment_result
 
 # Task timeout per stage in seconds (a timed-out stage is stopped and not retried); generous, since the

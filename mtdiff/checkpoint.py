@@ -8,7 +8,7 @@ ints, Python's as a list of ints.
 Files:
 - ``last.pt``: the full training state (model, EMA, optimizer, scheduler, scaler, step, epoch,
   batch_in_epoch, RNG states, params_hash, meta); resumed when its hash matches. It lives in the
-  train stage's state dir (``mtdiff.stages.train.train_state_dir``: ``.mtdiff/train_state/<out_dir>``),
+  train stage's state dir (``mtdiff.train.state.train_state_dir``: ``.mtdiff/train_state/<out_dir>``),
   not in the DVC output, so that the run-cache can restore the output.
 - ``ema.pt`` in ``params.checkpoints_dir`` (the train stage's DVC output): the EMA weights + meta
   only, the small file inference loads.

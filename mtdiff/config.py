@@ -333,31 +333,6 @@ class Params(_Section):
         return self
 
     # -- the tasks in effect: all of tasks.* until the fine-tune, then only train.finetune_tasks --
-    def finetune_starts_at(self) -> Optional[int]:
-        """The number of steps done when the single-task fine-tune starts (None: no fine-tune)."""
-        tc = self.train
-        return tc.steps - tc.finetune_steps if tc.finetune_steps else None
-
-    def tasks_at(self, steps_done: int) -> TasksConfig:
-        """The tasks of the training step after ``steps_done`` steps: ``tasks`` before the fine-tune;
-        during it ``train.finetune_tasks`` only, each with loss weight 0 (the image loss alone)."""
-        start = self.finetune_starts_at()
-        if start is None or steps_done < start:
-            return self.tasks
-        return self._finetune_tasks
-
-    @functools.cached_property
-    def _finetune_tasks(self) -> TasksConfig:
-        """``tasks`` during the fine-tune, built once (the training loop asks every step)."""
-        keep = set(self.train.finetune_tasks)
-        return self.tasks.model_copy(update={
-            n: getattr(self.tasks, n).model_copy(update={"enabled": n in keep, "weight": 0.0}) for n in TASKS})
-
-    @property
-    def final_tasks(self) -> TasksConfig:
-        """The tasks the finished model was last trained with: what sampling aggregates."""
-        return self.tasks_at(self.train.steps)
-
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (``train.lr`` -> value), as MLflow logs params."""
         return flatten(self.model_dump())

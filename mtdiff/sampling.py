@@ -20,7 +20,8 @@ from mtdiff.data import pair_images, random_patch_mask
 from mtdiff.diffusion import MTDiffusion, Sampler
 from mtdiff.encoders import decode_latents_vae, load_vae
 from mtdiff.sampling_io import sample_grid, to_uint8_nhwc
-from mtdiff.training import autocast, autocast_dtype
+from mtdiff.precision import autocast, autocast_dtype
+from mtdiff.train.schedule import final_tasks
 from mtdiff.utils import ProgressLog, derive_seed, get_logger
 
 log = get_logger("mtdiff.sample")
@@ -121,7 +122,7 @@ def generate(params: Params, model: torch.nn.Module, diffusion: MTDiffusion, met
     """The samples.npz arrays of the samples ``items`` (default: all ``sample.num_samples``; it starts at
     a batch boundary) in batches of ``sample.batch_size``, and per sample whether the label head agreed
     with the given label (condition ``label``; None otherwise). ``tasks``: those aggregated (default:
-    what the finished model was last trained with, ``params.final_tasks``)."""
+    what the finished model was last trained with, ``final_tasks(params)``)."""
     sc = params.sample
     items = range(sc.num_samples) if items is None else items
     if items.start % sc.batch_size:
@@ -130,7 +131,7 @@ def generate(params: Params, model: torch.nn.Module, diffusion: MTDiffusion, met
     decode = _decoder(params, device)
     conditions = _Conditions(params, meta, device)
     sampler = Sampler.from_params(params, diffusion)
-    tasks_cfg = tasks or params.final_tasks
+    tasks_cfg = tasks or final_tasks(params)
     samples, labels, agree = [], [], []
     progress = ProgressLog(log, "sample: images", len(items))
     for start in tqdm(range(items.start, items.stop, sc.batch_size), desc="sample", unit="batch", disable=None):

@@ -6,7 +6,7 @@ concatenates them in rank order (:func:`gather_arrays`). Contiguous slices in ra
 the item order, and whole batches keep every batch what one process makes of it, so the gathered
 files are those one process writes. The folders lie beside the stage's output
 (:func:`shard_scratch`): every rank must see them (one node, or a filesystem the nodes share, as the
-output's is). Rank and world come from :func:`mtdiff.training.init_distributed` (torchrun's env).
+output's is). Rank and world come from :func:`mtdiff.distributed.init_distributed` (torchrun's env).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch.distributed as dist
 
 from mtdiff.io import atomic_dir
-from mtdiff.training import DistInfo, barrier
+from mtdiff.distributed import DistInfo, barrier
 
 COPY_ROWS = 1 << 14  # rows per copy when concatenating: bounded memory for 1.28M-item arrays
 

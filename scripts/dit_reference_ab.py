@@ -35,7 +35,7 @@ def mtdiff_step(compile_model: bool):
 
     from mtdiff.bench import build_parser
     from mtdiff.bench.probes import build, setup, synthetic_batch
-    from mtdiff.training import TrainStep
+    from mtdiff.train.step import TrainStep
 
     s = setup(build_parser().parse_args(BENCH_ARGS))  # the CPU via pick_device, as bench and train stage
     torch.manual_seed(s.params.seed)

@@ -13,7 +13,7 @@ import torch
 from mtdiff import bench
 from mtdiff.bench import probes
 from mtdiff.models import input_shape_from_params
-from mtdiff.training import TrainStep
+from mtdiff.train.step import TrainStep
 
 TRAIN_KEYS = {"mfu": float, "img_per_s": float, "peak_mem_mb": float, "device": str, "dtype": str,
               "flops_per_img": float, "matmul_flops": float, "threads": int, "batch_size": int, "params": int,
@@ -70,7 +70,7 @@ def test_train_all_tasks(workdir, capsys):
 
 
 def test_train_times_the_shared_step_with_and_without_ema(workdir, capsys, monkeypatch):
-    """bench train calls mtdiff.training.TrainStep (the train stage's step), warm-up and timed steps
+    """bench train calls mtdiff.train.step.TrainStep (the train stage's step), warm-up and timed steps
     alike; --no-ema builds it without the EMA update; --profile adds the profiler's table (stderr)."""
     built, calls = [], []
     real_init, real_call = TrainStep.__init__, TrainStep.__call__

@@ -69,7 +69,7 @@ def test_ddp_two_gloo_processes(shared_data, workdir):
 
 def test_ranks_in_sync_detects_divergence():
     """The check itself can fail: different fingerprints on different 'ranks' compare unequal."""
-    from mtdiff.training import weights_checksum
+    from mtdiff.distributed import weights_checksum
 
     a = {"w": torch.ones(3, 3), "b": torch.zeros(3)}
     b = {"w": torch.ones(3, 3), "b": torch.tensor([0.0, 0.0, 1e-6])}

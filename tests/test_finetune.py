@@ -26,21 +26,23 @@ def test_finetune_params_are_checked(tmp_path):
 
 
 def test_tasks_at_switches_to_the_finetune_tasks_with_zero_weight(tmp_path):
+    from mtdiff.train.schedule import final_tasks, finetune_starts_at, tasks_at
+
     params = tiny_params(tmp_path, **LABEL_AND_MASKED, **{"train.finetune_steps": 1,
                                                          "train.finetune_tasks": ["label"]})
-    assert params.finetune_starts_at() == 3
-    assert params.tasks_at(2) is params.tasks and params.tasks_at(2).enabled == ["label", "masked"]
-    late = params.tasks_at(3)
+    assert finetune_starts_at(params) == 3
+    assert tasks_at(params, 2) is params.tasks and tasks_at(params, 2).enabled == ["label", "masked"]
+    late = tasks_at(params, 3)
     assert late.enabled == ["label"] and late.label.weight == 0.0 and late.label.dropout == params.tasks.label.dropout
-    assert params.final_tasks.enabled == ["label"]
+    assert final_tasks(params).enabled == ["label"]
     plain = tiny_params(tmp_path, **LABEL_AND_MASKED)
-    assert plain.finetune_starts_at() is None and plain.final_tasks is plain.tasks
+    assert finetune_starts_at(plain) is None and final_tasks(plain) is plain.tasks
 
 
 def _step_and_batch(params):
     from mtdiff.diffusion import MTDiffusion
     from mtdiff.models import build_model
-    from mtdiff.training import TrainStep
+    from mtdiff.train.step import TrainStep
 
     torch.manual_seed(0)
     model = build_model(params, repr_dim=None, num_classes=10)

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from mtdiff.pipeline.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
+from mtdiff.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
@@ -51,8 +51,8 @@ def test_ddp_ranks_agree_on_a_stop_every_n_steps_only(monkeypatch):
 
     import torch
 
-    from mtdiff.stages import train
-    from mtdiff.training import DistInfo
+    from mtdiff.distributed import DistInfo
+    from mtdiff.train import loop
 
     info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), distributed=True)
     calls = []
@@ -61,11 +61,11 @@ def test_ddp_ranks_agree_on_a_stop_every_n_steps_only(monkeypatch):
         calls.append(int(flag.item()))
         flag.fill_(1)
 
-    monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(loop.dist, "all_reduce", all_reduce)
     quiet = SimpleNamespace(requested=None)
-    every = train.DDP_STOP_CHECK_EVERY
-    assert [train._stop_signal(quiet, info, s) for s in range(1, every)] == [None] * (every - 1) and not calls
-    assert train._stop_signal(quiet, info, every) == "SIGTERM" and calls == [0]
-    assert train._stop_signal(SimpleNamespace(requested="SIGUSR1"), info, 2 * every) == "SIGUSR1"
+    every = loop.DDP_STOP_CHECK_EVERY
+    assert [loop.stop_signal(quiet, info, s) for s in range(1, every)] == [None] * (every - 1) and not calls
+    assert loop.stop_signal(quiet, info, every) == "SIGTERM" and calls == [0]
+    assert loop.stop_signal(SimpleNamespace(requested="SIGUSR1"), info, 2 * every) == "SIGUSR1"
     single = DistInfo(rank=0, world_size=1, local_rank=0, device=info.device, distributed=False)
-    assert train._stop_signal(SimpleNamespace(requested="SIGINT"), single, 3) == "SIGINT"  # no collective: every step
+    assert loop.stop_signal(SimpleNamespace(requested="SIGINT"), single, 3) == "SIGINT"  # no collective: every step

@@ -36,7 +36,7 @@ def _params(root, ckpt: str, steps: int = STEPS, **over):
 
 def _state(root, ckpt: str):
     """The resumable state of the run writing ``root/ckpt`` (no DVC output: .mtdiff/train_state/<ckpt>)."""
-    from mtdiff.stages.train import train_state_dir
+    from mtdiff.train.state import train_state_dir
 
     path = train_state_dir(_params(root, ckpt))
     assert path == root / ".mtdiff" / "train_state" / ckpt
@@ -82,7 +82,7 @@ def test_train_resume_matches_uninterrupted(root):
     #     and raises Preempted; the rerun resumes there and ends where the uninterrupted run does
     import signal
 
-    from mtdiff.pipeline.preemption import Preempted
+    from mtdiff.train.preemption import Preempted
 
     def preempt(step: int) -> None:
         if step == 7:
@@ -118,10 +118,9 @@ def test_train_resume_matches_uninterrupted(root):
     assert curve("ext")[:2] == curve("full")[:2] and curve("ext")[-2:] == curve("full")[-2:]
 
 
-def test_output_removed_by_dvc_is_rewritten_and_legacy_state_adopted(root):
+def test_output_removed_by_dvc_is_rewritten(root):
     """DVC deletes the stage's outputs before it runs the stage: a finished run's state still resumes
-    (nothing to train) and rewrites ema.pt and the curve; a last.pt in the output folder (the layout
-    before the state dir) is moved into the state dir and resumed."""
+    (nothing to train) and rewrites ema.pt and the curve; raising train.steps extends it."""
     import shutil
 
     from mtdiff.checkpoint import load_checkpoint
@@ -135,11 +134,8 @@ def test_output_removed_by_dvc_is_rewritten_and_legacy_state_adopted(root):
     assert load_checkpoint(root / "out" / "ema.pt")["step"] == 4
     assert [r["step"] for r in csv.DictReader((root / "m_out" / "train_log.csv").open())] == ["2", "4"]
 
-    (root / "out").mkdir(exist_ok=True)
-    os.replace(_state(root, "out") / "last.pt", root / "out" / "last.pt")  # the old layout
     extended = train(_params(root, "out", steps=6))
     assert extended.summary["resumed_from_step"] == 4
-    assert not (root / "out" / "last.pt").exists()
     assert load_checkpoint(_state(root, "out") / "last.pt")["step"] == 6
 
 
@@ -210,7 +206,8 @@ def test_finished_run_of_other_code_is_retrained_an_unfinished_one_resumes(root,
 def test_nan_loss_raises_and_keeps_last_good_checkpoint(root, monkeypatch):
     from mtdiff.checkpoint import load_checkpoint
     from mtdiff.diffusion import MTDiffusion
-    from mtdiff.stages.train import NonFiniteLossError, train
+    from mtdiff.stages.train import train
+    from mtdiff.train.step import NonFiniteLossError
 
     calls = {"n": 0}
     real = MTDiffusion.training_losses

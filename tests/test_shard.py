@@ -20,7 +20,7 @@ SHARD_TASKS = {"tasks.masked.enabled": True}
 
 
 def _info(rank: int, world: int):
-    from mtdiff.training import DistInfo
+    from mtdiff.distributed import DistInfo
 
     return DistInfo(rank, world, rank, torch.device("cpu"), False)  # no group: barriers are no-ops
 

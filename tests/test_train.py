@@ -71,7 +71,7 @@ def test_train_rejects_batch_larger_than_dataset(root):
 
 
 def test_masked_targets_hide_the_configured_fraction(root):
-    from mtdiff.training import make_targets
+    from mtdiff.train.step import make_targets
 
     params = tiny_params(root, **{"tasks.masked.enabled": True, "tasks.masked.mask_ratio": 0.5})
     z0 = torch.randn(8, 1, 28, 28)
@@ -88,7 +88,7 @@ def test_masked_targets_hide_the_configured_fraction(root):
 def test_masked_dropout_hides_whole_images_and_leaves_the_rest_as_before(root):
     """tasks.masked.dropout: a dropped image's input is all zero (absent from A); the kept ones get the
     same masks as without dropout (the dropout draw comes after them)."""
-    from mtdiff.training import make_targets
+    from mtdiff.train.step import make_targets
 
     over = {"tasks.masked.enabled": True}
     z0 = torch.randn(64, 1, 28, 28)
@@ -120,7 +120,7 @@ def test_params_hash_ignores_logistics_but_not_training_params(tmp_path):
 # -- helpers ------------------------------------------------------------------------------------
 
 def test_warmup_then_constant_lr():
-    from mtdiff.training import WarmupConstant, build_scheduler
+    from mtdiff.train.optim import WarmupConstant, build_scheduler
 
     f = WarmupConstant(4)
     assert [f(s) for s in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
@@ -137,7 +137,7 @@ def test_warmup_then_constant_lr():
 
 
 def test_ema_update_matches_formula_and_warmup():
-    from mtdiff.training import EMA
+    from mtdiff.train.optim import EMA
 
     net = torch.nn.Linear(3, 2)
     ema = EMA(net, decay=0.9)
@@ -158,7 +158,8 @@ def test_ema_update_matches_formula_and_warmup():
 
 
 def test_cpu_trains_in_fp32_and_optimizer_groups():
-    from mtdiff.training import autocast_dtype, build_optimizer, make_grad_scaler
+    from mtdiff.precision import autocast_dtype, make_grad_scaler
+    from mtdiff.train.optim import build_optimizer
 
     cpu = torch.device("cpu")
     assert autocast_dtype(cpu, "bf16") is None and autocast_dtype(cpu, "fp16") is None
@@ -171,7 +172,8 @@ def test_cpu_trains_in_fp32_and_optimizer_groups():
 
 
 def test_resumable_batch_sampler_skips_done_batches():
-    from mtdiff.training import DistInfo, ResumableBatchSampler, make_sampler
+    from mtdiff.distributed import DistInfo
+    from mtdiff.train.loader import ResumableBatchSampler, make_sampler
 
     info = DistInfo(0, 1, 0, torch.device("cpu"), False)
     s = make_sampler(20, info, seed=3)
@@ -184,11 +186,13 @@ def test_resumable_batch_sampler_skips_done_batches():
 
 
 def test_meter_window_means_throughput_and_non_finite_check(monkeypatch):
-    from mtdiff import training
-    from mtdiff.training import DistInfo, NonFiniteLossError, StepOutput, TrainMeter
+    from mtdiff.distributed import DistInfo
+    from mtdiff.train import meter as meter_mod
+    from mtdiff.train.meter import TrainMeter
+    from mtdiff.train.step import NonFiniteLossError, StepOutput
 
     clock = iter([0.0, 2.0, 2.0, 5.0, 5.0])  # window 1: 2 s; window 2: 3 s minus 1 s excluded
-    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(meter_mod.time, "perf_counter", lambda: next(clock))
     info = DistInfo(0, 1, 0, torch.device("cpu"), False)
     meter = TrainMeter(["loss", "eps", "label"], images_per_step=8, info=info)
 
@@ -317,27 +321,27 @@ def test_precision_auto_takes_bf16_only_on_cpus_with_bf16_units(tmp_path, monkey
     (both code paths run on any CI machine, whatever its CPU), fp32 on AVX2-only CPUs."""
     import builtins
 
-    from mtdiff import training
+    from mtdiff import precision
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     real_open = builtins.open
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
-    training.cpu_info.cache_clear()
+    precision.cpu_info.cache_clear()
     try:
         cpu = torch.device("cpu")
-        assert training.cpu_bf16_units() == unit
-        assert training.autocast_dtype(cpu, "auto") == (torch.bfloat16 if unit else None)
-        assert training.autocast_dtype(cpu, "bf16") is None and training.autocast_dtype(cpu, "fp32") is None
+        assert precision.cpu_bf16_units() == unit
+        assert precision.autocast_dtype(cpu, "auto") == (torch.bfloat16 if unit else None)
+        assert precision.autocast_dtype(cpu, "bf16") is None and precision.autocast_dtype(cpu, "fp32") is None
     finally:
-        training.cpu_info.cache_clear()
+        precision.cpu_info.cache_clear()
 
 
 def test_cpu_bf16_autocast_trains_with_fp32_timesteps_loss_and_ema(make_params):
     """A bf16-autocast training step on CPU: the loss and the EMA stay fp32, the weights fp32."""
     from mtdiff.diffusion import MTDiffusion
     from mtdiff.models import build_model
-    from mtdiff.training import TrainStep
+    from mtdiff.train.step import TrainStep
 
     params = make_params({"model.channels": 8, "model.channel_mult": [1, 2], "model.attn_resolutions": [14],
                           "diffusion.timesteps": 1000})

@@ -38,7 +38,7 @@ def test_grids_are_step_tagged_mlflow_images_and_leave_training_unchanged(shared
     from fixtures.mlflow_store import sqlite_store
     from mlflow import MlflowClient
 
-    from mtdiff.stages.train import GRID_KEY
+    from mtdiff.train.loop import GRID_KEY
 
     off, on = workdir / "off", workdir / "on"
     for root in (off, on):

@@ -1,6 +1,6 @@
 """Benchmarks: ``mtdiff bench train|sample|stages`` (``make bench`` runs ``train --quick``).
 
-- ``train``: img/s, achieved FLOP/s and MFU of :class:`mtdiff.training.TrainStep` (the train
+- ``train``: img/s, achieved FLOP/s and MFU of :class:`mtdiff.train.TrainStep` (the train
   stage's own step) on synthetic batches of the real shape, plus peak memory.
 - ``sample``: images/s of the sample stage's ``Sampler`` at N steps.
 - ``smoke``: the ImageNet-256 profile at real size on this device (``make gpu-smoke``): train steps,
@@ -26,7 +26,7 @@ import torch
 from mtdiff.config import ConfigError
 from mtdiff.diffusion.sampler import STEPS
 from mtdiff.bench.probes import CONFIGS, DTYPES, MATMUL_N, fmt_si
-from mtdiff.training import cpu_bf16_units
+from mtdiff.precision import cpu_bf16_units
 from mtdiff.bench.sample import QUICK_SAMPLE_STEPS, SAMPLE_STEPS, format_sample, run_sample
 from mtdiff.bench.smoke import SMOKE_SAMPLE_STEPS, format_smoke, run_smoke
 from mtdiff.bench.stages import STAGES, format_stages, run_stages

@@ -19,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from mtdiff.config import Params, load_params, parse_overrides
 from mtdiff.diffusion import MTDiffusion
 from mtdiff.models import build_model, input_shape_from_params
-from mtdiff.training import TrainStep, autocast_dtype, configure_backends
+from mtdiff.precision import autocast_dtype, configure_backends
+from mtdiff.train.step import TrainStep
 from mtdiff.utils import pick_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

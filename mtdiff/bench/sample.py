@@ -12,7 +12,7 @@ from mtdiff.checkpoint import load_for_inference
 from mtdiff.data import random_patch_mask
 from mtdiff.diffusion import Sampler
 from mtdiff.models import count_params, flops_per_image
-from mtdiff.training import autocast
+from mtdiff.precision import autocast
 from mtdiff.utils import derive_seed
 from mtdiff.bench.probes import MatmulProbe, Setup, build, device_name, fmt_si, peak_memory, setup, sync
 

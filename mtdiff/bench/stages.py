@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtdiff import training
+from mtdiff import precision
 from mtdiff.bench.probes import CONFIGS, Setup, best_seconds, bench_params, build, device_name
 from mtdiff.bench.sample import sample_conditions
 from mtdiff.diffusion import Sampler
@@ -131,7 +131,7 @@ def _dit_setup(device: torch.device) -> Setup:
 
 def _train_step(batch: int, device: torch.device) -> Work:
     from mtdiff.bench.probes import synthetic_batch
-    from mtdiff.training import TrainStep
+    from mtdiff.train.step import TrainStep
 
     s = _dit_setup(device)
     model, diffusion = build(s)
@@ -200,7 +200,7 @@ def _measure(stage: str, batch: int, reps: int, threads: int, device_kind: str) 
 
 def cpu_info() -> dict[str, Any]:
     """The CPU's model name and whether it has the bf16 matmul extensions."""
-    info = training.cpu_info()
+    info = precision.cpu_info()
     return {"cpu_model": info["model"], "avx512_bf16": "avx512_bf16" in info["flags"],
             "amx_bf16": "amx_bf16" in info["flags"]}
 

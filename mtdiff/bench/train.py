@@ -13,7 +13,7 @@ import torch
 from mtdiff.config import Params
 from mtdiff.host_memory import retain_freed_memory
 from mtdiff.models import TRAIN_FLOPS_PER_FORWARD, count_params, flops_per_image
-from mtdiff.training import TrainStep
+from mtdiff.train.step import TrainStep
 from mtdiff.utils import derive_seed
 from mtdiff.bench.probes import (MatmulProbe, build, counted_forward_flops, device_name, fmt_si, minor_page_faults,
                                  peak_memory, profile_steps, setup, sync, synthetic_batch)

@@ -23,7 +23,7 @@ import yaml
 
 from mtdiff.config import REPO_ROOT, Params, load_params_written
 from mtdiff.io import atomic_path
-from mtdiff.pipeline.preemption import PREEMPTED_EXIT_CODE
+from mtdiff.train.preemption import PREEMPTED_EXIT_CODE
 from mtdiff.pipeline.tracking import file_metrics, redact_uri
 
 SUMMARY_METRICS = 20  # metrics printed at the end of a run

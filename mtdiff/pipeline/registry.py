@@ -113,11 +113,13 @@ def build_sampler(params: Params, ema_path: str | Path) -> MTDiffSampler:
     """:class:`MTDiffSampler` on the CPU from ``ema.pt`` (the train stage's output)."""
     from mtdiff.checkpoint import load_for_inference
     from mtdiff.diffusion import Sampler
+    from mtdiff.train.schedule import final_tasks
 
     model, diffusion, meta = load_for_inference(params, path=ema_path, device="cpu")
-    label_conditioned = "label" in params.final_tasks.enabled or params.model.class_conditional
+    tasks = final_tasks(params)
+    label_conditioned = "label" in tasks.enabled or params.model.class_conditional
     return MTDiffSampler(model, Sampler.from_params(params, diffusion), meta["shape"],
-                         label_conditioned=label_conditioned, tasks_cfg=params.final_tasks,
+                         label_conditioned=label_conditioned, tasks_cfg=tasks,
                          num_classes=int(meta.get("num_classes") or 1))
 
 

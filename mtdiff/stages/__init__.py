@@ -7,7 +7,7 @@ import sys
 from typing import Any, Callable
 
 from mtdiff.config import REPO_ROOT, ConfigError, Params, load_params, params_help
-from mtdiff.pipeline.preemption import PREEMPTED_EXIT_CODE, Preempted
+from mtdiff.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
@@ -20,7 +20,7 @@ def stage_main(run: Callable[[Params], Any], argv: list[str] | None = None) -> A
     retrying cannot help, so the flow does not retry exit 2. So do unreadable input data
     (:class:`~mtdiff.sources.DataSourceError`, a ConfigError) and a full disk or file-size limit (ENOSPC, EFBIG,
     EDQUOT: outputs are written atomically, so the previous ones stay). A training stopped by a signal
-    (:class:`~mtdiff.pipeline.preemption.Preempted`) exits :data:`~mtdiff.pipeline.preemption.PREEMPTED_EXIT_CODE` with one line.
+    (:class:`~mtdiff.train.preemption.Preempted`) exits :data:`~mtdiff.train.preemption.PREEMPTED_EXIT_CODE` with one line.
     """
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):

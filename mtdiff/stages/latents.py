@@ -29,7 +29,7 @@ from mtdiff.encoders import encode_images_vae, load_vae
 from mtdiff.pipeline.tracking import main_stage_run
 from mtdiff.sharding import gather_arrays, main_atomic_dir, rank_dir, shard_range, shard_scratch
 from mtdiff.stages import stage_main
-from mtdiff.training import DistInfo, distributed
+from mtdiff.distributed import DistInfo, distributed
 from mtdiff.utils import get_logger
 
 log = get_logger("mtdiff.latents")

@@ -40,7 +40,8 @@ from mtdiff.pipeline.tracking import file_metrics, main_stage_run
 from mtdiff.sharding import (broadcast_from_main, gather_arrays, main_atomic_dir, rank_dir, save_arrays, shard_range,
                              shard_scratch)
 from mtdiff.stages import stage_main
-from mtdiff.training import DistInfo, autocast, distributed
+from mtdiff.distributed import DistInfo, distributed
+from mtdiff.precision import autocast
 from mtdiff.utils import get_logger, seed_everything
 
 log = get_logger("mtdiff.representations")

@@ -32,13 +32,13 @@ import torch
 
 from mtdiff.checkpoint import load_for_inference
 from mtdiff.config import Params
+from mtdiff.distributed import DistInfo, distributed
 from mtdiff.io import atomic_dir, save_npz, write_json
 from mtdiff.pipeline.tracking import stage_run
 from mtdiff.sampling import generate
 from mtdiff.sampling_io import sample_grid, save_png, to_pil
 from mtdiff.sharding import gather_arrays, load_arrays, rank_dir, save_arrays, shard_range, shard_scratch
 from mtdiff.stages import stage_main
-from mtdiff.training import DistInfo, distributed
 from mtdiff.utils import get_logger
 
 log = get_logger("mtdiff.sample")
