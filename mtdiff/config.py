@@ -207,7 +207,7 @@ class RepresentationsConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(400, ge=1)
+    steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
@@ -215,7 +215,7 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0)
     ema_decay: float = Field(0.999, ge=0, le=1)
     # auto: bf16 on CUDA and on CPUs with bf16 units (amx_bf16 / avx512_bf16); bf16 / fp16: CUDA only
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tf32: bool = True
     compile: bool = False
     num_workers: int = Field(0, ge=0)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TINY = {"model.channels": 8, "model.channel_mult": [1, 2], "model.attn_resolutions": [14],
+TINY = {"train.precision": "fp32", "model.channels": 8, "model.channel_mult": [1, 2], "model.attn_resolutions": [14],
         "model.depth": 2, "model.hidden_size": 64, "model.num_heads": 2, "model.patch_size": 4,
         "model.head_hidden": 32, "diffusion.timesteps": 50, "train.batch_size": 16,
         "train.warmup_steps": 2, "train.log_every": 2, "train.ckpt_every": 4, "train.steps": 6,
