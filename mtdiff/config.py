@@ -232,7 +232,7 @@ class TrainConfig(_Section):
 
 
 class SampleConfig(_Section):
-    num_samples: int = Field(500, ge=1)
+    num_samples: int = Field(750, ge=1)
     batch_size: int = Field(250, ge=1)
     steps: int = Field(50, ge=1)
     sampler: Literal["ddpm", "ddim", "dpmpp2m"] = "ddim"   # dpmpp2m: DPM-Solver++(2M), deterministic
@@ -256,7 +256,7 @@ class SampleConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    num_samples: int = Field(500, ge=1)
+    num_samples: int = Field(750, ge=1)
     # test images used as the fidelity reference and by the task heads; null: the whole test split
     num_ref: Optional[int] = Field(10000, ge=1)
     batch_size: int = Field(250, ge=1)
