@@ -23,7 +23,7 @@ export GIT_PYTHON_REFRESH := quiet
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install data-package run test test-fast bench gpu-smoke sweep serve screenshots clean
+.PHONY: install data-package run test test-fast bench gpu-smoke sweep settings serve screenshots clean
 
 install: $(STAMP)
 
@@ -63,6 +63,10 @@ test-fast: install
 
 sweep: install data-package
 	$(PY) -m flows.sweep configs/sweeps/tasks.yaml
+
+# The four settings, each alone and with the label, at equal steps (docs/settings.md)
+settings: install data-package
+	$(PY) -m flows.sweep configs/sweeps/settings.yaml
 
 serve: install
 	$(PY) -m flows.serve
