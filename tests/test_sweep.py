@@ -114,6 +114,25 @@ def test_sweep_tasks_config_points_are_valid_and_share_the_budget():
     assert len(budgets) == 1
 
 
+def test_sweep_settings_config_samples_each_setting_given_its_input_at_one_budget():
+    """configs/sweeps/settings.yaml (make settings): each setting alone and with the label, sampled
+    given its task input (transition: the source; inpainting: the masked image), one budget."""
+    cfg = load_sweep(REPO / "configs" / "sweeps" / "settings.yaml")
+    want = {"plain": ([], "uncond"), "transition": (["transition"], "transition"),
+            "inpainting": (["masked"], "masked"), "representation": (["representation"], "uncond")}
+    budgets, seen = set(), {}
+    for point in cfg.points:
+        params = load_params(DEFAULT_PARAMS, overrides=point.overrides)  # cross-checks pass
+        budgets.add((params.train.steps, params.train.batch_size, params.sample.num_samples, params.sample.steps))
+        seen[point.name] = (params.tasks.enabled, params.sample.condition)
+    assert len(budgets) == 1
+    for name, (tasks, condition) in want.items():
+        assert seen[name] == (tasks, condition)
+        if name != "plain":  # the multi-task twin: the same setting plus the label
+            assert seen[f"{name}_label"] == (["label", *tasks], condition)
+    assert "flows.sweep configs/sweeps/settings.yaml" in (REPO / "Makefile").read_text()
+
+
 def test_sweep_find_experiment_in_exp_show_json():
     show = [{"rev": "workspace", "name": None, "experiments": None},
             {"rev": "abc", "name": "main", "experiments": [
