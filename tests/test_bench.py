@@ -13,6 +13,7 @@ import torch
 from mtdiff import bench
 from mtdiff.bench import probes
 from mtdiff.models import input_shape_from_params
+from mtdiff.precision import cpu_bf16_units
 from mtdiff.train.step import TrainStep
 
 TRAIN_KEYS = {"mfu": float, "img_per_s": float, "peak_mem_mb": float, "device": str, "dtype": str,
@@ -37,7 +38,9 @@ def test_train_quick_json(workdir, capsys):
         assert isinstance(r[key], typ), f"{key}: {type(r[key]).__name__}, want {typ.__name__}"
     assert 0 < r["mfu"] < 1.5
     assert r["img_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["matmul_flops"] > 1e8
-    assert (r["device"], r["dtype"], r["batch_size"], r["steps"]) == ("cpu", "fp32", 8, 2)
+    # no --dtype: train.precision (auto) decides, bf16 on CPUs with bf16 units and fp32 elsewhere
+    want_dtype = "bf16" if cpu_bf16_units() else "fp32"
+    assert (r["device"], r["dtype"], r["batch_size"], r["steps"]) == ("cpu", want_dtype, 8, 2)
     assert r["threads"] == threads_before  # --threads not given: torch's count as found
     # MFU is exactly achieved / peak with achieved = 3 x forward FLOPs x img/s
     assert r["achieved_flops"] == pytest.approx(3 * r["flops_per_img"] * r["img_per_s"], rel=1e-9)

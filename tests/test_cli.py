@@ -91,7 +91,7 @@ def test_stage_help_lists_the_params_it_reads_with_descriptions(stage, capsys):
     for key in stage_param_keys(stage):
         assert re.search(rf"^  {re.escape(key)}[ .]", out, re.M), key
     if stage == "train":
-        assert re.search(r"^  train\.steps += 400 +optimizer steps", out, re.M)
+        assert re.search(r"^  train\.steps += 1500 +optimizer steps", out, re.M)
 
 
 def test_stage_help_as_python_m():
@@ -104,7 +104,7 @@ def test_stage_help_as_python_m():
 def test_config_explain_says_what_a_key_means(capsys):
     assert cli.main(["config", "--explain", "train.steps", "train.steps=7"]) == 0
     out = capsys.readouterr().out
-    assert "train.steps: optimizer steps in all" in out and "default 400, runs with 7" in out
+    assert "train.steps: optimizer steps in all" in out and "default 1500, runs with 7" in out
     assert cli.main(["config", "--explain", "evaluate"]) == 0
     assert "evaluate.download_weights" in capsys.readouterr().out
     assert cli.main(["config", "--explain", "train.nope"]) == 2
