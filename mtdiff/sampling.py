@@ -160,7 +160,6 @@ def generate(params: Params, model: torch.nn.Module, diffusion: MTDiffusion, met
     return npz, np.concatenate(agree) if agree else None
 
 
-
 def preview_grid(params: Params, model: torch.nn.Module, diffusion: MTDiffusion, meta: dict[str, Any],
                  device: torch.device, count: int = PREVIEW_IMAGES, tasks: Optional[TasksConfig] = None) -> np.ndarray:
     """A small grid of ``count`` samples drawn as the sample stage draws them (``sample.*`` settings, seeded

@@ -94,6 +94,11 @@ class DrawnLabel(SoftLabel):
         return torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(1).to(logits.device)
 
 
+def _mask_ratio(tasks: Optional[TasksConfig]) -> float:
+    """The masked task's ``mask_ratio`` of the call's tasks (the default without them)."""
+    return (tasks.masked if tasks is not None else MaskedTask()).mask_ratio
+
+
 @dataclass(frozen=True)
 class ExpectedMasked(InputPolicy):
     """``(1 - mask_ratio)`` times the head's image: the masked input's mean over training's masks
@@ -102,7 +107,7 @@ class ExpectedMasked(InputPolicy):
     mask_ratio: float = MaskedTask().mask_ratio
 
     def bind(self, count, shape, tasks, device, generator) -> InputPolicy:
-        return ExpectedMasked(tasks.masked.mask_ratio) if tasks is not None else self
+        return ExpectedMasked(_mask_ratio(tasks))
 
     def input(self, pred: Tensor) -> Tensor:
         return (1.0 - self.mask_ratio) * pred.float()
@@ -117,8 +122,7 @@ class PatchMasked(InputPolicy):
     mask: Optional[Tensor] = None
 
     def bind(self, count, shape, tasks, device, generator) -> InputPolicy:
-        ratio = (tasks.masked if tasks is not None else MaskedTask()).mask_ratio
-        mask = random_patch_mask(count, shape, ratio, self.patch, generator=generator, device=device)
+        mask = random_patch_mask(count, shape, _mask_ratio(tasks), self.patch, generator=generator, device=device)
         return replace(self, mask=mask.to(device, torch.float32))
 
     def input(self, pred: Tensor) -> Tensor:
@@ -126,6 +130,8 @@ class PatchMasked(InputPolicy):
 
 
 LABEL_POLICIES = {"soft": SoftLabel, "hard": HardLabel, "absent": Absent, "drawn": DrawnLabel}
+# the method's policies for a task not given (the others enter as predicted)
+DEFAULT_INPUTS: dict[str, InputPolicy] = {"label": SoftLabel(), "masked": ExpectedMasked()}
 
 
 def masked_policy(mode: str, patch: int) -> InputPolicy:
@@ -453,5 +459,3 @@ class Sampler:
         ab, c = float(self.diffusion.schedule.abar[t]), float(self.diffusion.schedule.c[t])
         return (z_t - c * A - (1 - ab) ** 0.5 * head) / ab ** 0.5
 
-
-DEFAULT_INPUTS: dict[str, InputPolicy] = {"label": SoftLabel(), "masked": ExpectedMasked()}
