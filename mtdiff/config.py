@@ -144,6 +144,14 @@ class LabelTask(_Section):
     # the label loss only on samples with t <= max_t (null: every t): the head is read as a
     # classifier at small t (evaluate.classify_t), so its capacity can go there
     max_t: Optional[int] = Field(None, ge=1)
+    # What classifies an image (evaluate's label_acc_ens). head: the label head above, on z_t at
+    # evaluate.classify_t; it mostly sees z_t carrying the label's code, so it learns to read the code
+    # back (docs/study.md). clean: a second head on pooled features of every encoder block and the
+    # middle, reading the clean image (t = 0, no task code) as it is evaluated; trained jointly, its
+    # cross-entropy weighted by classifier_weight (Joint Diffusion, Deja et al.)
+    classifier: Literal["head", "clean"] = "head"
+    classifier_weight: float = Field(1.0, ge=0)
+    classifier_dropout: float = Field(0.7, ge=0, lt=1)
 
 
 class RepresentationTask(_Section):

@@ -4,6 +4,8 @@ representation head, inpainting (masked) and image-transition errors.
 - :func:`label_head_accuracy`: ``MTDiffusion.classify`` (the label head on ``q_sample(z0, t)``, M3
   with A = 0 since nothing but the image is given) on the real test split, top-1 (and top-5) per
   t, an ensemble over several t (mean softmax) and per-class accuracy.
+- :func:`clean_classifier_accuracy`: the joint model's clean-image classifier
+  (``tasks.label.classifier: clean``: pooled encoder features of z0 at t = 0, no task code).
 - :func:`diffusion_classifier_accuracy`: the generative reference (Li et al.'s Diffusion Classifier):
   the class whose condition makes the noise easiest to predict, for the class-conditional baseline
   and the joint model alike.
@@ -121,6 +123,28 @@ def label_head_accuracy(model: Any, diffusion: Any, z0: np.ndarray | torch.Tenso
         per_t={t: {k: mean(v) for k, v in hits[t].items()} for t in t_values},
         ensemble_t=ensemble_t, ensemble={k: mean(v) for k, v in ens_hits.items()},
         per_class_t=t_pc, per_class=per_class_accuracy(np.concatenate(pc_correct), labels, int(K or 0)))
+
+
+@torch.no_grad()
+def clean_classifier_accuracy(model: Any, z0: np.ndarray | torch.Tensor, labels: np.ndarray, *,
+                              topk: Sequence[int] = (1,), batch_size: int = 256,
+                              device: torch.device | str = "cpu") -> tuple[dict[int, float], np.ndarray]:
+    """``model.classifier_logits`` on clean test images ``z0``: ``({k: top-k accuracy}, per-class top-1)``."""
+    device = torch.device(device)
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(z0) != len(labels):
+        raise ValueError(f"clean_classifier_accuracy: {len(z0)} images but {len(labels)} labels")
+    hits: dict[int, list[torch.Tensor]] = {k: [] for k in topk}
+    K = 0
+    for sl in _batches(len(labels), batch_size):
+        logits = model.classifier_logits(_to_tensor(z0[sl], device)).float()
+        K = logits.shape[-1]
+        y = torch.as_tensor(labels[sl], device=device)
+        for k in topk:
+            hits[k].append(topk_hits(logits, y, k).cpu())
+    top1 = torch.cat(hits[topk[0]]).numpy() if labels.size else np.zeros(0, bool)
+    return ({k: float(torch.cat(v).float().mean()) for k, v in hits.items()},
+            per_class_accuracy(top1, labels, K))
 
 
 def _class_condition(model: Any, z: torch.Tensor, c: int):

@@ -204,17 +204,20 @@ class DiTBackbone(nn.Module):
         """Blocks before the midpoint: where a mid-depth readout (label feedback) reads the tokens."""
         return self.depth // 2
 
+    def embed(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens with positions (B, N, D) and the timestep embedding (B, D)."""
+        # contiguous: the transposed view would make every residual op keep its strided layout and
+        # every LayerNorm copy its input, forward and backward (measured: 50 copies per CPU step)
+        x = self.x_embedder(z_t).flatten(2).transpose(1, 2).contiguous()
+        return x + self.pos_embed.to(x.dtype), self.t_embedder(t)
+
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, extra_cond: torch.Tensor | None = None,
                 mid_cond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 stop_at_mid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``extra_cond`` (B, D) is added to the timestep embedding (DiT's class embedding slot).
         ``mid_cond(x, c) -> (B, D)``, when given, reads the tokens after the first :attr:`mid` blocks and
         is added to ``c`` for the rest; ``stop_at_mid`` returns the tokens and ``c`` at that point."""
-        # contiguous: the transposed view would make every residual op keep its strided layout and
-        # every LayerNorm copy its input, forward and backward (measured: 50 copies per CPU step)
-        x = self.x_embedder(z_t).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
-        x = x + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(t)
+        x, c = self.embed(z_t, t)
         if extra_cond is not None:
             c = c + extra_cond
         split = self.mid if (mid_cond is not None or stop_at_mid) else self.depth
@@ -227,3 +230,17 @@ class DiTBackbone(nn.Module):
         for block in self.blocks[split:]:
             x = block(x, c)
         return x, c
+
+    @property
+    def pooled_blocks(self) -> int:
+        """Blocks whose pooled tokens a classifier reads: the first half (the "encoder"), at least one."""
+        return max(self.mid, 1)
+
+    def pooled_features(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The mean token after each of the first :attr:`pooled_blocks` blocks: (B, pooled_blocks * D)."""
+        x, c = self.embed(z, t)
+        pooled = []
+        for block in self.blocks[:self.pooled_blocks]:
+            x = block(x, c)
+            pooled.append(x.mean(dim=1))
+        return torch.cat(pooled, dim=1)

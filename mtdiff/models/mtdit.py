@@ -28,7 +28,7 @@ class MTDiT(TaskModel):
                  num_heads: int, mlp_ratio: float = 4.0, head_hidden: int = 256,
                  tasks: Sequence[str] = (), num_classes: Optional[int] = None,
                  repr_dim: Optional[int] = None, class_conditional: bool = False, class_dropout: float = 0.0,
-                 label_feedback: bool = False):
+                 label_feedback: bool = False, classifier_dropout: Optional[float] = None):
         super().__init__()
         self._init_tasks(input_shape, tasks, num_classes, repr_dim)
         self.class_dropout = class_dropout
@@ -54,6 +54,10 @@ class MTDiT(TaskModel):
                 self.heads[name] = PooledHead(hidden_size, head_hidden, repr_dim)
             else:
                 self.heads[name] = ImageHead(hidden_size, patch_size, c, grid)
+        self._init_classifier(self.backbone.pooled_blocks * hidden_size, head_hidden, classifier_dropout)
+
+    def pooled_features(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.backbone.pooled_features(z, t)
 
     def features(self, z_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                  out: Optional[dict[str, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:

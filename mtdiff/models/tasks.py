@@ -136,6 +136,20 @@ class PooledHead(nn.Module):
         return self.fc2(self.act(self.fc1(self.norm(h.mean(dim=1)))))
 
 
+class PooledClassifier(nn.Module):
+    """The clean-image classifier: pooled backbone features -> LayerNorm -> Linear -> GELU -> dropout
+    -> Linear -> logits (Joint Diffusion's head, LayerNorm for its BatchNorm: no running statistics
+    for the EMA copy or DDP ranks to disagree on)."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(in_features), nn.Linear(in_features, hidden), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
 class ImageHead(nn.Module):
     """Per-token adaLN final layer -> linear -> unpatchify to (B, C, H, W): noise / masked / paired heads."""
 
@@ -164,6 +178,27 @@ class TaskModel(nn.Module):
     """
 
     class_conditional = False
+
+    def _init_classifier(self, feature_dim: int, hidden: int, dropout: Optional[float]) -> None:
+        """Build :class:`PooledClassifier` on ``feature_dim`` pooled features when ``dropout`` is set
+        (``tasks.label.classifier: clean``), else ``self.classifier = None``; it needs the label task's classes."""
+        if dropout is None:
+            self.classifier = None
+            return
+        if "label" not in self.task_names:
+            raise ValueError("tasks.label.classifier 'clean' needs tasks.label.enabled: true")
+        self.classifier = PooledClassifier(feature_dim, hidden, self.num_classes, dropout)
+
+    def pooled_features(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, F) spatially pooled backbone features the clean-image classifier reads."""
+        raise NotImplementedError(f"{type(self).__name__} has no pooled features for a classifier")
+
+    def classifier_logits(self, z0: torch.Tensor) -> torch.Tensor:
+        """The clean-image classifier on ``z0`` at t = 0 with no task code: (B, K) logits."""
+        if getattr(self, "classifier", None) is None:
+            raise KeyError("the model has no clean-image classifier (tasks.label.classifier is not 'clean')")
+        t = torch.zeros(z0.shape[0], dtype=torch.long, device=z0.device)
+        return self.classifier(self.pooled_features(z0, self._check_inputs(z0, t)))
 
     def _init_tasks(self, input_shape: Sequence[int], tasks: Sequence[str], num_classes: Optional[int],
                     repr_dim: Optional[int]) -> None:

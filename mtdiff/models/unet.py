@@ -156,6 +156,8 @@ class UNetBackbone(nn.Module):
             if not last:
                 skips.append(chans)
                 res = (res + 1) // 2
+        # what pooled_features concatenates: every encoder map (the skips) and the middle's output
+        self.pooled_channels = sum(skips) + chans
         self.mid = nn.ModuleList([ResBlock(chans, chans, self.emb_dim, dropout, g), AttentionBlock(chans, heads, g),
                                   ResBlock(chans, chans, self.emb_dim, dropout, g)])
         self.bottleneck_channels = chans
@@ -202,6 +204,11 @@ class UNetBackbone(nn.Module):
                 h = down(h)
                 hs.append(h)
         return self.mid[2](self.mid[1](self.mid[0](h, emb)), emb), hs, emb
+
+    def pooled_features(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Every encoder block's map and the middle's, each mean-pooled over space: (B, pooled_channels)."""
+        bottleneck, hs, _ = self.encode(z, t)
+        return torch.cat([h.mean(dim=(2, 3)) for h in (*hs, bottleneck)], dim=1)
 
 
 class ConvHead(nn.Module):
@@ -253,7 +260,8 @@ class MTUNet(TaskModel):
                  num_res_blocks: int, attn_resolutions: Sequence[int], num_heads: int, head_hidden: int,
                  dropout: float = 0.0, tasks: Sequence[str] = (), num_classes: Optional[int] = None,
                  repr_dim: Optional[int] = None, class_conditional: bool = False, class_dropout: float = 0.0,
-                 label_feedback: bool = False, norm_groups: int = NORM_GROUPS):
+                 label_feedback: bool = False, norm_groups: int = NORM_GROUPS,
+                 classifier_dropout: Optional[float] = None):
         super().__init__()
         self._init_tasks(input_shape, tasks, num_classes, repr_dim)
         self.class_dropout = class_dropout  # P(null label) in training: classifier-free guidance
@@ -275,6 +283,10 @@ class MTUNet(TaskModel):
                                                   zero_init_out=name == "label", groups=norm_groups)
             else:
                 self.heads[name] = ConvHead(bb.out_channels, c, norm_groups)
+        self._init_classifier(bb.pooled_channels, head_hidden, classifier_dropout)
+
+    def pooled_features(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.backbone.pooled_features(z, t)
 
     def _bottleneck_hw(self, h: int, w: int) -> tuple[int, int]:
         for _ in self.backbone.channel_mult[1:]:

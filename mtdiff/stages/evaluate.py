@@ -25,8 +25,10 @@ Domain (Fashion-MNIST CNN of the representations stage, default profile)
     ``class_entropy_fmnist_cnn``: entropy of the network's class histogram of the samples over
     log K (1: every class equally often; unconditional samplers that favour a few classes fall below).
 Label head (tasks.label)
-    ``label_acc_t<t>`` for t in ``evaluate.classify_t``, ``label_acc_ens`` (softmax
-    averaged over those t), ImageNet also ``label_top5_t<t>``, ``label_top5_ens``.
+    ``label_acc_t<t>`` for t in ``evaluate.classify_t``, ``label_acc_ens``: the model's classifier,
+    the label head's softmax averaged over those t, or with ``tasks.label.classifier: clean`` the
+    clean-image classifier (the head's ensemble then in ``label_acc_head_ens``); ImageNet also
+    ``label_top5_t<t>``, ``label_top5_ens``.
 Representation head (tasks.representation)
     ``repr_cos_t<t>``: mean cosine to the encoder's test features.
 Diffusion Classifier (tasks.label or model.class_conditional; ``evaluate.diffusion_classifier_images`` > 0)
@@ -39,7 +41,7 @@ Masked / transition samples
 Plots (CSV, ``dvc plots show``; header-only when the part does not apply, so the outputs always exist):
 ``metrics/plots/label_accuracy_vs_t.csv`` (t, accuracy; t outside classify_t on the first 1000 test images),
 ``metrics/plots/per_class_accuracy.csv``
-(class, class_index, accuracy: label head at the smallest classify_t) and
+(class, class_index, accuracy: the clean-image classifier, else the label head at the smallest classify_t) and
 ``metrics/plots/per_class_sample_accuracy.csv`` (class, class_index, accuracy: domain CNN on samples).
 
     python -m mtdiff.stages.evaluate [evaluate.num_samples=500 ...]
@@ -330,11 +332,16 @@ def _label_head_metrics(inp: _Inputs, model: Any, diffusion: Any, num_classes: i
         m[name(f"label_acc_t{t}")] = res.per_t[t][1]
         if top5:
             m[name(f"label_top5_t{t}")] = res.per_t[t][5]
-    m[name("label_acc_ens")] = res.ensemble[1]
+    ensemble, per_class = res.ensemble, res.per_class
+    if getattr(model, "classifier", None) is not None:  # the clean-image classifier is the model's
+        m[name("label_acc_head_ens")] = ensemble[1]
+        ensemble, per_class = acc.clean_classifier_accuracy(model, z0, inp.test_labels[:inp.n_test], topk=topk,
+                                                            batch_size=ev.batch_size, device=inp.device)
+    m[name("label_acc_ens")] = ensemble[1]
     if top5:
-        m[name("label_top5_ens")] = res.ensemble[5]
+        m[name("label_top5_ens")] = ensemble[5]
     plots = {ACC_VS_T: [[t, round(per_t[t][1], 6)] for t in curve_t],
-             PER_CLASS: _per_class_rows(res.per_class, inp.classes)}
+             PER_CLASS: _per_class_rows(per_class, inp.classes)}
     return m, plots
 
 
