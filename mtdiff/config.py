@@ -189,6 +189,11 @@ class TasksConfig(_Section):
         """Names of the enabled extra tasks, in a fixed order."""
         return [n for n in TASKS if getattr(self, n).enabled]
 
+    @property
+    def clean_classifier(self) -> bool:
+        """Whether the model carries the clean-image classifier (a loss term of its own)."""
+        return self.label.enabled and self.label.classifier == "clean"
+
 
 class PrepareConfig(_Section):
     num_workers: int = Field(2, ge=0)

@@ -753,3 +753,32 @@ def test_gpu_losses_and_samplers_with_cpu_generator():
     assert a["z0"].device.type == "cuda" and torch.allclose(a["z0"], b["z0"], atol=1e-5)
     logp = diff.classify(model, z0, [1, 10], generator=g)
     assert logp.shape == (16, K) and logp.device.type == "cuda"
+
+
+def test_training_losses_trains_the_clean_classifier_on_the_image_alone(make_params):
+    """tasks.label.classifier clean: a cross-entropy of the classifier on z0 (t = 0, no label code),
+    weighted by classifier_weight, and its gradient reaches the shared encoder (Joint Diffusion)."""
+    from mtdiff.models import build_model
+
+    over = {"model.channels": 8, "model.channel_mult": [1, 2], "tasks.label.classifier": "clean",
+            "tasks.label.classifier_dropout": 0.0, "sample.condition": "label"}
+    params = make_params(over)
+    torch.manual_seed(0)
+    model = build_model(params, None, 10)
+    diff = MTDiffusion(params.diffusion)
+    g = torch.Generator().manual_seed(1)
+    z0, y = torch.randn(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g)
+    t, noise = torch.randint(1, 1001, (4,), generator=g), torch.randn(4, 1, 28, 28, generator=g)
+    tc = params.tasks
+    res = diff.training_losses(model, z0, {"label": y}, tc, t=t, noise=noise)
+    assert res["classifier"].item() == pytest.approx(F.cross_entropy(model.classifier_logits(z0), y).item(), rel=1e-5)
+    no_clf = tc.model_copy(update={"label": tc.label.model_copy(update={"classifier_weight": 0.0})})
+    base = diff.training_losses(model, z0, {"label": y}, no_clf, t=t, noise=noise)
+    assert res["loss"].item() == pytest.approx(base["loss"].item() + res["classifier"].item(), rel=1e-5)
+    grads = []
+    for loss in (res["loss"], base["loss"]):
+        model.zero_grad()
+        loss.backward()
+        grads.append(model.backbone.conv_in.weight.grad.clone())
+    assert model.classifier.net[1].weight.grad is not None
+    assert not torch.allclose(grads[0], grads[1])  # the classifier shapes the shared encoder

@@ -53,7 +53,7 @@ def test_train_outputs_are_cacheable_and_plots_declared():
     assert "samples/grid.png" in plots
     (stage_plot,) = dvc["stages"]["train"]["plots"]
     assert stage_plot["metrics/train_log.csv"]["y"] == "loss"
-    assert plots["loss terms"]["loss terms"]["y"] == {"metrics/train_log.csv": ["eps", *ALL_TASKS]}
+    assert plots["loss terms"]["loss terms"]["y"] == {"metrics/train_log.csv": ["eps", *ALL_TASKS, "classifier"]}
     from mtdiff.train.meter import TRAIN_LOG_COLUMNS
 
     for p in plots.values():

@@ -289,6 +289,49 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     assert json.loads((params.metrics_dir / "evaluate.json").read_text()) == m
 
 
+def test_evaluate_label_acc_ens_is_the_clean_classifier_where_the_model_has_one(make_params, monkeypatch):
+    """tasks.label.classifier clean: label_acc_ens (and the per-class plot) come from the clean-image
+    classifier on the test split; the label head's ensemble stays beside it as label_acc_head_ens."""
+    from mtdiff.models import build_model
+
+    params = make_params({**TINY, "evaluate.inception": False, "evaluate.diffusion_classifier_images": 0,
+                          "tasks.label.classifier": "clean"})
+    images = write_prepared(params)
+    write_samples(params, images[:40], "label", labels=(np.arange(40) % K).astype(np.int64))
+    write_encoder(params)
+    torch.manual_seed(0)
+    model = build_model(params, repr_dim=None, num_classes=K).eval()
+    monkeypatch.setattr(evaluate, "load_model", lambda p, device: (model, MTDiffusion(p.diffusion), {"num_classes": K}))
+    evaluate.run(params)
+    m = json.loads((params.metrics_dir / "evaluate.json").read_text())
+    test_labels = np.load(params.prepared_dir / "test_labels.npy")[:32]
+    z0 = images[:32].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+    expected, per_class = acc.clean_classifier_accuracy(model, z0, test_labels)
+    assert m["label_acc_ens"] == expected[1]
+    head = acc.label_head_accuracy(model, MTDiffusion(params.diffusion), z0, test_labels, params.evaluate.classify_t,
+                                   seed=params.seed)
+    assert m["label_acc_head_ens"] == head.ensemble[1]
+    rows = read_csv(params.metrics_dir / "plots" / "per_class_accuracy.csv")[1:]
+    assert [float(r[2]) for r in rows] == [round(float(a), 6) for a in per_class if np.isfinite(a)]
+
+
+def test_clean_classifier_accuracy_top_k_and_per_class():
+    class Levels(nn.Module):  # the classifier reads the clean image's level
+        def classifier_logits(self, z0):
+            return -200.0 * (z0.mean(dim=(1, 2, 3))[:, None] - torch.as_tensor(LEVELS, dtype=z0.dtype)[None]) ** 2
+
+    labels = np.arange(30) % K
+    z0 = level_images(labels)
+    top, per_class = acc.clean_classifier_accuracy(Levels(), z0, labels, topk=(1, 5), batch_size=7)
+    assert top == {1: 1.0, 5: 1.0} and np.array_equal(per_class, np.ones(K))
+    wrong = (labels + 1) % K
+    top, per_class = acc.clean_classifier_accuracy(Levels(), z0, wrong, topk=(1, 5))
+    # the next level is the second-nearest but for the last class (its 'next' is class 0): 27 of 30
+    assert top[1] == 0.0 and top[5] == pytest.approx(0.9) and np.array_equal(per_class, np.zeros(K))
+    with pytest.raises(ValueError, match="labels"):
+        acc.clean_classifier_accuracy(Levels(), z0, labels[:3])
+
+
 @pytest.mark.parametrize("condition", ["masked", "transition"])
 def test_evaluate_stage_image_conditions_via_cli(make_params, monkeypatch, workdir, condition):
     overrides = {**TINY, "tasks.label.enabled": False, f"tasks.{condition}.enabled": True,

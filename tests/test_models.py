@@ -352,3 +352,43 @@ def test_dit_label_feedback_reads_mid_depth_and_conditions_the_later_blocks():
         fed.heads["label"].fc2.bias.add_(torch.arange(NUM_CLASSES, dtype=torch.float32))
         assert not torch.allclose(base, fed(z, t)["eps"])  # eps now follows the label head's prediction
     assert plain.feedback is None
+
+
+# -- the clean-image classifier (tasks.label.classifier: clean) --------------------------------------
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_clean_classifier_reads_pooled_features_of_the_clean_image(make_params, backbone):
+    over = {"model.backbone": backbone, "model.channels": 8, "model.channel_mult": [1, 2]}
+    plain = build_model(_params(make_params, ("label",), **over), None, NUM_CLASSES)
+    assert plain.classifier is None
+    with pytest.raises(KeyError, match="classifier"):
+        plain.classifier_logits(torch.zeros(2, 1, 28, 28))
+    params = _params(make_params, ("label",), **over, **{"tasks.label.classifier": "clean",
+                                                          "tasks.label.classifier_dropout": 0.3})
+    torch.manual_seed(0)
+    model = build_model(params, None, NUM_CLASSES).eval()
+    assert model.classifier.net[3].p == 0.3
+    z0 = torch.randn(3, 1, 28, 28)
+    t0 = torch.zeros(3, dtype=torch.long)
+    feats = model.pooled_features(z0, t0)
+    # U-Net: every encoder map and the middle, one mean per channel; DiT: the first half's blocks
+    width = model.backbone.pooled_channels if backbone == "unet" else model.backbone.pooled_blocks * 32
+    assert feats.shape == (3, width) and model.classifier.net[0].normalized_shape == (width,)
+    logits = model.classifier_logits(z0)
+    assert logits.shape == (3, NUM_CLASSES)
+    torch.testing.assert_close(logits, model.classifier(feats))
+    # per image: a batch of one gives the same logits (no batch statistics, LayerNorm not BatchNorm)
+    torch.testing.assert_close(model.classifier_logits(z0[1:2]), logits[1:2], rtol=1e-4, atol=1e-5)
+    # the reverse process' forward is unchanged: the classifier is no head of z_t
+    assert set(model(z0, torch.ones(3, dtype=torch.long))) == {"eps", "label"}
+
+
+def test_unet_pooled_features_are_the_encoder_maps_means(make_params):
+    params = _params(make_params, ("label",), **{"model.backbone": "unet", "model.channels": 8,
+                                                 "model.channel_mult": [1, 2], "tasks.label.classifier": "clean"})
+    torch.manual_seed(0)
+    model = build_model(params, None, NUM_CLASSES).eval()
+    z0, t0 = torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
+    bottleneck, hs, _ = model.backbone.encode(z0, t0)
+    expected = torch.cat([h.mean(dim=(2, 3)) for h in [*hs, bottleneck]], dim=1)
+    torch.testing.assert_close(model.pooled_features(z0, t0), expected)
+    assert expected.shape[1] == sum(h.shape[1] for h in hs) + bottleneck.shape[1]

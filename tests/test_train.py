@@ -251,6 +251,26 @@ def test_load_for_inference_uses_ema_weights_and_checks_params(root):
 
 # -- MLflow -------------------------------------------------------------------------------------
 
+def test_train_clean_classifier_is_logged_saved_and_kept_through_a_finetune(root):
+    """tasks.label.classifier clean: its loss is a column of the training curve and of train.json, the
+    EMA checkpoint loads with it, and a fine-tune leaving the label out still reports it (untrained)."""
+    import csv
+
+    from mtdiff.checkpoint import load_for_inference
+    from mtdiff.stages import train
+
+    params = tiny_params(root, **{"tasks.label.classifier": "clean", "train.finetune_steps": 2,
+                                  "sample.condition": "uncond"})
+    summary = train.run(params)
+    assert set(summary["final_losses"]) == {"eps", "label", "classifier"}
+    assert math.isfinite(summary["final_losses"]["classifier"])
+    rows = list(csv.DictReader((root / "metrics" / "train_log.csv").open()))
+    assert [r["step"] for r in rows] == ["2", "4", "6"] and all(float(r["classifier"]) > 0 for r in rows)
+    model, _, _ = load_for_inference(params, device="cpu")
+    assert model.classifier is not None and not model.classifier.training
+    assert model.classifier_logits(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_train_logs_to_mlflow(root, monkeypatch):
     from fixtures.mlflow_store import sqlite_store
     from mlflow import MlflowClient

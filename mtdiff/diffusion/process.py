@@ -247,10 +247,14 @@ class MTDiffusion:
                     terms[n] = TASK_LOSSES[n](out[n].float(), targets[n], z0, tasks_cfg, t)
         # a zero weight leaves the head out of the graph (a fine-tune: no gradient, no Adam drift)
         total = terms["eps"] + sum(w * terms[n] for n in enabled if (w := float(getattr(tasks_cfg, n).weight)))
-        if "label" in enabled and getattr(model, "classifier", None) is not None:
-            # the clean-image classifier: its own pass over z0 (t = 0, no task code), as evaluated
-            terms["classifier"] = _cross_entropy(model.classifier_logits(z0).float(), targets["label"], "mean")
-            total = total + float(tasks_cfg.label.classifier_weight) * terms["classifier"]
+        if getattr(model, "classifier", None) is not None and "label" in targets:
+            # the clean-image classifier: its own pass over z0 (t = 0, no task code), as evaluated;
+            # trained with the label task, reported only where a fine-tune leaves the label out
+            trained = "label" in enabled
+            with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
+                terms["classifier"] = _cross_entropy(model.classifier_logits(z0).float(), targets["label"], "mean")
+            if trained:
+                total = total + float(tasks_cfg.label.classifier_weight) * terms["classifier"]
         return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
 
     def _primary_loss(self, pred: Tensor, target: Tensor, t: Tensor) -> Tensor:

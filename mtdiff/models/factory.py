@@ -44,9 +44,7 @@ def build_model(params, repr_dim: Optional[int], num_classes: int, *,
         return ReferenceUNet(shape, base_channels=mc.channels, channel_mult=mc.channel_mult,
                              num_res_blocks=mc.num_res_blocks, norm_groups=mc.norm_groups, num_classes=num_classes,
                              class_conditional=mc.class_conditional, class_dropout=mc.class_dropout)
-    label = params.tasks.label
-    clean = label.enabled and label.classifier == "clean"
-    common["classifier_dropout"] = label.classifier_dropout if clean else None
+    common["classifier_dropout"] = params.tasks.label.classifier_dropout if params.tasks.clean_classifier else None
     if mc.backbone == "unet":
         return MTUNet(shape, base_channels=mc.channels, channel_mult=mc.channel_mult,
                       num_res_blocks=mc.num_res_blocks, attn_resolutions=mc.attn_resolutions,

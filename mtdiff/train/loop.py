@@ -116,7 +116,9 @@ def _loop(session: Session, progress: Progress, tracker: Any,
     """Train from ``progress`` to ``train.steps``, logging and checkpointing on the way; a stop
     signal (``watch``) saves the resumable state at the next step boundary and raises Preempted."""
     tc = session.params.train
-    meter = TrainMeter(["loss", "eps", *session.params.tasks.enabled], tc.batch_size, session.info)
+    tasks = session.params.tasks
+    meter = TrainMeter(["loss", "eps", *tasks.enabled, *(["classifier"] if tasks.clean_classifier else [])],
+                       tc.batch_size, session.info)
     bar = tqdm(total=tc.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                disable=(not session.info.is_main) or None, mininterval=1.0)
     while progress.step < tc.steps:

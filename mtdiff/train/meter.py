@@ -110,7 +110,7 @@ class TrainMeter:
 # Columns of the per-step training log (metrics/train_log.csv, the `dvc plots` of dvc.yaml): every
 # task has a column, empty when the task is off, so the plots' definitions fit every configuration.
 TRAIN_LOG_COLUMNS = ("step", "epoch", "loss", "eps", "label", "representation", "masked", "transition",
-                     "lr", "grad_norm", "img_per_s")
+                     "classifier", "lr", "grad_norm", "img_per_s")
 
 
 class TrainLog:
