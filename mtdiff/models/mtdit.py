@@ -56,9 +56,6 @@ class MTDiT(TaskModel):
                 self.heads[name] = ImageHead(hidden_size, patch_size, c, grid)
         self._init_classifier(self.backbone.pooled_blocks * hidden_size, head_hidden, classifier_dropout)
 
-    def pooled_features(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.backbone.pooled_features(z, t)
-
     def features(self, z_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                  out: Optional[dict[str, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared ``h_t`` (B, N, D) and conditioning vector ``c`` (B, D); with label feedback the label

@@ -190,8 +190,8 @@ class TaskModel(nn.Module):
         self.classifier = PooledClassifier(feature_dim, hidden, self.num_classes, dropout)
 
     def pooled_features(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(B, F) spatially pooled backbone features the clean-image classifier reads."""
-        raise NotImplementedError(f"{type(self).__name__} has no pooled features for a classifier")
+        """(B, F) spatially pooled backbone features the clean-image classifier reads (the backbone's own)."""
+        return self.backbone.pooled_features(z, t)
 
     def classifier_logits(self, z0: torch.Tensor) -> torch.Tensor:
         """The clean-image classifier on ``z0`` at t = 0 with no task code: (B, K) logits."""

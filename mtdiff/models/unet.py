@@ -285,9 +285,6 @@ class MTUNet(TaskModel):
                 self.heads[name] = ConvHead(bb.out_channels, c, norm_groups)
         self._init_classifier(bb.pooled_channels, head_hidden, classifier_dropout)
 
-    def pooled_features(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.backbone.pooled_features(z, t)
-
     def _bottleneck_hw(self, h: int, w: int) -> tuple[int, int]:
         for _ in self.backbone.channel_mult[1:]:
             h, w = (h + 1) // 2, (w + 1) // 2
