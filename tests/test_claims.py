@@ -171,3 +171,12 @@ def test_a_claims_file_naming_an_unknown_point_or_kind_fails_naming_it_and_the_a
 def test_the_studys_claims_name_only_its_points():
     claims = load_claims(REPO / "configs" / "sweeps" / "study.claims.yaml")
     assert claims.sweep == "study" and {type(c).__name__ for c in claims.claims} == {"PairedLower", "Target", "Curve"}
+
+
+def test_every_committed_claims_file_loads_and_its_docs_carry_its_blocks():
+    for path in sorted((REPO / "configs" / "sweeps").glob("*.claims.yaml")):
+        claims = load_claims(path)
+        for doc in claims.docs:
+            text = (REPO / doc).read_text()
+            for block in claims.blocks.values():
+                assert f"<!-- {block}:" in text and f"<!-- /{block} -->" in text, (path.name, doc, block)
