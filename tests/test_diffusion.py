@@ -761,7 +761,7 @@ def test_training_losses_trains_the_clean_classifier_on_the_image_alone(make_par
     from mtdiff.models import build_model
 
     over = {"model.channels": 8, "model.channel_mult": [1, 2], "tasks.label.classifier": "clean",
-            "tasks.label.classifier_dropout": 0.0, "sample.condition": "label"}
+            "tasks.label.classifier_weight": 1.0, "tasks.label.classifier_dropout": 0.0, "sample.condition": "label"}
     params = make_params(over)
     torch.manual_seed(0)
     model = build_model(params, None, 10)

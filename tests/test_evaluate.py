@@ -238,7 +238,7 @@ def test_evaluate_stage_schema_label_condition(make_params, monkeypatch, workdir
     domain = {f"{k}_{space}" for k in ("fid", "kid", "kid_std", "precision", "recall", "f_score", "cond_acc",
                                         "class_entropy")
               for space in ("fmnist_cnn", "fmnist_eval")}
-    label = {"label_acc_t1", "label_acc_t10", "label_acc_t50", "label_acc_ens"}
+    label = {"label_acc_t1", "label_acc_t10", "label_acc_t50", "label_acc_ens", "label_acc_head_ens"}  # clean: both
     always = {"num_samples", "num_reference", "num_test_eval", "condition", "data_source",
               "inception_skipped_reason", "domain_skipped_reason", "label_head_skipped_reason",
               "diffusion_classifier_skipped_reason"}

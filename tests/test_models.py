@@ -358,7 +358,8 @@ def test_dit_label_feedback_reads_mid_depth_and_conditions_the_later_blocks():
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_clean_classifier_reads_pooled_features_of_the_clean_image(make_params, backbone):
     over = {"model.backbone": backbone, "model.channels": 8, "model.channel_mult": [1, 2]}
-    plain = build_model(_params(make_params, ("label",), **over), None, NUM_CLASSES)
+    plain = build_model(_params(make_params, ("label",), **over, **{"tasks.label.classifier": "head"}), None,
+                        NUM_CLASSES)
     assert plain.classifier is None
     with pytest.raises(KeyError, match="classifier"):
         plain.classifier_logits(torch.zeros(2, 1, 28, 28))

@@ -36,7 +36,7 @@ def test_train_writes_checkpoints_and_metrics(root):
     summary = train.run(params)
 
     assert summary["steps"] == 6 and summary["resumed_from_step"] is None
-    assert set(summary["final_losses"]) == {"eps", *ALL_TASKS}
+    assert set(summary["final_losses"]) == {"eps", *ALL_TASKS, "classifier"}  # the default clean classifier
     assert all(math.isfinite(v) for v in summary["final_losses"].values())
     assert summary["img_per_s"] > 0 and summary["world_size"] == 1 and summary["precision"] == "fp32"
     on_disk = json.loads((root / "metrics" / "train.json").read_text())
