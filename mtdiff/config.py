@@ -149,7 +149,7 @@ class LabelTask(_Section):
     # back (docs/study.md). clean: a second head on pooled features of every encoder block and the
     # middle, reading the clean image (t = 0, no task code) as it is evaluated; trained jointly, its
     # cross-entropy weighted by classifier_weight (Joint Diffusion, Deja et al.). Default clean at 0.1:
-    # 0.875 +- 0.003 against the head's 0.756 at FID within joint_label's bound; weight 1 classifies
+    # 0.876 +- 0.003 against the head's 0.753 +- 0.007 (3 seeds) at joint_label's FID; weight 1 classifies
     # no better and costs FID (its gradient dominates the clipped step; docs/study.md, issue #33)
     classifier: Literal["head", "clean"] = "clean"
     classifier_weight: float = Field(0.1, ge=0)
