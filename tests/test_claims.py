@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mtdiff.config import ConfigError
-from mtdiff.pipeline.claims import load_claims, main, paired, plot_curve, points_table, verdict, verdict_table
+from mtdiff.pipeline.claims import load_claims, main, paired, plot_curves, points_table, verdict, verdict_table
 
 REPO = Path(__file__).resolve().parent.parent
 POINTS = ("base", "base_cfg2", "masked", "joint", "repr", "repr_ft", "uncond", "uncond_drawn", "single",
@@ -148,10 +148,34 @@ def test_curve_reads_the_last_step_against_the_seed_spread_before_it(tmp_path):
         text = verdict_table(claims, tmp_path / "c.csv").splitlines()[2]
         assert "no longer improving fast: FID at 750 → 1500 → 3000 steps" in text and text.endswith(f"| {expect} |")
         assert f"20.0 (1) → 10.0 ± 2.0 (3) → {longer:.1f} (1); 1500 → 3000 gains {gain:.1f} vs seed std 2.0" in text
-    png = plot_curve(tmp_path / "c.csv", tmp_path / "curve.png", tuple(curve), claims.spaces)
+    png = plot_curves(tmp_path / "c.csv", tmp_path / "curve.png", {"base": tuple(curve)}, claims.spaces)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pd.DataFrame(budget).to_csv(tmp_path / "c.csv", index=False)
     assert verdict_table(claims, tmp_path / "c.csv").endswith("| not run |")
+
+
+def test_curves_plot_draws_every_curve_claim_in_one_figure(tmp_path):
+    """With ``curves_plot`` the file's curve claims (each named by its label) share one plot beside
+    the csv, each keeping its own; without the key only their own are drawn."""
+    rows = [run(p, s, fid + s, **{"train.steps": steps}) for p, steps, fid in (
+        ("base_short", 750, 20.0), ("base", 1500, 12.0), ("base_long", 3000, 9.0),
+        ("joint_w05", 750, 22.0), ("joint", 1500, 13.0), ("joint_drop05", 3000, 8.0)) for s in range(2)]
+    pd.DataFrame(rows).to_csv(tmp_path / "comparison.csv", index=False)
+    curves = [{"kind": "curve", "text": f"{name} resolves", "points": points, "plot": f"{name}.png", "label": name}
+              for name, points in (("baseline", ["base_short", "base", "base_long"]),
+                                   ("joint", ["joint_w05", "joint", "joint_drop05"]))]
+    path = claims_file(tmp_path, curves)
+    (tmp_path / "doc.md").write_text("<!-- v: x -->\n<!-- /v -->\n<!-- p: x -->\n<!-- /p -->\n")
+    assert main([str(path), "--comparison", str(tmp_path / "comparison.csv"), "--write", str(tmp_path / "doc.md")]) == 0
+    assert {p.name for p in tmp_path.glob("*.png")} == {"fid_per_seed.png", "baseline.png", "joint.png"}
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "curves_plot": "all_curves.png"}))
+    assert load_claims(path).claims[0].name == "baseline"
+    assert main([str(path), "--comparison", str(tmp_path / "comparison.csv"), "--write", str(tmp_path / "doc.md")]) == 0
+    assert (tmp_path / "all_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    path.write_text(yaml.safe_dump({**raw, "curve_plots": "x.png"}))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['curve_plots'\].*optional: curves_plot"):
+        load_claims(path)
 
 
 @pytest.mark.parametrize("claim, named", [

@@ -16,7 +16,8 @@ sampling noise *and* the evaluation networks, so points are compared seed by see
   ``target``, the level of the ``reference`` (read at ``point`` as ``reference_metric``).
 - ``curve``: ``points`` ascending in ``train.steps`` (a budget's curve); *holds* (the budget
   resolves) when the last one gains less FID over the one before, paired by seed, than that one's
-  spread over seeds (the noise every comparison already carries). ``plot`` draws it beside the csv.
+  spread over seeds (the noise every comparison already carries). ``plot`` draws it beside the csv;
+  the file's optional ``curves_plot`` draws every curve claim in one plot (each named by its ``label``).
 
 ``--write`` puts the verdict table and the points table (every finished point's ``columns``, its grid
 linked) between the ``<!-- <block>: ... -->`` and ``<!-- /<block> -->`` markers of ``docs`` (the files
@@ -69,12 +70,18 @@ class Curve:
     paper: str
     points: tuple[str, ...]
     plot: str
+    label: str = ""  # its name in a plot of several curves (default: the budget's point, the one before the last)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.points[-2]
 
 
 Claim = PairedLower | Target | Curve
 KINDS: dict[str, type] = {"paired_lower": PairedLower, "target": Target, "curve": Curve}
 FILE_KEYS = {"sweep", "docs", "blocks", "spaces", "best_in", "min_seeds", "confidence", "plot", "header",
              "columns", "claims"}
+OPTIONAL_FILE_KEYS = {"curves_plot": ""}  # every curve claim in one plot, beside the csv (none when empty)
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ class Claims:
     blocks: dict[str, str]  # {"verdicts": marker name, "points": marker name}
     docs: tuple[str, ...]
     plot: str
+    curves_plot: str = ""
 
 
 def _points_named(claim: Claim) -> list[str]:
@@ -144,11 +152,11 @@ def load_claims(path: str | Path) -> Claims:
     raw = read_yaml(path, "claims file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    unknown = sorted(set(raw) - FILE_KEYS)
+    unknown = sorted(set(raw) - FILE_KEYS - set(OPTIONAL_FILE_KEYS))
     missing = sorted(FILE_KEYS - set(raw))
     if unknown or missing:
         raise ConfigError(f"{path}: unknown key(s) {unknown}, missing key(s) {missing}; "
-                          f"keys: {', '.join(sorted(FILE_KEYS))}")
+                          f"keys: {', '.join(sorted(FILE_KEYS))}; optional: {', '.join(OPTIONAL_FILE_KEYS)}")
     sweep = load_sweep(path.parent / raw["sweep"])
     points = {p.name.partition(SEED_SUFFIX)[0] for p in sweep.points}
     if not isinstance(raw["claims"], list):
@@ -159,7 +167,8 @@ def load_claims(path: str | Path) -> Claims:
     return Claims(sweep=sweep.name, claims=claims, spaces=tuple(raw["spaces"]), best_in=str(raw["best_in"]),
                   min_seeds=int(raw["min_seeds"]), confidence=float(raw["confidence"]), header=str(raw["header"]),
                   columns=tuple((str(h), str(m), int(d)) for h, m, d in raw["columns"]), blocks=dict(raw["blocks"]),
-                  docs=tuple(raw["docs"]), plot=str(raw["plot"]))
+                  docs=tuple(raw["docs"]), plot=str(raw["plot"]),
+                  curves_plot=str(raw.get("curves_plot", OPTIONAL_FILE_KEYS["curves_plot"])))
 
 
 def fid(space: str) -> str:
@@ -368,34 +377,51 @@ def plot_points(comparison_csv: str | Path, path: str | Path, spaces: tuple[str,
         plt.close(fig)
 
 
-def plot_curve(comparison_csv: str | Path, path: str | Path, points: tuple[str, ...],
-               spaces: tuple[str, ...]) -> Path:
-    """FID against training steps of the curve's ``points`` in each space: one dot per run, a seed's
-    runs joined by a line (the paired reading), the mean per point as a square (written atomically as PNG)."""
+CURVE_COLORS = ("#4C72B0", "#C44E52", "#55A868", "#8172B2", "#CCB974", "#64B5CD")
+
+
+def plot_curves(comparison_csv: str | Path, path: str | Path, series: dict[str, tuple[str, ...]],
+                spaces: tuple[str, ...]) -> Path:
+    """FID against training steps in each space, a colour per series (its ``points``): one dot per run,
+    a seed's runs joined by a thin line (the paired reading), the mean per point joined by a thick one
+    (written atomically as PNG). Steps double along the curve, so the axis is logarithmic."""
     frame = pd.read_csv(comparison_csv)
-    frame = frame[(frame["status"] == "ok") & base_points(frame["point"]).isin(points)]
+    frame = frame[frame["status"] == "ok"]
     if "train.steps" not in frame:  # no curve point run (a sweep file without the column): empty axes
         frame = frame.assign(**{"train.steps": pd.Series(dtype=float)})
-    frame = frame.assign(seed=[run_seed(row) for _, row in frame.iterrows()])
-    base = base_points(frame["point"])
+    frame = frame.assign(seed=[run_seed(row) for _, row in frame.iterrows()], base=base_points(frame["point"]))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(spaces), figsize=(8.0, 3.4))
+    fig, axes = plt.subplots(1, len(spaces), figsize=(8.0 if len(series) == 1 else 10.0, 3.6))
     try:
         for ax, space in zip(axes, spaces):
-            metric = fid(space)
-            for seed, runs in frame.sort_values("train.steps").groupby("seed"):  # a seed's runs joined: paired
-                ax.plot(runs["train.steps"], runs[metric], "-o", color="#4C72B0", alpha=0.6, ms=4, lw=1)
-                ax.annotate(f"seed {int(seed)}", (runs["train.steps"].iloc[-1], runs[metric].iloc[-1]),
-                            fontsize=7, xytext=(4, 0), textcoords="offset points")
-            means = frame.groupby(base)[["train.steps", metric]].mean()
-            ax.plot(means["train.steps"], means[metric], "s", color="#C44E52", ms=5)
+            for (label, points), color in zip(series.items(), CURVE_COLORS):
+                runs = frame[frame["base"].isin(points)].sort_values("train.steps")
+                _draw_series(ax, runs, fid(space), color, label, annotate=len(series) == 1)
+            steps = sorted(frame.loc[frame["base"].isin({p for ps in series.values() for p in ps}), "train.steps"].unique())
+            if steps:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(steps, [str(int(s)) for s in steps])
             ax.set_xlabel("training steps (batch 64)")
             ax.set_ylabel(f"FID {space}")
             ax.grid(alpha=0.3)
-        fig.suptitle(f"{points[-2]} by training steps: runs (dots, a seed's joined), mean (squares)", fontsize=9)
+        if len(series) > 1:
+            axes[-1].legend(fontsize=7)
+        what = next(iter(series)) if len(series) == 1 else ", ".join(series)
+        fig.suptitle(f"{what} by training steps: runs (dots, a seed's joined), mean (squares)", fontsize=9)
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _draw_series(ax, runs: pd.DataFrame, metric: str, color: str, label: str, annotate: bool) -> None:
+    """One series' runs (a seed's joined) and its mean per point (squares, joined)."""
+    for seed, seed_runs in runs.groupby("seed"):
+        ax.plot(seed_runs["train.steps"], seed_runs[metric], "-o", color=color, alpha=0.45, ms=4, lw=0.8)
+        if annotate:
+            ax.annotate(f"seed {int(seed)}", (seed_runs["train.steps"].iloc[-1], seed_runs[metric].iloc[-1]),
+                        fontsize=7, xytext=(4, 0), textcoords="offset points")
+    means = runs.groupby("base")[["train.steps", metric]].mean().sort_values("train.steps")
+    ax.plot(means["train.steps"], means[metric], "-s", color=color, ms=5, lw=1.6, label=label)
 
 
 def _pyplot():
@@ -439,8 +465,13 @@ def write(claims: Claims, comparison: Path, docs: list[str]) -> int:
             return 2
         print(f"{', '.join(written)} written into {doc}")
     print(f"plot written: {plot_points(comparison, comparison.with_name(claims.plot), claims.spaces)}")
-    for curve in (c for c in claims.claims if isinstance(c, Curve)):
-        print(f"plot written: {plot_curve(comparison, comparison.with_name(curve.plot), curve.points, claims.spaces)}")
+    curves = [c for c in claims.claims if isinstance(c, Curve)]
+    for curve in curves:
+        series = {curve.name: curve.points}
+        print(f"plot written: {plot_curves(comparison, comparison.with_name(curve.plot), series, claims.spaces)}")
+    if claims.curves_plot and curves:
+        series = {c.name: c.points for c in curves}
+        print(f"plot written: {plot_curves(comparison, comparison.with_name(claims.curves_plot), series, claims.spaces)}")
     return 0
 
 
