@@ -152,6 +152,12 @@ def test_curve_reads_the_last_step_against_the_seed_spread_before_it(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pd.DataFrame(budget).to_csv(tmp_path / "c.csv", index=False)
     assert verdict_table(claims, tmp_path / "c.csv").endswith("| not run |")
+    # points not run yet: their steps as the sweep config plans them ("?" where it does not say)
+    sweep = yaml.safe_load((tmp_path / "s.yaml").read_text())
+    sweep["points"]["base_long"] = {"train.steps": 3000}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    claims = load_claims(tmp_path / "s.claims.yaml")
+    assert "FID at ? → 1500 → 3000 steps" in verdict_table(claims, tmp_path / "c.csv")
 
 
 def test_curves_plot_draws_every_curve_claim_in_one_figure(tmp_path):

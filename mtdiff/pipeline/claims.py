@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,6 +99,7 @@ class Claims:
     docs: tuple[str, ...]
     plot: str
     curves_plot: str = ""
+    planned_steps: dict[str, int] = field(default_factory=dict)  # the sweep config's train.steps per point
 
 
 def _points_named(claim: Claim) -> list[str]:
@@ -168,7 +169,9 @@ def load_claims(path: str | Path) -> Claims:
                   min_seeds=int(raw["min_seeds"]), confidence=float(raw["confidence"]), header=str(raw["header"]),
                   columns=tuple((str(h), str(m), int(d)) for h, m, d in raw["columns"]), blocks=dict(raw["blocks"]),
                   docs=tuple(raw["docs"]), plot=str(raw["plot"]),
-                  curves_plot=str(raw.get("curves_plot", OPTIONAL_FILE_KEYS["curves_plot"])))
+                  curves_plot=str(raw.get("curves_plot", OPTIONAL_FILE_KEYS["curves_plot"])),
+                  planned_steps={p.name: int(p.overrides["train.steps"]) for p in sweep.points
+                                 if "train.steps" in p.overrides})
 
 
 def fid(space: str) -> str:
@@ -299,14 +302,15 @@ def target_row(claims: Claims, claim: Target, frame: pd.DataFrame, summary: pd.D
     return f"| {text} | {claim.paper} | {ours} vs {claim.reference} {reference[0]:.3f} | {reached} |"
 
 
-def _steps(frame: pd.DataFrame, point: str) -> str:
+def _steps(frame: pd.DataFrame, point: str, planned: dict[str, int]) -> str:
+    """``point``'s train.steps as it ran, else as its sweep config plans it."""
     rows = frame[base_points(frame["point"]) == point] if "train.steps" in frame else frame.iloc[:0]
-    return str(int(rows["train.steps"].iloc[0])) if len(rows) else "?"
+    return str(int(rows["train.steps"].iloc[0])) if len(rows) else str(planned.get(point, "?"))
 
 
 def curve_row(claims: Claims, claim: Curve, frame: pd.DataFrame, summary: pd.DataFrame) -> str:
     """The last point's FID gain over the one before, paired by seed, against that one's seed spread."""
-    steps = [_steps(frame, p) for p in claim.points]
+    steps = [_steps(frame, p, claims.planned_steps) for p in claim.points]
     cells, verdicts = [], []
     for space in claims.spaces:
         stats = [stat(summary, p, fid(space)) for p in claim.points]
