@@ -98,7 +98,7 @@ class Claims:
     blocks: dict[str, str]  # {"verdicts": marker name, "points": marker name}
     docs: tuple[str, ...]
     plot: str
-    curves_plot: str = ""
+    curves_plot: str = OPTIONAL_FILE_KEYS["curves_plot"]
     planned_steps: dict[str, int] = field(default_factory=dict)  # the sweep config's train.steps per point
 
 
@@ -394,14 +394,14 @@ def plot_curves(comparison_csv: str | Path, path: str | Path, series: dict[str, 
     if "train.steps" not in frame:  # no curve point run (a sweep file without the column): empty axes
         frame = frame.assign(**{"train.steps": pd.Series(dtype=float)})
     frame = frame.assign(seed=[run_seed(row) for _, row in frame.iterrows()], base=base_points(frame["point"]))
+    runs_of = {label: frame[frame["base"].isin(points)].sort_values("train.steps") for label, points in series.items()}
+    steps = sorted({s for runs in runs_of.values() for s in runs["train.steps"]})
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(spaces), figsize=(8.0 if len(series) == 1 else 10.0, 3.6))
     try:
         for ax, space in zip(axes, spaces):
-            for (label, points), color in zip(series.items(), CURVE_COLORS):
-                runs = frame[frame["base"].isin(points)].sort_values("train.steps")
+            for (label, runs), color in zip(runs_of.items(), CURVE_COLORS):
                 _draw_series(ax, runs, fid(space), color, label, annotate=len(series) == 1)
-            steps = sorted(frame.loc[frame["base"].isin({p for ps in series.values() for p in ps}), "train.steps"].unique())
             if steps:
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(steps, [str(int(s)) for s in steps])
