@@ -200,6 +200,17 @@ def test_sweep_seeds_repeat_the_listed_points_at_each_seed():
         load_sweep({"points": {"a": {"seed": 2}}, "seeds": {"values": [0, 1]}})
 
 
+def test_sweep_seed_groups_give_points_different_seeds():
+    groups = [{"values": [0, 1, 2], "points": ["a"]}, {"values": [0, 1], "points": ["b"]}]
+    cfg = load_sweep({"name": "s", "points": {"a": {}, "b": {}, "c": {}}, "seeds": groups})
+    assert [(p.name, p.overrides.get("seed")) for p in cfg.points] == [
+        ("a", 0), ("a__seed-1", 1), ("a__seed-2", 2), ("b", 0), ("b__seed-1", 1), ("c", None)]
+    with pytest.raises(ConfigError, match=r"seeds\[1\]\.points: \['a'\] already in an earlier seeds group"):
+        load_sweep({"points": {"a": {}, "b": {}}, "seeds": [{"values": [0, 1], "points": ["a"]}, {"values": [0, 2]}]})
+    with pytest.raises(ConfigError, match=r"seeds\[0\]\.values"):
+        load_sweep({"points": {"a": {}}, "seeds": [{"values": "0"}]})
+
+
 def test_sweep_report_mean_and_std_over_seeds(tmp_path):
     rows = [{"point": p, "status": s, "experiment": p, "params": {}, "metrics": m} for p, s, m in [
         ("a", "ok", {"evaluate/fid": 10.0}), ("a__seed-1", "ok", {"evaluate/fid": 14.0}),

@@ -11,6 +11,7 @@ A sweep config (YAML under configs/sweeps/, or a dict) holds::
     grid:                            # and/or a cartesian product: {dotted.key: [v1, v2, ...]}
       diffusion.w_max: [0.05, 0.1]
     seeds: {values: [0, 1], points: [single_task]}  # these points again at each further seed
+                                     # (or a list of such groups: other points, other seeds)
     metrics: ["evaluate/fid*"]       # main metrics to plot (globs); default: all metrics
     targets: []                      # DVC targets for `dvc exp run` (default: the whole pipeline)
 
@@ -109,29 +110,43 @@ def expand_points(base: dict[str, Any], points: dict[str, dict[str, Any]] | None
 
 def repeat_seeds(points: list[SweepPoint], seeds: Any, where: str) -> list[SweepPoint]:
     """``seeds: {values: [0, 1], points: [a, b]}``: a and b at seed 0 (their names) and at seed 1
-    (``a__seed-1``, right after a); the other points as they are."""
+    (``a__seed-1``, right after a); the other points as they are. A list of such groups gives
+    different points different seeds (each point in one group at most)."""
     if seeds is None:
         return points
-    if not isinstance(seeds, dict) or set(seeds) - {"values", "points"}:
-        raise ConfigError(f"{where}: seeds: expected {{values: [0, 1], points: [name, ...]}}")
-    values = seeds.get("values")
-    if (not isinstance(values, list) or not values or len(set(values)) != len(values)
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
-        raise ConfigError(f"{where}: seeds.values: expected a list of distinct integers, got {values!r}")
-    names = seeds.get("points") or [p.name for p in points]
-    unknown = sorted(set(names) - {p.name for p in points})
-    if unknown:
-        raise ConfigError(f"{where}: seeds.points: no point(s) {unknown}")
+    values_of: dict[str, list[int]] = {}
+    for i, group in enumerate(seeds if isinstance(seeds, list) else [seeds]):
+        at = f"{where}: seeds" + (f"[{i}]" if isinstance(seeds, list) else "")
+        values, names = _seed_group(group, points, at)
+        if twice := sorted(set(names) & set(values_of)):
+            raise ConfigError(f"{at}.points: {twice} already in an earlier seeds group")
+        values_of.update(dict.fromkeys(names, values))
     out: list[SweepPoint] = []
     for point in points:
-        if point.name not in names:
+        if point.name not in values_of:
             out.append(point)
             continue
         if "seed" in point.overrides:
             raise ConfigError(f"{where}: point {point.name} sets seed itself and is in seeds.points")
+        values = values_of[point.name]
         out.append(SweepPoint(point.name, {**point.overrides, "seed": values[0]}))
         out += [SweepPoint(f"{point.name}{SEED_SUFFIX}{v}", {**point.overrides, "seed": v}) for v in values[1:]]
     return out
+
+
+def _seed_group(group: Any, points: list[SweepPoint], at: str) -> tuple[list[int], list[str]]:
+    """One ``{values, points}`` group, validated: its seeds and its points (all when left out)."""
+    if not isinstance(group, dict) or set(group) - {"values", "points"}:
+        raise ConfigError(f"{at}: expected {{values: [0, 1], points: [name, ...]}} (or a list of them)")
+    values = group.get("values")
+    if (not isinstance(values, list) or not values or len(set(values)) != len(values)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
+        raise ConfigError(f"{at}.values: expected a list of distinct integers, got {values!r}")
+    names = group.get("points") or [p.name for p in points]
+    unknown = sorted(set(names) - {p.name for p in points})
+    if unknown:
+        raise ConfigError(f"{at}.points: no point(s) {unknown}")
+    return values, names
 
 
 def load_sweep(config: str | Path | dict[str, Any], name: str | None = None,
