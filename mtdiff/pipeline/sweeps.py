@@ -114,9 +114,10 @@ def repeat_seeds(points: list[SweepPoint], seeds: Any, where: str) -> list[Sweep
     different points different seeds (each point in one group at most)."""
     if seeds is None:
         return points
+    groups = seeds if isinstance(seeds, list) else [seeds]
     values_of: dict[str, list[int]] = {}
-    for i, group in enumerate(seeds if isinstance(seeds, list) else [seeds]):
-        at = f"{where}: seeds" + (f"[{i}]" if isinstance(seeds, list) else "")
+    for i, group in enumerate(groups):
+        at = f"{where}: seeds" + (f"[{i}]" if groups is seeds else "")
         values, names = _seed_group(group, points, at)
         if twice := sorted(set(names) & set(values_of)):
             raise ConfigError(f"{at}.points: {twice} already in an earlier seeds group")
