@@ -14,6 +14,7 @@ from __future__ import annotations
 import flows  # noqa: F401  (sets PREFECT_HOME & co. before prefect is imported)
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,11 +25,11 @@ from prefect.runtime import task_run as runtime_task_run
 
 from flows.artifacts import sweep_artifacts
 from flows.common import compute_slot, current_flow_run_id, find_repo, retryable
-from mtdiff.config import ConfigError
+from mtdiff.config import TRAIN_STATE_ROOT_ENV, ConfigError
 from mtdiff.pipeline import tracking
 from mtdiff.pipeline.dvc_runner import dvc_command, load_repo_params, run_checked, shown_command, tracked_env
 from mtdiff.pipeline.sweeps import (SweepConfig, SweepPoint, check_points, dry_run_commands, exp_name_for, exp_run_args,
-                           experiment_result, finished_rows, git_head, load_sweep, point_result_path,
+                           experiment_result, finished_rows, git_head, load_sweep, point_result_path, point_state_dir,
                            save_point_grid, save_point_result, select_points, stale_rows, sweep_report,
                            untracked_files, write_sweep_file)
 
@@ -38,14 +39,17 @@ from mtdiff.pipeline.sweeps import (SweepConfig, SweepPoint, check_points, dry_r
       retry_condition_fn=retryable)
 def run_point(point: str, overrides: dict[str, Any], exp_base: str, repo: str, targets: list[str],
               point_run_id: str | None, uri: str, tags: dict[str, str],
-              copy_paths: list[str] | None = None) -> dict[str, Any]:
-    """``dvc exp run --temp`` one point; stage runs nest under ``point_run_id``. Returns rev + metrics."""
+              copy_paths: list[str] | None = None, state_dir: str | None = None) -> dict[str, Any]:
+    """``dvc exp run --temp`` one point; stage runs nest under ``point_run_id``; its training keeps its
+    resumable state in ``state_dir`` (outside the temporary copy). Returns rev + metrics."""
     logger = get_run_logger()
     attempt = int(runtime_task_run.run_count or 1)
     exp_name = exp_base if attempt <= 1 else f"{exp_base}-try{attempt}"
     cmd = dvc_command(*exp_run_args(exp_name, overrides, targets, copy_paths))
     env = tracked_env(point_run_id, uri, flow_run_id=current_flow_run_id(),
                       tags={**tags, "dvc.exp_name": exp_name})
+    if state_dir:
+        env[TRAIN_STATE_ROOT_ENV] = state_dir
     logger.info("$ %s  (attempt %d)", shown_command(cmd), attempt)
     start = time.monotonic()
     run_checked(cmd, Path(repo), env, logger.info, what=f"exp {point}", prefix=f"[{point}] ")
@@ -71,8 +75,12 @@ def _run_and_record(point: SweepPoint, point_task: Any, cfg: SweepConfig, stamp:
         point.name, uri=uri, experiment=base_params.mlflow.experiment, parent_run_id=sweep_run.run_id,
         tags={**point_tags, "mtdiff.kind": "sweep_point", "dvc.exp_name": exp_base, "git_commit": head})
     tracking.log_run_params(point_run, load_repo_params(root, point.overrides), point.overrides)
+    state_dir = point_state_dir(root, cfg.name, point.name)
+    if state_dir.exists():
+        logger.info("point %s: an unfinished run's training state in %s: its training resumes from it",
+                    point.name, state_dir.relative_to(root.resolve()))
     state = point_task(point.name, point.overrides, exp_base, str(root), cfg.targets,
-                       point_run.run_id, uri, point_tags, copy_paths, return_state=True)
+                       point_run.run_id, uri, point_tags, copy_paths, str(state_dir), return_state=True)
     row: dict[str, Any] = {"point": point.name, "params": point.overrides, "mlflow_run_id": point_run.run_id,
                            "git_commit": head}
     if state.is_completed():
@@ -81,6 +89,7 @@ def _run_and_record(point: SweepPoint, point_task: Any, cfg: SweepConfig, stamp:
         point_run.set_tags({"dvc.exp_name": result["experiment"], "dvc.exp_rev": result["rev"]})
         point_run.log_metrics(result["metrics"])
         point_run.end("FINISHED")
+        shutil.rmtree(state_dir, ignore_errors=True)  # its weights are in the experiment now
     else:
         error = state.result(raise_on_failure=False)
         row.update(status="failed", experiment=exp_base, metrics={}, error=str(error)[-2000:])

@@ -22,6 +22,7 @@ DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 PROFILES_DIR = REPO_ROOT / "configs"
 LATENT_DOWNSAMPLE = 8  # SD-VAE's spatial downsampling (the one definition; mtdiff.models.factory uses it)
 FMNIST_DIR_ENV = "MTDIFF_FMNIST_DIR"  # when set, overrides data.fashion_mnist_dir (before key=value overrides)
+TRAIN_STATE_ROOT_ENV = "MTDIFF_TRAIN_STATE_ROOT"  # when set: where training keeps its resumable state (mtdiff.train.state)
 _PROFILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

@@ -110,7 +110,7 @@ def make_repo(root: Path, flaky: bool = False) -> Path:
     (root / script).write_text(FLAKY_SCRIPT if flaky else STAGE_SCRIPT)
     (root / "params.yaml").write_text(PARAMS_YAML)
     (root / "dvc.yaml").write_text(_dvc_yaml(script))
-    (root / ".gitignore").write_text("order.log\nattempts.log\nmlartifacts/\n/store/\n")
+    (root / ".gitignore").write_text("order.log\nattempts.log\nmlartifacts/\n/store/\n/.mtdiff/\n")
     _git(root, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
     _git(root, "add", "-A")
@@ -524,9 +524,14 @@ def test_sweep_sigkilled_during_a_point_reruns_only_the_unfinished_one(prefect_h
     repo = make_repo(tmp_path / "repo")
     stage = (repo / "stage.py").read_text()
     # the killed run's second point hangs in stage b until the test kills everything
+    # ... after saving a "training state" where the sweep says; the rerun's stage b reports finding it
     stage = stage.replace('if name == "b":\n', 'if name == "b" and params.train.lr > 1 and os.environ.get("FLOWTEST_HANG"):\n'
+                          '        Path(os.environ["MTDIFF_TRAIN_STATE_ROOT"]).mkdir(parents=True)\n'
+                          '        Path(os.environ["MTDIFF_TRAIN_STATE_ROOT"], "last.pt").write_text("step 4")\n'
                           '        Path(os.environ["FLOWTEST_HANG"]).write_text("in b")\n        time.sleep(600)\n'
                           '    if name == "b":\n', 1).replace("import json, sys", "import json, os, sys, time")
+    stage = stage.replace('"note": "text"}', '"note": "text",\n                   "resumed": int(Path('
+                          'os.environ["MTDIFF_TRAIN_STATE_ROOT"], "last.pt").exists())}')
     (repo / "stage.py").write_text(stage)
     _git(repo, "commit", "-qam", "a stage that can hang")
     config = {"name": "killed", "base": {"train.steps": 2},
@@ -546,10 +551,16 @@ def test_sweep_sigkilled_during_a_point_reruns_only_the_unfinished_one(prefect_h
     assert sorted(p.name for p in (out / "points").iterdir()) == ["first.json", "first.png"]
     assert not list(out.glob("comparison*")) and not list(out.rglob("*.tmp*"))
     first = json.loads((out / "points" / "first.json").read_text())
+    # each point's training state lives in the sweep's checkout, not in the experiment's temp copy:
+    # the killed point's survives the kill, the finished point's is gone
+    state = repo / ".mtdiff" / "sweep_state" / "killed"
+    assert (state / "second" / "last.pt").read_text() == "step 4" and not (state / "first").exists()
 
     result = sweep(config=str(repo / "killed.yaml"), repo=str(repo), retry_delay_seconds=0)
     rows = {r["point"]: r for r in result["rows"]}
     assert rows["first"]["experiment"] == first["experiment"]  # not run again
     assert rows["second"]["status"] == "ok" and rows["second"]["metrics"]["b/score"] == pytest.approx(4.0)
+    assert rows["second"]["metrics"]["b/resumed"] == 1 and rows["first"]["metrics"]["b/resumed"] == 0
+    assert not state.joinpath("second").exists()  # finished: its state removed
     frame = pd.read_csv(out / "comparison.csv")
     assert list(frame["point"]) == ["first", "second"] and list(frame["b/score"]) == pytest.approx([1.0, 4.0])

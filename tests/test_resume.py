@@ -43,6 +43,18 @@ def _state(root, ckpt: str):
     return path
 
 
+def test_train_state_root_from_the_environment(root, monkeypatch, tmp_path):
+    """A sweep point's experiment runs in a temp copy a kill throws away: the sweep moves the state out."""
+    from mtdiff.config import ConfigError
+    from mtdiff.train.state import train_state_dir
+
+    monkeypatch.setenv("MTDIFF_TRAIN_STATE_ROOT", str(tmp_path / "sweep_state" / "p"))
+    assert train_state_dir(_params(root, "ckpt")) == tmp_path / "sweep_state" / "p" / "ckpt"
+    monkeypatch.setenv("MTDIFF_TRAIN_STATE_ROOT", "relative/state")
+    with pytest.raises(ConfigError, match="MTDIFF_TRAIN_STATE_ROOT='relative/state': must be an absolute path"):
+        train_state_dir(_params(root, "ckpt"))
+
+
 def _assert_same(a, b):
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys()

@@ -227,8 +227,18 @@ def check_points(root: Path, cfg: SweepConfig, points: Sequence[SweepPoint]) -> 
 
 
 # -- finished points: one JSON each, committed with the report, skipped on a rerun ---------------
+POINT_STATE_ROOT = Path(".mtdiff") / "sweep_state"  # gitignored, .dvcignored
+
+
 def point_result_path(out_dir: Path, point: str) -> Path:
     return out_dir / "points" / f"{point}.json"
+
+
+def point_state_dir(root: Path, sweep: str, point: str) -> Path:
+    """The point's resumable training state (its experiment's ``$MTDIFF_TRAIN_STATE_ROOT``): in the
+    sweep's checkout, since the experiment's temporary copy dies with a kill; so a rerun of a killed
+    point resumes its training from the last checkpoint (``train.ckpt_every``). Removed once it finished."""
+    return root.resolve() / POINT_STATE_ROOT / sweep / point
 
 
 def save_point_result(out_dir: Path, row: dict[str, Any]) -> Path:

@@ -3,7 +3,9 @@
 The stage's output is ``params.checkpoints_dir/ema.pt`` (EMA weights + meta, what inference loads).
 The resumable state is no output (DVC deletes outputs before it runs a stage):
 ``<project>/.mtdiff/train_state/<out_dir>/last.pt`` (:func:`train_state_dir`), written every
-``train.ckpt_every`` steps and at the end.
+``train.ckpt_every`` steps and at the end. ``$MTDIFF_TRAIN_STATE_ROOT`` moves it out of the project:
+a sweep point runs in a temporary copy of the repo (``dvc exp run --temp``) that a kill throws away,
+so the sweep keeps each point's state beside the sweep instead, and a rerun resumes it.
 
 Resume: when ``last.pt`` exists and its ``params_hash`` equals the current one, training goes on
 from it exactly: same weights, optimizer, LR schedule, EMA, data order (epoch permutation from
@@ -17,6 +19,7 @@ one of other code resumes with a warning.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +29,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from mtdiff import checkpoint as ckpt_mod
-from mtdiff.config import Params, project_root
+from mtdiff.config import TRAIN_STATE_ROOT_ENV, ConfigError, Params, project_root
 from mtdiff.data import TrainDataset
 from mtdiff.distributed import DistInfo, barrier, gather_objects
 from mtdiff.train.meter import TrainLog, Window
@@ -41,7 +44,8 @@ STATE_ROOT = Path(".mtdiff") / "train_state"  # under the project root: gitignor
 def train_state_dir(params: Params) -> Path:
     """Where the resumable state of the run writing ``params.checkpoints_dir`` lives:
     ``<project>/.mtdiff/train_state/<out_dir relative to the project>`` (``checkpoints`` by default),
-    or ``<name>-<hash of the absolute path>`` for an out_dir outside the project."""
+    or ``<name>-<hash of the absolute path>`` for an out_dir outside the project; under
+    ``$MTDIFF_TRAIN_STATE_ROOT`` instead of ``<project>/.mtdiff/train_state`` where that is set."""
     out = params.checkpoints_dir.resolve()
     root = project_root().resolve()
     try:
@@ -50,7 +54,10 @@ def train_state_dir(params: Params) -> Path:
         key = ""
     if not key or key.startswith("."):
         key = f"{out.name}-{hashlib.sha1(str(out).encode()).hexdigest()[:10]}"
-    return root / STATE_ROOT / key
+    override = os.environ.get(TRAIN_STATE_ROOT_ENV)
+    if override and not Path(override).is_absolute():  # relative: inside the copy a kill throws away
+        raise ConfigError(f"{TRAIN_STATE_ROOT_ENV}={override!r}: must be an absolute path")
+    return (Path(override) if override else root / STATE_ROOT) / key
 
 
 @dataclass
