@@ -107,7 +107,7 @@ def test_malformed_params_yaml_is_one_line_exit_2(tmp_path, content, words):
         load_params(bad)
     env = {**os.environ, "MTDIFF_PARAMS": str(bad), "MTDIFF_MLFLOW": "0"}
     proc = subprocess.run([sys.executable, "-m", "mtdiff.stages.prepare"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and str(bad) in lines[0] and "Traceback" not in proc.stderr

@@ -68,7 +68,7 @@ def test_sigkill_inside_atomic_dir_keeps_old(tmp_path):
             (tmp / "half.txt").write_text("partial")
             os.kill(os.getpid(), signal.SIGKILL)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], timeout=600)
     assert proc.returncode == -signal.SIGKILL
     assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "ok.txt"]
     assert (target / "ok.txt").read_text() == "old"
