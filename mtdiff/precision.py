@@ -45,6 +45,14 @@ def cpu_bf16_units() -> str | None:
     return next((f for f in CPU_BF16_FLAGS if f in cpu_info()["flags"]), None)
 
 
+def device_name(device: torch.device) -> str:
+    """What a speed figure ran on: the GPU's name, else the CPU's model and its bf16 unit (the
+    machines here vary between AVX2-only, avx512_bf16 and AMX; their img/s are not comparable)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_info()['model']} ({cpu_bf16_units() or 'no bf16 units'})"
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype of ``train.precision`` on ``device`` (None: fp32).
 

@@ -29,6 +29,7 @@ def root(shared_data, workdir) -> Path:
 # -- the stage ----------------------------------------------------------------------------------
 
 def test_train_writes_checkpoints_and_metrics(root):
+    from mtdiff import precision
     from mtdiff.checkpoint import load_checkpoint, params_hash
     from mtdiff.stages import train
 
@@ -41,6 +42,7 @@ def test_train_writes_checkpoints_and_metrics(root):
     assert summary["img_per_s"] > 0 and summary["world_size"] == 1 and summary["precision"] == "fp32"
     on_disk = json.loads((root / "metrics" / "train.json").read_text())
     assert on_disk["steps"] == 6 and on_disk["final_loss"] == pytest.approx(summary["final_loss"])
+    assert on_disk["device_name"] == precision.device_name(torch.device("cpu"))  # what the img/s ran on
     # project-relative: the metrics file reads the same on every machine
     assert on_disk["checkpoint"] == ".mtdiff/train_state/checkpoints/last.pt"
 
@@ -344,7 +346,7 @@ def test_precision_auto_takes_bf16_only_on_cpus_with_bf16_units(tmp_path, monkey
     from mtdiff import precision
 
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n")
     real_open = builtins.open
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
     precision.cpu_info.cache_clear()
@@ -353,6 +355,8 @@ def test_precision_auto_takes_bf16_only_on_cpus_with_bf16_units(tmp_path, monkey
         assert precision.cpu_bf16_units() == unit
         assert precision.autocast_dtype(cpu, "auto") == (torch.bfloat16 if unit else None)
         assert precision.autocast_dtype(cpu, "bf16") is None and precision.autocast_dtype(cpu, "fp32") is None
+        # what train.json and the benches record beside a speed: the model and the unit that ran it
+        assert precision.device_name(cpu) == f"Test CPU 9000 ({unit or 'no bf16 units'})"
     finally:
         precision.cpu_info.cache_clear()
 

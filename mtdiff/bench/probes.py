@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import platform
 import resource
 import time
 from dataclasses import dataclass
@@ -141,10 +140,6 @@ def sync(device: torch.device) -> None:
     """Wait for queued kernels so wall-clock timings cover the work (CUDA launches are asynchronous)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
 
 
 # -- measurements ----------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from mtdiff.checkpoint import load_for_inference
 from mtdiff.data import random_patch_mask
 from mtdiff.diffusion import Sampler
 from mtdiff.models import count_params, flops_per_image
-from mtdiff.precision import autocast
+from mtdiff.precision import autocast, device_name
 from mtdiff.utils import derive_seed
-from mtdiff.bench.probes import MatmulProbe, Setup, build, device_name, fmt_si, peak_memory, setup, sync
+from mtdiff.bench.probes import MatmulProbe, Setup, build, fmt_si, peak_memory, setup, sync
 
 QUICK_SAMPLE_NUM, QUICK_SAMPLE_STEPS = 32, 10
 SAMPLE_STEPS = 50  # bench sample's default: the usual figure (DiT, ADM report 50-step DDIM/DDPM sampling)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mtdiff import precision
-from mtdiff.bench.probes import CONFIGS, Setup, best_seconds, bench_params, build, device_name
+from mtdiff.bench.probes import CONFIGS, Setup, best_seconds, bench_params, build
 from mtdiff.bench.sample import sample_conditions
 from mtdiff.diffusion import Sampler
 from mtdiff.encoders import DEFAULT_IMAGE_ENCODERS
@@ -222,7 +222,7 @@ def run_stages(args: argparse.Namespace) -> dict[str, Any]:
         batch = args.batch_size or (STAGES[stage][1] if stage in STAGES else 0)
         with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             rows.append(pool.submit(_measure, stage, batch, args.reps, threads, args.device).result())
-    return {"bench": "stages", "device": device.type, "device_name": device_name(device), **cpu_info(),
+    return {"bench": "stages", "device": device.type, "device_name": precision.device_name(device), **cpu_info(),
             "threads": threads, "reps": args.reps, "torch": torch.__version__, "baseline_mb": rows[0]["peak_mem_mb"],
             "rows": rows[1:]}
 

@@ -13,9 +13,10 @@ import torch
 from mtdiff.config import Params
 from mtdiff.host_memory import retain_freed_memory
 from mtdiff.models import TRAIN_FLOPS_PER_FORWARD, count_params, flops_per_image
+from mtdiff.precision import device_name
 from mtdiff.train.step import TrainStep
 from mtdiff.utils import derive_seed
-from mtdiff.bench.probes import (MatmulProbe, build, counted_forward_flops, device_name, fmt_si, minor_page_faults,
+from mtdiff.bench.probes import (MatmulProbe, build, counted_forward_flops, fmt_si, minor_page_faults,
                                  peak_memory, profile_steps, setup, sync, synthetic_batch)
 
 QUICK_STEPS, QUICK_WARMUP = 5, 2

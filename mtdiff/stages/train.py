@@ -48,6 +48,7 @@ def _report(session: Session, summary: dict[str, Any], tracker: Any) -> None:
     metrics_path = write_json(session.params.metrics_dir / "train.json", summary)
     resumed = summary["resumed_from_step"]
     tracker.set_tags({"checkpoint": str(session.last_path), "params_hash": session.params_hash,
+                      "device_name": summary["device_name"],
                       "resumed_from_step": resumed if resumed is not None else "none"})
     # train/<key> of train.json, the keys the parent and sweep runs log them under
     tracker.log_metrics(file_metrics(metrics_path, summary), step=summary["steps"])

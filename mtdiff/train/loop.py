@@ -27,7 +27,7 @@ from mtdiff.data import TrainDataset, collate_batch
 from mtdiff.diffusion import MTDiffusion
 from mtdiff.distributed import DistInfo, per_rank_batch, ranks_in_sync
 from mtdiff.models import TRAIN_FLOPS_PER_FORWARD, build_model, count_params, flops_per_image
-from mtdiff.precision import autocast_dtype, configure_backends
+from mtdiff.precision import autocast_dtype, configure_backends, device_name
 from mtdiff.sampling import preview_grid
 from mtdiff.sampling_io import to_pil
 from mtdiff.train.loader import ResumableBatchSampler, make_sampler, to_device
@@ -241,6 +241,7 @@ def _summary(session: Session, progress: Progress, meter: TrainMeter, in_sync: b
         "img_per_s_all_sessions": (stats["images"] / stats["train_time_s"]) if stats["train_time_s"] else None,
         "train_time_s": stats["train_time_s"], "wall_time_s": time.time() - session.started,
         "images_seen": stats["images"], "world_size": session.info.world_size, "device": str(session.info.device),
+        "device_name": device_name(session.info.device),
         "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(session.step.amp_dtype, "fp32"), "global_batch_size": tc.batch_size,
         "params_count": count_params(model), "flops_per_image": fpi,
         "train_tflops_per_s": (TRAIN_FLOPS_PER_FORWARD * fpi * steady.img_per_s / 1e12) if steady.img_per_s else None,
@@ -253,9 +254,9 @@ def _log_start(session: Session, progress: Progress, tracker: Any) -> None:
     tc, model = session.params.train, session.step.model
     n_params, fpi = count_params(model), flops_per_image(model)
     tracker.log_metrics({"model/params": n_params, "model/gflops_per_image": fpi / 1e9}, step=progress.step)
-    log.info("training %s params (%.3f GFLOPs/img) on %s x%d, %d steps, global batch %d, %d steps/epoch",
-             f"{n_params:,}", fpi / 1e9, session.info.device, session.info.world_size, tc.steps, tc.batch_size,
-             session.steps_per_epoch)
+    log.info("training %s params (%.3f GFLOPs/img) on %s (%s) x%d, %d steps, global batch %d, %d steps/epoch",
+             f"{n_params:,}", fpi / 1e9, session.info.device, device_name(session.info.device),
+             session.info.world_size, tc.steps, tc.batch_size, session.steps_per_epoch)
 
 
 # -- entry point --------------------------------------------------------------------------------
